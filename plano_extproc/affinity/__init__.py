@@ -1,0 +1,1 @@
+"""Model affinity: pin a session's routing decision (``X-Model-Affinity``)."""

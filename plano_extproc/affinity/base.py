@@ -1,0 +1,36 @@
+"""The session-cache interface the gateway core uses for model affinity.
+
+Backends never raise to the caller: a failing backend behaves as a miss on ``get`` and as
+"nothing stored" on ``put_if_absent`` (the request is served without affinity) and records
+the failure in its health/counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedDecision:
+    """What a session is pinned to: the dispatched ``provider/model`` and the route (or None)."""
+
+    model: str
+    route: str | None
+
+
+class SessionCache(Protocol):
+    async def start(self) -> None: ...
+
+    async def get(self, key: str) -> PinnedDecision | None: ...
+
+    async def put_if_absent(self, key: str, value: PinnedDecision) -> PinnedDecision:
+        """Store ``value`` unless the key exists; return the value that is now pinned
+        (the first writer's), or ``value`` itself when the backend is unavailable."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """State for readiness/metrics, e.g. {"backend": "redis", "healthy": True, "errors": 0}."""
+        ...
+
+    async def close(self) -> None: ...

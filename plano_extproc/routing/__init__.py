@@ -1,0 +1,1 @@
+"""Intent routing: route preferences, router back-ends and their shared types."""
