@@ -1,0 +1,313 @@
+"""Redis session cache: pins shared by all gateway replicas, in Plano's classic key/value format.
+
+Design goals (where Plano 0.4.x was weak):
+
+* first writer wins: a pin is written atomically only if absent, and every racer gets the
+  winner's value back, so two replicas never pin one session to two models;
+* Redis being down never fails or slows a request: every operation is bounded by short
+  timeouts, and after a failure a circuit breaker skips Redis entirely until a background
+  probe sees it answer again; recovery needs no restart;
+* nothing raises to the caller; failures are counted and visible in ``health()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from plano_extproc.affinity.base import PinnedDecision
+from plano_extproc.affinity.keys import REDIS_PREFIX
+
+log = logging.getLogger("plano_extproc.affinity")
+
+# Why a script rather than ``SET NX EX`` followed by ``GET``: it is one round trip on both
+# the win and the lose path, the read of the winner cannot observe the key expiring between
+# the two commands, and it can replace a malformed value (which a plain NX would keep pinned
+# until its TTL ran out). ``SET ... NX GET`` would also be one trip but needs Redis >= 7.0.
+# If EVAL is forbidden (ACLs, some proxies) the cache falls back to SET NX + GET.
+_PUT_IF_ABSENT_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, doc = pcall(cjson.decode, cur)
+  if ok and type(doc) == 'table' and type(doc['model_name']) == 'string'
+     and doc['model_name'] ~= '' then
+    local r = doc['route_name']
+    if r == nil or r == cjson.null or type(r) == 'string' then
+      return cur
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe for logs and health)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparseable redis url>"
+
+
+def encode_decision(value: PinnedDecision) -> str:
+    """Plano's classic stored value: ``{"model_name": ..., "route_name": ...|null}``."""
+    return json.dumps({"model_name": value.model, "route_name": value.route})
+
+
+def decode_decision(raw: bytes | str) -> PinnedDecision | None:
+    """Parse a stored value; None when it is not a well-formed classic pin."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    model = doc.get("model_name")
+    route = doc.get("route_name")
+    if not isinstance(model, str) or not model:
+        return None
+    if route is not None and not isinstance(route, str):
+        return None
+    return PinnedDecision(model=model, route=route)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Errors meaning "Redis is not usable right now" (trip the breaker), as opposed to a
+    per-command error such as WRONGTYPE on one key."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError))
+
+
+def _scripting_forbidden(exc: ResponseError) -> bool:
+    """True when the server refuses EVAL/EVALSHA itself (ACL or a proxy without scripting)."""
+    if isinstance(exc, NoPermissionError):  # redis-py strips the NOPERM prefix
+        return True
+    text = str(exc).lower()
+    return "noperm" in text or "unknown command" in text or "not supported" in text
+
+
+class RedisSessionCache:
+    """Session cache in Redis under ``plano:affinity:{key}``; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: int = 600,
+        connect_timeout: float = 0.25,
+        op_timeout: float = 0.25,
+        *,
+        retry_interval: float = 1.0,
+        max_connections: int = 64,
+        key_prefix: str = REDIS_PREFIX,
+    ) -> None:
+        """Build the client; raises ``ValueError`` for an unusable URL (a config error)."""
+        self._url = url
+        self._masked_url = mask_url(url)
+        self._ttl = max(1, int(ttl_seconds))
+        self._connect_timeout = connect_timeout
+        self._op_timeout = op_timeout
+        # Whole-operation bound: a connect plus the command (and at most a script load).
+        self._call_timeout = connect_timeout + 2 * op_timeout
+        self._retry_interval = retry_interval
+        self._prefix = key_prefix
+        # No client-side retries: the breaker handles failures, and redis-py's default
+        # (3 retries with exponential backoff) would add seconds to a request.
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=op_timeout,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=op_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._client = Redis(connection_pool=self._pool)
+        self._script = self._client.register_script(_PUT_IF_ABSENT_LUA)
+        self._use_script = True
+        self._healthy = False
+        self._closed = False
+        self._probe_task: asyncio.Task[None] | None = None
+        self._errors = 0
+        self._malformed = 0
+        self._skipped = 0
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check Redis once; if it does not answer, log and keep probing in the background."""
+        self._closed = False
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                await self._client.ping()
+        except Exception as exc:
+            self._record_error(exc)
+            log.warning(
+                "session cache: Redis at %s unavailable at start (%s); serving without "
+                "affinity until it answers",
+                self._masked_url,
+                self._last_error,
+            )
+            self._trip()
+            return
+        self._healthy = True
+        log.info("session cache: connected to Redis at %s", self._masked_url)
+
+    async def close(self) -> None:
+        self._closed = True
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect()
+
+    # -- operations --------------------------------------------------------------------
+
+    async def get(self, key: str) -> PinnedDecision | None:
+        if not self._healthy:
+            self._skipped += 1
+            return None
+        rkey = self._prefix + key
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                raw = await self._client.get(rkey)
+        except Exception as exc:
+            self._fail(exc, "get")
+            return None
+        if raw is None:
+            return None
+        decision = decode_decision(raw)
+        if decision is None:
+            self._malformed += 1
+            log.warning("session cache: malformed value under %s treated as a miss", rkey)
+        return decision
+
+    async def put_if_absent(self, key: str, value: PinnedDecision) -> PinnedDecision:
+        if not self._healthy:
+            self._skipped += 1
+            return value
+        rkey = self._prefix + key
+        payload = encode_decision(value)
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                if self._use_script:
+                    try:
+                        existing = await self._script(keys=[rkey], args=[payload, self._ttl])
+                    except ResponseError as exc:
+                        if not _scripting_forbidden(exc):
+                            raise
+                        self._use_script = False
+                        log.warning(
+                            "session cache: Lua scripts unavailable (%s); using SET NX + GET",
+                            exc,
+                        )
+                        existing = await self._set_nx_then_get(rkey, payload)
+                else:
+                    existing = await self._set_nx_then_get(rkey, payload)
+        except Exception as exc:
+            self._fail(exc, "put")
+            return value
+        if existing is None:
+            return value
+        winner = decode_decision(existing)
+        if winner is None:
+            self._malformed += 1
+            log.warning("session cache: malformed value under %s left in place", rkey)
+            return value
+        return winner
+
+    async def _set_nx_then_get(self, rkey: str, payload: str) -> bytes | str | None:
+        """Fallback without scripting: atomic SET NX; on loss read the winner."""
+        if await self._client.set(rkey, payload, nx=True, ex=self._ttl):
+            return None
+        raw: bytes | str | None = await self._client.get(rkey)
+        return raw
+
+    # -- failure handling --------------------------------------------------------------
+
+    def _record_error(self, exc: BaseException) -> None:
+        self._errors += 1
+        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._last_error_at = time.time()
+
+    def _fail(self, exc: BaseException, op: str) -> None:
+        self._record_error(exc)
+        if _is_outage(exc):
+            if self._healthy:
+                log.warning(
+                    "session cache: Redis %s failed (%s); skipping Redis, retrying every %.1fs",
+                    op,
+                    self._last_error,
+                    self._retry_interval,
+                )
+            self._trip()
+        else:
+            log.warning("session cache: Redis %s error: %s", op, self._last_error)
+
+    def _trip(self) -> None:
+        """Open the breaker: requests skip Redis until the background probe succeeds."""
+        self._healthy = False
+        if self._closed:
+            return
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.create_task(self._probe_loop(), name="affinity-redis-probe")
+
+    async def _probe_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._retry_interval)
+            # Drop idle sockets from before the outage so the probe and the first requests
+            # after it use fresh connections.
+            with contextlib.suppress(Exception):
+                await self._pool.disconnect(inuse_connections=False)
+            try:
+                async with asyncio.timeout(self._call_timeout):
+                    await self._client.ping()
+            except Exception as exc:
+                # Not counted in ``errors`` (that counts failed requests); keep the reason.
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._last_error_at = time.time()
+                log.debug("session cache: Redis probe failed: %s", self._last_error)
+                continue
+            self._healthy = True
+            log.warning("session cache: Redis at %s reachable again", self._masked_url)
+            return
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "backend": "redis",
+            "healthy": self._healthy,
+            "errors": self._errors,
+            "malformed": self._malformed,
+            "skipped": self._skipped,
+            "last_error": self._last_error,
+            "last_error_at": self._last_error_at,
+            "url": self._masked_url,
+            "ttl_seconds": self._ttl,
+            "atomic_put": "lua" if self._use_script else "set-nx+get",
+        }
