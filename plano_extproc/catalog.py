@@ -1,0 +1,61 @@
+"""Model resolution: request ``model`` → configured provider (alias, name, id, wildcard)."""
+
+from __future__ import annotations
+
+from plano_extproc.config import Config, Provider
+from plano_extproc.errors import bad_request
+from plano_extproc.providers import canonical_provider
+
+
+class Catalog:
+    def __init__(self, config: Config) -> None:
+        self.providers = config.providers
+        self.aliases = dict(config.aliases)
+        self.default = config.default_provider
+        self._exact: dict[str, Provider] = {}
+        for p in self.providers:
+            if p.wildcard:
+                continue
+            for key in (p.model_id, p.model, p.name):
+                self._exact.setdefault(key, p)
+        self._wildcards = {p.interface: p for p in self.providers if p.wildcard}
+        self._wildcards |= {p.model.split("/", 1)[0]: p for p in self.providers if p.wildcard}
+
+    def lookup(self, name: str) -> Provider | None:
+        """Alias → exact name/model/id → canonical prefix → wildcard by prefix."""
+        name = self.aliases.get(name, name)
+        hit = self._exact.get(name)
+        if hit is not None:
+            return hit
+        if "/" in name:
+            prefix, model_id = name.split("/", 1)
+            canonical = f"{canonical_provider(prefix)}/{model_id}"
+            hit = self._exact.get(canonical)
+            if hit is not None:
+                return hit
+            wild = self._wildcards.get(prefix) or self._wildcards.get(canonical_provider(prefix))
+            if wild is not None and model_id and model_id != "*":
+                return wild.with_model_id(model_id)
+        return None
+
+    def resolve(self, requested: object) -> Provider:
+        """The provider for a request's ``model``; a missing model uses ``default: true``."""
+        if requested is None:
+            if self.default is None:
+                raise bad_request(
+                    "'model' is required (no default provider is configured). "
+                    f"Configured models: {', '.join(self.names())}"
+                )
+            return self.default
+        if not isinstance(requested, str) or not requested:
+            raise bad_request("'model' must be a non-empty string")
+        hit = self.lookup(requested)
+        if hit is None:
+            raise bad_request(
+                f"Model '{requested}' not found in configured providers. "
+                f"Configured models: {', '.join(self.names())}"
+            )
+        return hit
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.providers] + list(self.aliases)

@@ -1,0 +1,738 @@
+"""Plano v0.4 configuration: YAML → validated, normalised, immutable ``Config``.
+
+Structure is checked by pydantic models (unknown keys rejected, as Plano's schema does);
+cross-field rules (reference §1) run afterwards and every problem is reported with its YAML
+path and what to do, all at once, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from plano_extproc.providers import (
+    PROVIDER_INTERFACES,
+    PROVIDERS,
+    canonical_provider,
+    default_prefix_for,
+)
+from plano_extproc.routing.base import RoutePreference
+
+log = logging.getLogger("plano_extproc.config")
+
+SUPPORTED_VERSIONS = ("v0.1", "v0.1.0", "0.1-beta", "0.2.0", "v0.3.0", "v0.4.0")
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """All problems found in one config, each as ``path: message``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------- raw schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RawListener(_Strict):
+    name: str
+    type: Literal["model", "prompt", "agent"]
+    port: int | None = Field(default=None, ge=1, le=65535)
+    address: str | None = None
+    timeout: str | None = None
+    router: Literal["plano_orchestrator_v1"] | None = None
+    max_retries: int | None = Field(default=None, ge=0, le=10)
+    agents: list[Any] | None = None
+    input_filters: list[Any] | None = None
+    output_filters: list[Any] | None = None
+    # plano-extproc extension: largest request body Envoy buffers before answering 413.
+    max_request_bytes: int | None = Field(default=None, ge=1024, le=1 << 30)
+
+
+class RawLegacyListener(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    address: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    message_format: str | None = None
+    timeout: str | None = None
+
+
+class RawPrefInline(_Strict):
+    name: str
+    description: str
+
+
+class RawProvider(_Strict):
+    model: str
+    name: str | None = None
+    access_key: str | None = None
+    default: bool = False
+    base_url: str | None = None
+    provider_interface: str | None = None
+    passthrough_auth: bool = False
+    http_host: str | None = None
+    headers: dict[str, str] | None = None
+    routing_preferences: list[RawPrefInline] | None = None
+
+
+class RawAlias(_Strict):
+    target: str
+
+
+class RawSelectionPolicy(_Strict):
+    prefer: Literal["cheapest", "fastest", "none", ""] | None = None
+
+
+class RawRoutingPreference(_Strict):
+    name: str = Field(min_length=1)
+    description: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    selection_policy: RawSelectionPolicy | None = None
+    # plano-extproc extension: example utterances for the embedded router.
+    examples: list[str] | None = None
+
+
+class RawSessionCache(_Strict):
+    type: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    tenant_header: str | None = None
+
+
+class RawRouter(_Strict):
+    """plano-extproc extension: which router classifies intent."""
+
+    type: Literal["embedded", "orchestrator", "none"] | None = None
+    model: str | None = None
+    prompt: Literal["plano_orchestrator_v1", "arch_router_v1"] | None = None
+    timeout_ms: int = Field(default=3000, ge=10, le=120_000)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    margin: float | None = Field(default=None, ge=0.0, le=2.0)
+
+
+class RawRouting(_Strict):
+    session_ttl_seconds: int = Field(default=600, ge=1)
+    session_max_entries: int = Field(default=10000, ge=1)
+    session_cache: RawSessionCache | None = None
+    routing_budget: dict[str, Any] | None = None
+    route_on_user_only: bool = False
+    llm_provider: str | None = None
+    model: str | None = None
+    router: RawRouter | None = None
+
+
+class RawOverrides(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    llm_routing_model: str | None = None
+    agent_orchestration_model: str | None = None
+    orchestrator_model_context_length: int = Field(default=8192, ge=256)
+    upstream_connect_timeout: str | None = None
+    upstream_tls_ca_path: str | None = None
+
+
+class RawMetricsSource(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Literal["cost", "latency"]
+    provider: str
+
+
+class RawConfig(_Strict):
+    version: str
+    listeners: list[RawListener] | dict[str, RawLegacyListener]
+    model_providers: list[RawProvider] | None = None
+    llm_providers: list[RawProvider] | None = None
+    model_aliases: dict[str, RawAlias] | None = None
+    routing_preferences: list[RawRoutingPreference] | None = None
+    model_metrics_sources: list[RawMetricsSource] | None = None
+    routing: RawRouting | None = None
+    overrides: RawOverrides | None = None
+    # Accepted for compatibility with Plano configs; not used by this gateway.
+    prompt_caching: Any = None
+    tracing: Any = None
+    agents: Any = None
+    filters: Any = None
+    endpoints: Any = None
+    prompt_targets: Any = None
+    system_prompt: Any = None
+    prompt_guards: Any = None
+    ratelimits: Any = None
+    state_storage: Any = None
+    mode: Any = None
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if v not in SUPPORTED_VERSIONS:
+            raise ValueError(f"must be one of {', '.join(SUPPORTED_VERSIONS)} (got {v!r})")
+        return v
+
+
+# --------------------------------------------------------------------------- normalised form
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A configured model endpoint. ``name`` is the user-facing ``provider/model`` string."""
+
+    name: str
+    model: str  # full "provider/id" as written
+    model_id: str  # id sent upstream
+    interface: str  # canonical provider prefix / provider_interface
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+    access_key: str | None
+    passthrough_auth: bool
+    headers: tuple[tuple[str, str], ...]
+    is_default: bool
+    wildcard: bool
+    http_host: str | None = None  # Host header override (base_url still gives the address)
+    custom_endpoint: bool = False  # base_url given: keyless upstreams (Ollama, vLLM) are fine
+
+    @property
+    def access_key_hint(self) -> str:
+        return f"set access_key for {self.name} in model_providers"
+
+    @property
+    def cluster(self) -> str:
+        """Envoy cluster name: one per (scheme, host, port) endpoint."""
+        safe = re.sub(r"[^A-Za-z0-9]+", "_", self.host).strip("_")
+        name = f"{self.interface}_{safe}_{self.port}"
+        if self.http_host:
+            name += "_" + re.sub(r"[^A-Za-z0-9]+", "_", self.http_host).strip("_")
+        return name
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        if self.http_host:
+            return self.http_host
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    def with_model_id(self, model_id: str) -> Provider:
+        from dataclasses import replace
+
+        return replace(self, model_id=model_id, name=f"{self.interface}/{model_id}", wildcard=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCacheConfig:
+    type: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    tenant_header: str | None = None
+    ttl_seconds: int = 600
+    max_entries: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    type: Literal["embedded", "orchestrator", "none"] = "embedded"
+    model: str | None = None  # orchestrator: the provider name serving the router LLM
+    prompt: Literal["plano_orchestrator_v1", "arch_router_v1"] = "plano_orchestrator_v1"
+    timeout_ms: int = 3000
+    context_length: int = 8192
+    threshold: float | None = None
+    margin: float | None = None
+    explicit: bool = False  # the user chose the type (vs. the default)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    address: str = "0.0.0.0"
+    port: int = 12000
+    timeout_seconds: float = 300.0
+    max_retries: int | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    version: str
+    listener: ListenerConfig
+    providers: tuple[Provider, ...]
+    aliases: Mapping[str, str]
+    preferences: tuple[RoutePreference, ...]
+    router: RouterConfig
+    session_cache: SessionCacheConfig
+    connect_timeout_seconds: float = 5.0
+    tls_ca_path: str = "/etc/ssl/certs/ca-certificates.crt"
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def default_provider(self) -> Provider | None:
+        return next((p for p in self.providers if p.is_default), None)
+
+
+# --------------------------------------------------------------------------- env substitution
+
+_ENV_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _substitute(value: str, path: str, env: Mapping[str, str], problems: list[str]) -> str:
+    """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` from the environment; a missing variable
+    without a default is an error naming it."""
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(3)
+        if name in env:
+            return env[name]
+        if m.group(2) is not None:
+            return m.group(2)
+        problems.append(
+            f"{path}: environment variable {name} is not set; export {name}=... before starting "
+            f"(or write ${{{name}:-}} to allow it to be empty)"
+        )
+        return ""
+
+    return _ENV_RE.sub(repl, value)
+
+
+def _walk_substitute(node: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    if isinstance(node, str):
+        return _substitute(node, path, env, problems) if "$" in node else node
+    if isinstance(node, list):
+        return [_walk_substitute(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        return {
+            k: _walk_substitute(v, f"{path}.{k}" if path else str(k), env, problems)
+            for k, v in node.items()
+        }
+    return node
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("list[RawListener]", "dict[str,RawLegacyListener]"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _parse_duration(value: str | None, path: str, problems: list[str], default: float) -> float:
+    if value is None:
+        return default
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
+    if not m:
+        problems.append(f"{path}: {value!r} is not a duration like '30s', '500ms' or '5m'")
+        return default
+    n = float(m.group(1))
+    return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config: {e.strerror or e}"]) from e
+    return parse_config(text, env=env, source=str(path))
+
+
+def parse_config(
+    text: str, env: Mapping[str, str] | None = None, source: str = "<config>"
+) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{source}: not valid YAML: {e}"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the config must be a YAML mapping at the top level"])
+    problems: list[str] = []
+    data = _walk_substitute(data, "", os.environ if env is None else env, problems)
+    try:
+        raw = RawConfig.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = _loc(tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not part of the Plano v0.4 schema)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError([*problems]) from None
+    cfg = _normalise(raw, problems)
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", v.lstrip("v"))
+    nums = [int(p) for p in parts[:3]]
+    return tuple(nums + [0] * (3 - len(nums)))
+
+
+def _listener(raw: RawConfig, problems: list[str]) -> ListenerConfig:
+    if isinstance(raw.listeners, dict):
+        legacy = raw.listeners.get("egress_traffic")
+        return ListenerConfig(
+            address=(legacy.address if legacy and legacy.address else "0.0.0.0"),
+            port=(legacy.port if legacy and legacy.port else 12000),
+            timeout_seconds=_parse_duration(
+                legacy.timeout if legacy else None,
+                "listeners.egress_traffic.timeout",
+                problems,
+                300.0,
+            ),
+        )
+    models = [(i, li) for i, li in enumerate(raw.listeners) if li.type == "model"]
+    if len(models) > 1:
+        problems.append(f"listeners: only one model listener is allowed, found {len(models)}")
+    if not models:
+        return ListenerConfig()
+    i, li = models[0]
+    return ListenerConfig(
+        address=li.address or "0.0.0.0",
+        port=li.port or 12000,
+        timeout_seconds=_parse_duration(li.timeout, f"listeners[{i}].timeout", problems, 300.0),
+        max_retries=li.max_retries,
+        max_request_bytes=li.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+    )
+
+
+def _provider(
+    i: int, key: str, rp: RawProvider, problems: list[str], warnings: list[str]
+) -> Provider | None:
+    at = f"{key}[{i}]"
+    if "/" not in rp.model:
+        problems.append(
+            f"{at}.model: invalid model name {rp.model!r}; use <provider>/<model_id> "
+            "(e.g. openai/gpt-4o) or <provider>/* for wildcards"
+        )
+        return None
+    prefix, model_id = rp.model.split("/", 1)
+    if not prefix or not model_id:
+        problems.append(f"{at}.model: {rp.model!r} needs both a provider and a model id")
+        return None
+    wildcard = model_id == "*"
+    canonical = canonical_provider(prefix)
+    spec = PROVIDERS.get(canonical)
+    if spec is not None:
+        interface = canonical
+        if rp.provider_interface is not None:
+            problems.append(
+                f"{at}.provider_interface: not allowed for the built-in provider {prefix!r}; "
+                "remove it (provider_interface is only for custom provider prefixes)"
+            )
+        if spec.requires_base_url and not rp.base_url:
+            problems.append(
+                f"{at}.base_url: provider {prefix!r} requires 'base_url' to be set for "
+                f"model {rp.model}"
+            )
+            return None
+    else:
+        if not rp.base_url or not rp.provider_interface:
+            problems.append(
+                f"{at}: unknown provider {prefix!r}; custom providers need both 'base_url' and "
+                f"'provider_interface' (one of {', '.join(sorted(PROVIDER_INTERFACES))})"
+            )
+            return None
+        if rp.provider_interface not in PROVIDER_INTERFACES:
+            problems.append(
+                f"{at}.provider_interface: {rp.provider_interface!r} is not one of "
+                f"{', '.join(sorted(PROVIDER_INTERFACES))}"
+            )
+            return None
+        interface = rp.provider_interface
+    base = rp.base_url or (spec.default_base_url if spec else None)
+    assert base is not None
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{at}.base_url: {base!r} must be an http:// or https:// URL with a host")
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        problems.append(f"{at}.base_url: {base!r} has an invalid port")
+        return None
+    path = parts.path.rstrip("/")
+    # A base_url path replaces the provider's default API prefix; without one the default stays.
+    prefix_path = path if path else default_prefix_for(interface)
+    if wildcard and rp.default:
+        problems.append(f"{at}.default: a wildcard provider ({rp.model}) cannot be the default")
+    if wildcard and rp.routing_preferences:
+        problems.append(f"{at}.routing_preferences: a wildcard provider cannot carry preferences")
+    key_value = rp.access_key or None
+    if rp.passthrough_auth and key_value:
+        warnings.append(
+            f"{at}: passthrough_auth is set, so access_key is ignored (the client's key is used)"
+        )
+        key_value = None
+    headers = tuple((k.lower(), v) for k, v in (rp.headers or {}).items())
+    return Provider(
+        name=rp.name or rp.model,
+        model=rp.model,
+        model_id=model_id,
+        interface=interface,
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port,
+        path_prefix=prefix_path,
+        access_key=key_value,
+        passthrough_auth=rp.passthrough_auth,
+        headers=headers,
+        is_default=rp.default,
+        wildcard=wildcard,
+        http_host=rp.http_host,
+        custom_endpoint=rp.base_url is not None,
+    )
+
+
+def _normalise(raw: RawConfig, problems: list[str]) -> Config | None:
+    warnings: list[str] = []
+    if raw.model_providers is not None and raw.llm_providers is not None:
+        problems.append(
+            "llm_providers: Please provide either llm_providers or model_providers, not both "
+            "(llm_providers is the legacy name)"
+        )
+    key = "model_providers" if raw.model_providers is not None else "llm_providers"
+    raw_providers = raw.model_providers or raw.llm_providers or []
+    listener = _listener(raw, problems)
+
+    providers: list[Provider] = []
+    seen_names: dict[str, int] = {}
+    seen_models: dict[str, int] = {}
+    seen_ids: dict[str, int] = {}
+    for i, rp in enumerate(raw_providers):
+        p = _provider(i, key, rp, problems, warnings)
+        if p is None:
+            continue
+        for table, value, what in (
+            (seen_names, p.name, "name"),
+            (seen_models, p.model, "model"),
+        ):
+            if value in table:
+                problems.append(
+                    f"{key}[{i}].{what}: duplicate {what} {value!r} "
+                    f"(already used by {key}[{table[value]}])"
+                )
+            table[value] = i
+        if not p.wildcard:
+            if p.model_id in seen_ids and seen_models.get(p.model) != seen_ids[p.model_id]:
+                problems.append(
+                    f"{key}[{i}].model: duplicate model id {p.model_id!r} "
+                    f"(already used by {key}[{seen_ids[p.model_id]}])"
+                )
+            seen_ids.setdefault(p.model_id, i)
+        providers.append(p)
+    defaults = [p.name for p in providers if p.is_default]
+    if len(defaults) > 1:
+        problems.append(
+            f"{key}: There must be at most one default LLM Provider (found {', '.join(defaults)})"
+        )
+
+    lookup = {p.name: p for p in providers} | {p.model: p for p in providers}
+    lookup |= {p.model_id: p for p in providers if not p.wildcard}
+
+    aliases: dict[str, str] = {}
+    for alias, target in (raw.model_aliases or {}).items():
+        if target.target not in lookup:
+            problems.append(
+                f"model_aliases.{alias}.target: {target.target!r} is not defined as a model. "
+                f"Available models: {', '.join(p.name for p in providers) or '(none)'}"
+            )
+        else:
+            aliases[alias] = lookup[target.target].name
+
+    version = _version_tuple(raw.version)
+    if raw.routing_preferences and version < (0, 4, 0):
+        problems.append(
+            "routing_preferences: top-level routing_preferences requires version v0.4.0 or "
+            "above. Update the version field or remove routing_preferences."
+        )
+
+    prefs = _preferences(raw, key, providers, lookup, problems, warnings)
+
+    routing = raw.routing or RawRouting()
+    cache_raw = routing.session_cache or RawSessionCache()
+    if cache_raw.type == "redis":
+        if not cache_raw.url:
+            problems.append(
+                "routing.session_cache.url: required when type is redis "
+                "(e.g. redis://localhost:6379/0)"
+            )
+        elif urlsplit(cache_raw.url).scheme not in ("redis", "rediss"):
+            problems.append(
+                f"routing.session_cache.url: {cache_raw.url!r} must start with redis:// or rediss://"
+            )
+    max_entries = routing.session_max_entries
+    if max_entries > 10000:
+        warnings.append(f"routing.session_max_entries: {max_entries} clamped to 10000")
+        max_entries = 10000
+    session = SessionCacheConfig(
+        type=cache_raw.type,
+        url=cache_raw.url,
+        tenant_header=cache_raw.tenant_header.lower() if cache_raw.tenant_header else None,
+        ttl_seconds=routing.session_ttl_seconds,
+        max_entries=max_entries,
+    )
+    if routing.routing_budget is not None:
+        warnings.append("routing.routing_budget: not supported by plano-extproc yet; ignored")
+
+    overrides = raw.overrides or RawOverrides()
+    router = _router(routing.router, overrides, providers, lookup, problems)
+    connect_timeout = _parse_duration(
+        overrides.upstream_connect_timeout, "overrides.upstream_connect_timeout", problems, 5.0
+    )
+    for w in warnings:
+        log.warning("%s", w)
+    if problems:
+        return None
+    return Config(
+        version=raw.version,
+        listener=listener,
+        providers=tuple(providers),
+        aliases=aliases,
+        preferences=tuple(prefs),
+        router=router,
+        session_cache=session,
+        connect_timeout_seconds=connect_timeout,
+        tls_ca_path=overrides.upstream_tls_ca_path or "/etc/ssl/certs/ca-certificates.crt",
+        warnings=tuple(warnings),
+    )
+
+
+def _preferences(
+    raw: RawConfig,
+    key: str,
+    providers: list[Provider],
+    lookup: Mapping[str, Provider],
+    problems: list[str],
+    warnings: list[str],
+) -> list[RoutePreference]:
+    metric_types = {s.type for s in raw.model_metrics_sources or []}
+    out: list[RoutePreference] = []
+    names: dict[str, int] = {}
+    for i, rp in enumerate(raw.routing_preferences or []):
+        at = f"routing_preferences[{i}]"
+        if rp.name in names:
+            problems.append(f"{at}.name: duplicate route name {rp.name!r}")
+            continue
+        names[rp.name] = i
+        models: list[str] = []
+        for j, m in enumerate(rp.models):
+            prov = lookup.get(m)
+            if prov is None:
+                problems.append(
+                    f"{at}.models[{j}]: routing_preferences route {rp.name!r} references model "
+                    f"{m!r} which is not declared in model_providers"
+                )
+            else:
+                models.append(prov.name)
+        prefer = (rp.selection_policy.prefer if rp.selection_policy else None) or "none"
+        need = {"cheapest": "cost", "fastest": "latency"}.get(prefer)
+        if need and need not in metric_types:
+            problems.append(
+                f"{at}.selection_policy.prefer: {prefer!r} needs a model_metrics_sources entry "
+                f"of type {need}"
+            )
+        out.append(
+            RoutePreference(
+                name=rp.name,
+                description=rp.description,
+                models=tuple(models),
+                examples=tuple(rp.examples or ()),
+                prefer=prefer,
+            )
+        )
+    # v0.3-style per-provider preferences are lifted to top level, as Plano's CLI does.
+    lifted: dict[str, tuple[str, list[str]]] = {}
+    for i, p in enumerate(raw.model_providers or raw.llm_providers or []):
+        for pref in p.routing_preferences or []:
+            prov = lookup.get(p.name or p.model)
+            if prov is None:
+                continue
+            if pref.name in names:
+                continue
+            if pref.name in lifted:
+                if lifted[pref.name][0] != pref.description:
+                    warnings.append(
+                        f"{key}[{i}].routing_preferences: route {pref.name!r} has another "
+                        "description elsewhere; the first one is used"
+                    )
+                lifted[pref.name][1].append(prov.name)
+            else:
+                lifted[pref.name] = (pref.description, [prov.name])
+    if lifted:
+        warnings.append(
+            f"{key}[].routing_preferences is deprecated; move routes to top-level "
+            "routing_preferences (they were lifted automatically)"
+        )
+    out.extend(
+        RoutePreference(name=n, description=d, models=tuple(ms)) for n, (d, ms) in lifted.items()
+    )
+    return out
+
+
+def _router(
+    raw: RawRouter | None,
+    overrides: RawOverrides,
+    providers: list[Provider],
+    lookup: Mapping[str, Provider],
+    problems: list[str],
+) -> RouterConfig:
+    model = (raw.model if raw else None) or overrides.llm_routing_model
+    kind = raw.type if raw and raw.type else ("orchestrator" if model else "embedded")
+    explicit = bool(raw and raw.type) or bool(model)
+    resolved: str | None = None
+    if kind == "orchestrator":
+        if not model:
+            problems.append(
+                "routing.router.model: the orchestrator router needs the provider serving the "
+                "router LLM (e.g. model: ollama/Plano-Orchestrator), or set "
+                "overrides.llm_routing_model"
+            )
+        else:
+            prov = lookup.get(model) or lookup.get(model.split("/", 1)[-1])
+            if prov is None:
+                where = (
+                    "routing.router.model" if raw and raw.model else "overrides.llm_routing_model"
+                )
+                problems.append(
+                    f"{where}: {model!r} must match a model in model_providers (declare the "
+                    "router LLM as a provider with its base_url, e.g. ollama/Plano-Orchestrator)"
+                )
+            else:
+                resolved = prov.name
+    prompt = raw.prompt if raw and raw.prompt else None
+    if prompt is None:
+        prompt = (
+            "arch_router_v1"
+            if model and "arch-router" in model.lower()
+            else ("plano_orchestrator_v1")
+        )
+    return RouterConfig(
+        type=kind,
+        model=resolved,
+        prompt=prompt,
+        timeout_ms=raw.timeout_ms if raw else 3000,
+        context_length=overrides.orchestrator_model_context_length,
+        threshold=raw.threshold if raw else None,
+        margin=raw.margin if raw else None,
+        explicit=explicit,
+    )

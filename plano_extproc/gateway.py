@@ -1,0 +1,358 @@
+"""The request pipeline: what to do with one HTTP request, free of gRPC and Envoy types.
+
+``Gateway.on_headers`` answers what can be answered from headers alone (unknown paths,
+``GET /v1/models``, bad affinity ids); ``Gateway.on_body`` parses the body, resolves the
+model, applies affinity, routes, and returns either an upstream rewrite or an immediate
+response. The ext_proc servicer only translates these results into Envoy messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from plano_extproc.affinity.base import PinnedDecision, SessionCache
+from plano_extproc.affinity.keys import (
+    AFFINITY_HEADER,
+    InvalidAffinityId,
+    cache_key,
+    validate_affinity_id,
+)
+from plano_extproc.body import JsonBody
+from plano_extproc.catalog import Catalog
+from plano_extproc.config import Config, Provider
+from plano_extproc.conversation import extract
+from plano_extproc.errors import GatewayError, bad_request, error_body, not_found
+from plano_extproc.providers import PROVIDERS, ClientApi
+from plano_extproc.rewrite import HeaderPlan, upstream_headers
+from plano_extproc.routing.base import RoutePreference, Router, RouterResult
+from plano_extproc.routing.preferences import INLINE_KEYS, parse_inline
+
+log = logging.getLogger("plano_extproc.gateway")
+
+PROXY_PATHS = {
+    "/v1/chat/completions": ClientApi.CHAT,
+    "/v1/messages": ClientApi.MESSAGES,
+    "/v1/responses": ClientApi.RESPONSES,
+}
+DECISION_PREFIX = "/routing/v1/"
+DECISION_PATHS = {
+    "/routing/v1/chat/completions": ClientApi.CHAT,
+    "/routing/v1/messages": ClientApi.MESSAGES,
+    "/routing/v1/responses": ClientApi.RESPONSES,
+}
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+JSON_HEADERS = (("content-type", "application/json"),)
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    method: str
+    path: str  # without query string
+    query: str
+    headers: Mapping[str, str]  # lower-case names
+    request_id: str
+    end_of_stream: bool = False
+    # Filled by on_headers for requests that will send a body.
+    kind: Literal["proxy", "decision"] | None = None
+    api: ClientApi | None = None
+    affinity_key: str | None = None
+    affinity_id: str | None = None
+
+    @classmethod
+    def build(
+        cls, headers: Mapping[str, str], end_of_stream: bool = False
+    ) -> RequestInfo:
+        full = headers.get(":path", "/")
+        path, _, query = full.partition("?")
+        return cls(
+            method=headers.get(":method", "GET").upper(),
+            path=path,
+            query=query,
+            headers=headers,
+            request_id=headers.get("x-request-id") or os.urandom(16).hex(),
+            end_of_stream=end_of_stream,
+        )
+
+
+@dataclass(slots=True)
+class Immediate:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = JSON_HEADERS
+    details: str = "plano_extproc"
+
+    @classmethod
+    def error(cls, err: GatewayError) -> Immediate:
+        return cls(err.status, err.body(), details=f"plano_{err.type}")
+
+
+@dataclass(slots=True)
+class Upstream:
+    provider: Provider
+    headers: HeaderPlan
+    body: bytes | None  # None: body unchanged
+    route: str | None = None
+    router_error: str | None = None
+    pinned: bool | None = None
+
+
+@dataclass(slots=True)
+class Decision:
+    """The outcome of model selection, shared by the proxy and the decision endpoint."""
+
+    models: list[str]
+    route: str | None
+    dispatch: Provider | None  # proxy path: where the request goes
+    router_error: str | None = None
+    pinned: bool | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def trace_id_from(headers: Mapping[str, str]) -> str:
+    m = _TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
+    if m and m.group(1) != "0" * 32:
+        return m.group(1)
+    return os.urandom(16).hex()
+
+
+def compatible(provider: Provider, api: ClientApi) -> bool:
+    spec = PROVIDERS.get(provider.interface)
+    return spec is not None and api in spec.native
+
+
+class Gateway:
+    def __init__(self, config: Config, router: Router, cache: SessionCache | None) -> None:
+        self.config = config
+        self.catalog = Catalog(config)
+        self.router = router
+        self.cache = cache
+        self._models_body = json.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "plano-extproc"}
+                    for name in self.catalog.names()
+                ],
+            }
+        ).encode()
+
+    # ------------------------------------------------------------------ headers phase
+
+    def on_headers(self, info: RequestInfo) -> Immediate | None:
+        """Classify the request; answer now when the body is not needed."""
+        try:
+            return self._on_headers(info)
+        except GatewayError as e:
+            return Immediate.error(e)
+
+    def _on_headers(self, info: RequestInfo) -> Immediate | None:
+        path = info.path.rstrip("/") or "/"
+        if path in ("/v1/models", "/models"):
+            if info.method not in ("GET", "HEAD"):
+                raise GatewayError(405, "method_not_allowed", f"{info.method} {path}: use GET")
+            return Immediate(200, self._models_body)
+        api = PROXY_PATHS.get(path)
+        kind: Literal["proxy", "decision"] = "proxy"
+        if api is None:
+            api = DECISION_PATHS.get(path)
+            kind = "decision"
+        if api is None:
+            if path.startswith("/routing/"):
+                raise not_found(
+                    f"unknown routing endpoint {path}; use one of {', '.join(DECISION_PATHS)}"
+                )
+            raise not_found(
+                f"unknown path {path}; this gateway serves {', '.join(PROXY_PATHS)}, "
+                f"{', '.join(DECISION_PATHS)} and GET /v1/models"
+            )
+        if info.method != "POST":
+            raise GatewayError(405, "method_not_allowed", f"{info.method} {path}: use POST")
+        if info.end_of_stream:
+            raise bad_request("request body is empty; send a JSON object")
+        info.kind = kind
+        info.api = api
+        raw_id = info.headers.get(AFFINITY_HEADER)
+        if raw_id is not None and self.cache is not None:
+            tenant = None
+            if self.config.session_cache.tenant_header:
+                tenant = info.headers.get(self.config.session_cache.tenant_header)
+            try:
+                info.affinity_id = validate_affinity_id(raw_id)
+                info.affinity_key = cache_key(info.affinity_id, tenant)
+            except InvalidAffinityId as e:
+                raise bad_request(str(e)) from None
+        return None
+
+    # ------------------------------------------------------------------ body phase
+
+    async def on_body(self, info: RequestInfo, raw: bytes) -> Upstream | Immediate:
+        try:
+            if info.api is None:  # on_headers was not called (defensive)
+                early = self._on_headers(info)
+                if early is not None:
+                    return early
+            assert info.api is not None
+            if info.kind == "decision":
+                return await self._decide_endpoint(info, raw)
+            return await self._proxy(info, raw)
+        except GatewayError as e:
+            log.info("request_id=%s rejected %s: %s", info.request_id, e.status, e.message)
+            return Immediate.error(e)
+
+    async def _proxy(self, info: RequestInfo, raw: bytes) -> Upstream | Immediate:
+        assert info.api is not None
+        body = JsonBody.parse(raw)
+        requested = self.catalog.resolve(body.values.get("model"))
+        inline = parse_inline(body.values, self.catalog)
+        messages = extract(info.api, body.values)
+        decision = await self._select(info, body.values, requested, inline, messages)
+        provider = decision.dispatch
+        assert provider is not None
+        if not compatible(provider, info.api):
+            raise bad_request(
+                f"{info.api.label} requests cannot be sent to provider '{provider.interface}' "
+                f"(model {provider.name}): the pairing {info.api.value} -> {provider.interface} "
+                "is not supported natively and API translation is not available yet"
+            )
+        plan = upstream_headers(provider, info.api, info.query, info.headers)
+        remove = tuple(k for k in INLINE_KEYS if k in body.values)
+        set_values = {}
+        if body.values.get("model") != provider.model_id:
+            set_values["model"] = provider.model_id
+        new_body: bytes | None = None
+        if remove or set_values:
+            new_body = body.edited(remove=remove, set_values=set_values)
+            plan.set.append(("content-length", str(len(new_body))))
+        log.debug(
+            "request_id=%s dispatch model=%s route=%s", info.request_id, provider.name, decision.route
+        )
+        return Upstream(
+            provider=provider,
+            headers=plan,
+            body=new_body,
+            route=decision.route,
+            router_error=decision.router_error,
+            pinned=decision.pinned,
+        )
+
+    async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
+        assert info.api is not None
+        trace_id = trace_id_from(info.headers)
+        if info.affinity_key is not None and self.cache is not None:
+            hit = await self.cache.get(info.affinity_key)
+            if hit is not None:  # pinned: answer without reading the body (Plano semantics)
+                return self._decision_response(
+                    Decision([hit.model], hit.route, None, pinned=True), trace_id, info
+                )
+        body = JsonBody.parse(raw)
+        requested = None
+        model_value = body.values.get("model")
+        if model_value is not None and not isinstance(model_value, str):
+            raise bad_request("'model' must be a string")
+        if isinstance(model_value, str) and model_value:
+            requested = self.catalog.lookup(model_value)
+        inline = parse_inline(body.values, self.catalog)
+        messages = extract(info.api, body.values)
+        decision = await self._select(info, body.values, requested, inline, messages)
+        return self._decision_response(decision, trace_id, info)
+
+    def _decision_response(self, d: Decision, trace_id: str, info: RequestInfo) -> Immediate:
+        out: dict[str, Any] = {"models": d.models, "route": d.route, "trace_id": trace_id}
+        if info.affinity_id is not None and d.pinned is not None:
+            out["session_id"] = info.affinity_id
+            out["pinned"] = d.pinned
+        if d.router_error:
+            out["router_error"] = d.router_error
+        return Immediate(200, json.dumps(out).encode(), details="plano_routing_decision")
+
+    # ------------------------------------------------------------------ selection
+
+    async def _select(
+        self,
+        info: RequestInfo,
+        body: Mapping[str, Any],
+        requested: Provider | None,
+        inline: tuple[RoutePreference, ...] | None,
+        messages: list[Any],
+    ) -> Decision:
+        """Affinity lookup, then routing, then pin the outcome (first writer wins)."""
+        key = info.affinity_key if self.cache is not None else None
+        if key is not None and info.kind == "proxy":
+            assert self.cache is not None
+            hit = await self.cache.get(key)
+            if hit is not None:
+                pinned = self.catalog.lookup(hit.model)
+                if pinned is not None:
+                    return Decision([pinned.name], hit.route, pinned, pinned=True)
+                log.warning(
+                    "request_id=%s pinned model %s is no longer configured; routing again",
+                    info.request_id,
+                    hit.model,
+                )
+        decision = await self._route(info, requested, inline, messages)
+        if key is None:
+            return decision
+        assert self.cache is not None
+        if decision.dispatch is not None:
+            mine = PinnedDecision(decision.dispatch.name, decision.route)
+        else:
+            mine = PinnedDecision(decision.models[0], decision.route)
+        winner = await self.cache.put_if_absent(key, mine)
+        if winner == mine:
+            decision.pinned = False
+            return decision
+        # Another replica pinned this session first: follow its decision.
+        provider = self.catalog.lookup(winner.model)
+        return Decision(
+            [winner.model], winner.route, provider or decision.dispatch, pinned=True
+        )
+
+    async def _route(
+        self,
+        info: RequestInfo,
+        requested: Provider | None,
+        inline: tuple[RoutePreference, ...] | None,
+        messages: list[Any],
+    ) -> Decision:
+        prefs = inline if inline is not None else self.config.preferences
+        result = RouterResult(route=None)
+        if prefs and messages:
+            result = await self.router.route(messages, prefs, request_id=info.request_id)
+            if result.error:
+                log.warning(
+                    "request_id=%s router failed, serving the requested model: %s",
+                    info.request_id,
+                    result.error,
+                )
+        pref = next((p for p in prefs if p.name == result.route), None) if result.route else None
+        if pref is None:
+            return Decision(
+                ["none"], None, requested, router_error=result.error, scores=result.scores
+            )
+        ranked = list(pref.models)
+        dispatch = requested
+        if info.kind == "proxy":
+            assert info.api is not None
+            candidates = [self.catalog.lookup(m) for m in ranked]
+            usable = [c for c in candidates if c is not None and compatible(c, info.api)]
+            if usable:
+                dispatch = usable[0]
+            else:
+                log.info(
+                    "request_id=%s route %s has no model serving %s; keeping %s",
+                    info.request_id,
+                    pref.name,
+                    info.api.label,
+                    requested.name if requested else None,
+                )
+        return Decision(ranked, pref.name, dispatch, router_error=result.error, scores=result.scores)
+
+
+def immediate_json(status: int, type_: str, message: str) -> Immediate:
+    return Immediate(status, error_body(type_, message))

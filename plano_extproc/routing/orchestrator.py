@@ -1,0 +1,291 @@
+"""The LLM router: Plano-Orchestrator / Arch-Router served on an OpenAI-compatible endpoint.
+
+Prompt construction and output parsing are pure functions (golden-tested byte for byte
+against the templates the models were trained on). The HTTP client has a hard timeout and
+turns every failure into ``RouterResult.error`` so the request fails open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
+
+log = logging.getLogger("plano_extproc.router")
+
+ORCHESTRATOR_V1_TEMPLATE = """
+You are a helpful assistant that selects the most suitable routes based on user intent.
+You are provided with a list of available routes enclosed within <routes></routes> XML tags:
+<routes>
+{routes}
+</routes>
+
+You are also given the conversation context enclosed within <conversation></conversation> XML tags:
+<conversation>
+{conversation}
+</conversation>
+
+## Instructions
+1. Analyze the latest user intent from the conversation.
+2. Compare it against the available routes to find which routes can help fulfill the request.
+3. Respond only with the exact route names from <routes>.
+4. If no routes can help or the intent is already fulfilled, return an empty list.
+
+## Response Format
+Return your answer strictly in JSON as follows:
+{{"route": ["route_name_1", "route_name_2", "..."]}}
+If no routes are needed, return an empty list for `route`.
+"""
+
+ARCH_ROUTER_V1_TEMPLATE = """
+You are a helpful assistant designed to find the best suited route.
+You are provided with route description within <routes></routes> XML tags:
+<routes>
+{routes}
+</routes>
+
+<conversation>
+{conversation}
+</conversation>
+
+Your task is to decide which route is best suit with user intent on the conversation in <conversation></conversation> XML tags.  Follow the instruction:
+1. If the latest intent from user is irrelevant or user intent is full filled, response with other route {"route": "other"}.
+2. You must analyze the route descriptions and find the best match route for user latest intent.
+3. You only response the name of the route that best matches the user's request, use the exact name in the <routes></routes>.
+
+Based on your analysis, provide your response in the following JSON formats if you decide to match any route:
+{"route": "route_name"}
+"""  # noqa: E501
+
+MAX_ROUTING_TURNS = 16
+ARCH_ROUTER_MAX_TOKENS = 2048
+_IGNORED_ROLES = frozenset({"system", "developer", "tool"})
+
+
+def _tokens(text: str) -> int:
+    return len(text.encode("utf-8")) // 4
+
+
+def _middle_trim(text: str, max_bytes: int) -> str:
+    """Keep ~60% head and ~40% tail of the text within ``max_bytes`` (char-boundary safe)."""
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return text
+    head = int(max_bytes * 0.6)
+    tail = max_bytes - head
+    left = data[:head].decode("utf-8", errors="ignore")
+    right = data[len(data) - tail :].decode("utf-8", errors="ignore") if tail > 0 else ""
+    return left + "…" + right
+
+
+def select_messages(
+    messages: Sequence[ChatMessage],
+    *,
+    max_tokens: int,
+    template: str,
+    cap_turns: bool = True,
+    trim_overflow: bool = True,
+) -> list[ChatMessage]:
+    """Plano's conversation selection: user/assistant text turns, newest first within budget."""
+    usable = [m for m in messages if m.role not in _IGNORED_ROLES and m.content.strip()]
+    if cap_turns:
+        usable = usable[-MAX_ROUTING_TURNS:]
+    if not usable:
+        return []
+    used = _tokens(template)
+    picked: list[ChatMessage] = []
+    for msg in reversed(usable):
+        cost = _tokens(msg.content)
+        if used + cost > max_tokens:
+            remaining = max_tokens - used
+            if msg.role == "user" and (remaining > 0 or not trim_overflow):
+                content = _middle_trim(msg.content, remaining * 4) if trim_overflow else msg.content
+                picked.append(ChatMessage(msg.role, content))
+            break
+        picked.append(msg)
+        used += cost
+    if not picked:
+        picked = [usable[-1]]
+    picked.reverse()
+    return picked
+
+
+def build_orchestrator_prompt(
+    messages: Sequence[ChatMessage], prefs: Sequence[RoutePreference], *, max_tokens: int = 8192
+) -> str:
+    routes = "\n".join(
+        json.dumps(
+            {
+                "name": p.name,
+                "description": p.description,
+                "parameters": {"type": "object", "properties": {}, "required": []},
+            },
+            ensure_ascii=False,
+        )
+        for p in prefs
+    )
+    selected = select_messages(messages, max_tokens=max_tokens, template=ORCHESTRATOR_V1_TEMPLATE)
+    conversation = json.dumps(
+        [{"role": m.role, "content": m.content} for m in selected], indent=4, ensure_ascii=False
+    )
+    return ORCHESTRATOR_V1_TEMPLATE.replace("{routes}", routes).replace(
+        "{conversation}", conversation
+    )
+
+
+def build_arch_router_prompt(
+    messages: Sequence[ChatMessage], prefs: Sequence[RoutePreference]
+) -> str:
+    routes = json.dumps(
+        [{"name": p.name, "description": p.description} for p in prefs],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    selected = select_messages(
+        messages,
+        max_tokens=ARCH_ROUTER_MAX_TOKENS,
+        template=ARCH_ROUTER_V1_TEMPLATE,
+        cap_turns=False,
+        trim_overflow=False,
+    )
+    conversation = json.dumps(
+        [{"role": m.role, "content": m.content} for m in selected],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return ARCH_ROUTER_V1_TEMPLATE.replace("{routes}", routes).replace(
+        "{conversation}", conversation
+    )
+
+
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*|\s*```\s*$")
+
+
+class RouterOutputError(ValueError):
+    pass
+
+
+def parse_route_output(content: str | None, route_names: Sequence[str]) -> str | None:
+    """Both output shapes: ``{"route": "name"}`` and ``{"route": ["a", "b"]}``.
+
+    Code fences are stripped, "other"/empty mean no route, unknown names are ignored and the
+    first known name wins. Raises ``RouterOutputError`` when the output is not that JSON.
+    """
+    if content is None or not content.strip():
+        return None
+    text = _FENCE.sub("", content.strip()).replace("\\n", "").replace("'", '"').strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        m = re.search(r"\{.*\}", text, re.DOTALL)
+        if not m:
+            raise RouterOutputError(f"not JSON: {content[:200]!r}") from None
+        try:
+            data = json.loads(m.group(0))
+        except json.JSONDecodeError:
+            raise RouterOutputError(f"not JSON: {content[:200]!r}") from None
+    if not isinstance(data, dict) or "route" not in data:
+        raise RouterOutputError(f"expected an object with 'route': {content[:200]!r}")
+    value = data["route"]
+    names: list[Any]
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = [value]
+    elif isinstance(value, list):
+        names = value
+    else:
+        raise RouterOutputError(f"'route' must be a string or a list: {content[:200]!r}")
+    known = set(route_names)
+    for name in names:
+        if isinstance(name, str) and name and name != "other" and name in known:
+            return name
+    return None
+
+
+class OrchestratorRouter:
+    """POSTs the routing prompt to ``{base_url}/chat/completions`` and parses the answer."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        model_id: str,
+        prompt: str = "plano_orchestrator_v1",
+        timeout_ms: int = 3000,
+        context_length: int = 8192,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.model_id = model_id
+        self.prompt = prompt
+        self.timeout = timeout_ms / 1000.0
+        self.context_length = context_length
+        self.headers = {"content-type": "application/json", **(headers or {})}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30),
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def build_prompt(
+        self, messages: Sequence[ChatMessage], prefs: Sequence[RoutePreference]
+    ) -> str:
+        if self.prompt == "arch_router_v1":
+            return build_arch_router_prompt(messages, prefs)
+        return build_orchestrator_prompt(messages, prefs, max_tokens=self.context_length)
+
+    async def route(
+        self,
+        messages: Sequence[ChatMessage],
+        preferences: Sequence[RoutePreference],
+        *,
+        request_id: str,
+    ) -> RouterResult:
+        prompt = self.build_prompt(messages, preferences)
+        if not prompt or not any(m.role not in _IGNORED_ROLES for m in messages):
+            return RouterResult(route=None)
+        payload = {
+            "model": self.model_id,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0.01,
+        }
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        headers = {**self.headers, "x-request-id": request_id}
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._session.post(self.url, json=payload, headers=headers) as resp:
+                    raw = await resp.read()
+                    if resp.status // 100 != 2:
+                        return RouterResult(
+                            route=None,
+                            error=f"router returned HTTP {resp.status}: {raw[:200]!r}",
+                        )
+        except TimeoutError:
+            return RouterResult(route=None, error=f"router timed out after {self.timeout:g}s")
+        except aiohttp.ClientError as e:
+            return RouterResult(route=None, error=f"router unreachable: {e}")
+        try:
+            data = json.loads(raw)
+            choices = data.get("choices") or []
+            content = choices[0].get("message", {}).get("content") if choices else None
+            route = parse_route_output(content, [p.name for p in preferences])
+        except (ValueError, AttributeError, TypeError) as e:
+            return RouterResult(route=None, error=f"unparseable router output: {e}")
+        return RouterResult(route=route)
