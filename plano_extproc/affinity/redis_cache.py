@@ -108,7 +108,10 @@ def _scripting_forbidden(exc: ResponseError) -> bool:
 
 
 class RedisSessionCache:
-    """Session cache in Redis under ``plano:affinity:{key}``; see the module docstring."""
+    """Session cache in Redis under ``plano:affinity:{key}``; see the module docstring.
+
+    ``start()`` must be awaited first: until it has seen Redis answer, calls skip Redis.
+    """
 
     def __init__(
         self,
