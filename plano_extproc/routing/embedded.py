@@ -1,0 +1,413 @@
+"""Embedded in-process router: picks a route by sentence-embedding similarity, no LLM, no network.
+
+Each route becomes a small set of vectors (its description, the description's phrases, and any
+``examples``); built-in "no match" anchors (greetings, thanks, small talk, trivia) compete with
+them so chit-chat keeps the requested model. The latest user turn decides; earlier user turns
+only nudge. Long prompts are scored by head/tail windows because a single truncated embedding
+of a pasted document says what the document is, not what the user asked. Inference runs on a
+small bounded thread pool so a long prompt never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
+from plano_extproc.routing.embedding import DATA_DIR, MODEL_SHA256, Encoder, EncoderError
+
+#: Defaults calibrated on the dev split of tests/data/routing_eval.jsonl (docs/embedded-router.md).
+DEFAULT_THRESHOLD = 0.05
+DEFAULT_MARGIN = -0.05
+#: Weight of the latest user turn, then of each earlier one (newest first); others are ignored.
+TURN_WEIGHTS: tuple[float, ...] = (1.0, 0.35, 0.15)
+#: Prompts up to this many words are embedded whole; longer ones by windows.
+FULL_TEXT_WORDS = 64
+#: Words in the head and tail windows of a long prompt.
+WINDOW_WORDS = 40
+#: An anchor this similar to one of the route's own vectors is dropped for that route set,
+#: so a user route like "small talk" is not shadowed by the built-in anchors.
+ANCHOR_CONFLICT = 0.80
+#: Weight and cap of the lexical overlap bonus (stemmed words shared with the route's texts).
+LEXICAL_WEIGHT = 0.2
+LEXICAL_CAP = 1.5
+#: A route's cosine score is the mean of its best this-many vectors (one stray phrase is noise).
+TOP_K = 2
+#: How many prepared/inline route sets to keep vectors for.
+MAX_ROUTE_SETS = 64
+ANCHORS_PATH = DATA_DIR / "no_match_anchors.txt"
+_ROUTED_ROLES = frozenset({"user"})
+
+_PHRASE_SPLIT = re.compile(
+    r"[,;:()\[\]/\n]+|\.(?:\s+|$)|\s+(?:or|and|and/or|as well as|such as|including|e\.g\.|like)\s+",
+    re.IGNORECASE,
+)
+_STOPWORDS = frozenset(
+    "a an the to of in for and or with this that these those me my you your can could would "
+    "please its is are be on at by from as into about some any what how do does did we our us "
+    "need want like make give get just also so but not no than then there their they them he "
+    "she his her was were will should may might have has had been being which who when where "
+    "why all each other new".split()
+)
+_SUFFIXES = (
+    "izations", "ization", "ations", "ation", "ments", "ment", "ings", "ing",
+    "ies", "ied", "es", "ed", "s", "e", "y",
+)
+_LEADING_JOINER = re.compile(r"^(?:or|and|as well as|also|e\.g\.|etc\.?)\s+", re.IGNORECASE)
+
+
+class EmbeddedRouterError(Exception):
+    """The embedded router cannot start; the message says how to fix it."""
+
+
+def split_phrases(description: str) -> list[str]:
+    """Split a route description into its phrases ("a, b, or c" -> a, b, c).
+
+    Plano descriptions are lists of intents; each phrase scored on its own matches a short
+    prompt far better than the whole comma list does.
+    """
+    phrases: list[str] = []
+    for raw in _PHRASE_SPLIT.split(description):
+        phrase = _LEADING_JOINER.sub("", raw.strip()).strip(" .-")
+        if len(phrase) < 3 or phrase.lower() in {p.lower() for p in phrases}:
+            continue
+        phrases.append(phrase)
+    return phrases
+
+
+def stem(word: str) -> str:
+    """Crude stem (one suffix off, then 5 letters): "summarizing"/"summary" -> "summa"."""
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            break
+    return word[:5]
+
+
+def stems(text: str) -> frozenset[str]:
+    """Content-word stems of a text, for the lexical bonus."""
+    return frozenset(
+        stem(w) for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2 and w not in _STOPWORDS
+    )
+
+
+def lexical_weights(route_stems: Sequence[frozenset[str]]) -> dict[str, float]:
+    """IDF of each stem across the routes: a word in every route's texts tells nothing."""
+    counts: dict[str, int] = {}
+    for bag in route_stems:
+        for s in bag:
+            counts[s] = counts.get(s, 0) + 1
+    n = len(route_stems)
+    return {s: math.log(1 + n / c) for s, c in counts.items()}
+
+
+def route_texts(pref: RoutePreference) -> list[str]:
+    """All texts that stand for one route: the full description, its phrases, its examples."""
+    texts: list[str] = []
+    seen: set[str] = set()
+    for text in [pref.description, *split_phrases(pref.description), *pref.examples]:
+        key = text.strip().lower()
+        if key and key not in seen:
+            seen.add(key)
+            texts.append(text.strip())
+    return texts
+
+
+def text_windows(
+    text: str, *, full_words: int = FULL_TEXT_WORDS, window_words: int = WINDOW_WORDS
+) -> list[str]:
+    """Texts to embed for one turn: the whole text if short, else head, tail and the first
+    and last paragraphs when those are short (instructions tend to sit there)."""
+    words = text.split()
+    if not words:
+        return []
+    if len(words) <= full_words:
+        return [" ".join(words)]
+    windows = [" ".join(words[:window_words]), " ".join(words[-window_words:])]
+    paragraphs = [p for p in re.split(r"\n\s*\n|\n", text) if p.strip()]
+    for para in (paragraphs[0], paragraphs[-1]):
+        para_words = para.split()
+        if 3 <= len(para_words) <= full_words:
+            candidate = " ".join(para_words)
+            if candidate not in windows:
+                windows.append(candidate)
+    return windows
+
+
+def user_turns(messages: Sequence[ChatMessage], max_turns: int = len(TURN_WEIGHTS)) -> list[str]:
+    """User turns with text, newest first; system/developer/tool/assistant turns never route."""
+    turns: list[str] = []
+    for message in reversed(messages):
+        if message.role in _ROUTED_ROLES and message.content.strip():
+            turns.append(message.content)
+            if len(turns) == max_turns:
+                break
+    return turns
+
+
+def load_anchors(path: Path = ANCHORS_PATH) -> list[str]:
+    """Built-in no-match utterances, one per line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def decide(
+    scores: dict[str, float], no_match: float, *, threshold: float, margin: float
+) -> str | None:
+    """Best route, or None when it is below ``threshold`` or not ``margin`` above the
+    no-match anchors."""
+    if not scores:
+        return None
+    best = max(scores, key=lambda name: scores[name])
+    if scores[best] < threshold or scores[best] - no_match < margin:
+        return None
+    return best
+
+
+class LRU:
+    """Tiny thread-safe LRU map; bounds memory of per-route-set vector indexes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+@dataclass(frozen=True)
+class RouteIndex:
+    """Vectors of one route set: rows grouped by route (``starts`` = first row per route)."""
+
+    names: tuple[str, ...]
+    vectors: Any  # (rows, dim) float32
+    starts: Any  # (routes,) int
+    anchors: Any  # (anchors, dim) float32
+    stems: tuple[frozenset[str], ...] = ()
+    idf: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    """Full decision detail for --explain and the eval bench."""
+
+    route: str | None
+    scores: dict[str, float] = field(default_factory=dict)
+    no_match: float = 0.0
+    windows: int = 0
+
+
+def _route_key(preferences: Sequence[RoutePreference]) -> tuple[Any, ...]:
+    return tuple((p.name, p.description, p.examples) for p in preferences)
+
+
+class EmbeddedRouter:
+    """In-process router over a MiniLM sentence encoder (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        threshold: float | None = None,
+        margin: float | None = None,
+        max_concurrency: int = 2,
+        cache_size: int = 1024,
+        model_path: Path | None = None,
+        model_sha256: str = MODEL_SHA256,
+        threads: int = 2,
+        int8_matmul: bool = True,
+        turn_weights: Sequence[float] = TURN_WEIGHTS,
+    ) -> None:
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        self.margin = DEFAULT_MARGIN if margin is None else margin
+        self.turn_weights = tuple(turn_weights)
+        self._max_concurrency = max(1, max_concurrency)
+        self._encoder = Encoder(
+            model_path=model_path,
+            model_sha256=model_sha256,
+            threads=threads,
+            cache_size=cache_size,
+            int8_matmul=int8_matmul,
+        )
+        self._indexes = LRU(MAX_ROUTE_SETS)
+        self._anchor_vectors: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._np: Any = None
+
+    @property
+    def backend(self) -> str:
+        return self._encoder.backend
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._encoder
+
+    async def start(self) -> None:
+        """Load and verify the model off the loop, embed the anchors, warm up."""
+        await asyncio.to_thread(self.start_sync)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._max_concurrency, thread_name_prefix="embedded-router"
+        )
+        self._semaphore = asyncio.Semaphore(self._max_concurrency)
+
+    def start_sync(self) -> None:
+        """Synchronous start for the CLI / eval (no thread pool)."""
+        try:
+            self._encoder.load()
+            import numpy
+
+            self._np = numpy
+            self._anchor_vectors = self._encoder.encode_many(load_anchors())
+            self._encoder.encode("warm up the session " * 12)
+        except EncoderError as exc:
+            raise EmbeddedRouterError(str(exc)) from exc
+        except OSError as exc:
+            raise EmbeddedRouterError(
+                f"embedded router data is unreadable ({exc}); reinstall plano-extproc "
+                "with the router extra: pip install --force-reinstall 'plano-extproc[router]'"
+            ) from exc
+
+    def prepare(self, preferences: Sequence[RoutePreference]) -> None:
+        """Embed a configured route set once at load so requests only embed the prompt."""
+        self._index_for(preferences)
+
+    def _index_for(self, preferences: Sequence[RoutePreference]) -> RouteIndex:
+        key = _route_key(preferences)
+        cached: RouteIndex | None = self._indexes.get(key)
+        if cached is not None:
+            return cached
+        np = self._require_np()
+        rows: list[Any] = []
+        starts: list[int] = []
+        bags: list[frozenset[str]] = []
+        for pref in preferences:
+            texts = route_texts(pref)
+            starts.append(sum(len(r) for r in rows))
+            rows.append(self._encoder.encode_many(texts))
+            bags.append(frozenset().union(*(stems(t) for t in texts)))
+        vectors = np.concatenate(rows) if rows else np.zeros((0, 384), dtype=np.float32)
+        anchors = self._anchor_vectors
+        if len(vectors) and len(anchors):
+            keep = (anchors @ vectors.T).max(axis=1) < ANCHOR_CONFLICT
+            anchors = anchors[keep]
+        index = RouteIndex(
+            names=tuple(p.name for p in preferences),
+            vectors=vectors,
+            starts=np.asarray(starts, dtype=np.int64),
+            anchors=anchors,
+            stems=tuple(bags),
+            idf=lexical_weights(bags),
+        )
+        self._indexes.put(key, index)
+        return index
+
+    def _require_np(self) -> Any:
+        if self._np is None or not self._encoder.loaded:
+            raise EmbeddedRouterError("embedded router used before start()")
+        return self._np
+
+    def _score_turn(self, text: str, index: RouteIndex) -> tuple[Any, float, int]:
+        """Per-route score and the best anchor cosine over the turn's windows.
+
+        Route score per window = mean of the route's TOP_K best cosines + a capped IDF-weighted
+        overlap of stemmed words with the route's texts (MiniLM is topic-heavy; the verbs that
+        carry intent, "translate", "summarize", "fix", get their weight back this way).
+        """
+        np = self._np
+        texts = text_windows(text)
+        windows = self._encoder.encode_many(texts)
+        sims = windows @ index.vectors.T  # (windows, rows)
+        ends = [*index.starts[1:].tolist(), sims.shape[1]]
+        per_route = np.empty((len(texts), len(index.names)), dtype=np.float64)
+        for w, window_text in enumerate(texts):
+            window_stems = stems(window_text)
+            for r, (lo, hi) in enumerate(zip(index.starts.tolist(), ends, strict=True)):
+                row = np.sort(sims[w, lo:hi])[-TOP_K:]
+                lexical = sum(index.idf[s] for s in window_stems & index.stems[r])
+                per_route[w, r] = float(row.mean()) + LEXICAL_WEIGHT * min(LEXICAL_CAP, lexical)
+        anchor = float((windows @ index.anchors.T).max()) if len(index.anchors) else -1.0
+        return per_route.max(axis=0), anchor, len(texts)
+
+    def decide(
+        self, messages: Sequence[ChatMessage], preferences: Sequence[RoutePreference]
+    ) -> Decision:
+        """Score the conversation against the routes and apply threshold and margin."""
+        np = self._require_np()
+        prefs = [p for p in preferences if p.name]
+        turns = user_turns(messages, len(self.turn_weights))
+        if not prefs or not turns:
+            return Decision(route=None)
+        index = self._index_for(prefs)
+        total = np.zeros(len(prefs), dtype=np.float64)
+        anchor_total = 0.0
+        weight_sum = 0.0
+        windows = 0
+        for weight, text in zip(self.turn_weights, turns, strict=False):
+            per_route, anchor, count = self._score_turn(text, index)
+            total += weight * per_route
+            anchor_total += weight * anchor
+            weight_sum += weight
+            windows += count
+        scores = {
+            name: round(float(s / weight_sum), 4)
+            for name, s in zip(index.names, total, strict=True)
+        }
+        no_match = anchor_total / weight_sum
+        route = decide(scores, no_match, threshold=self.threshold, margin=self.margin)
+        return Decision(route=route, scores=scores, no_match=round(no_match, 4), windows=windows)
+
+    def route_sync(
+        self, messages: Sequence[ChatMessage], preferences: Sequence[RoutePreference]
+    ) -> RouterResult:
+        """Same decision as ``route``, synchronously (CLI, eval)."""
+        decision = self.decide(messages, preferences)
+        return RouterResult(route=decision.route, scores=decision.scores)
+
+    async def route(
+        self,
+        messages: Sequence[ChatMessage],
+        preferences: Sequence[RoutePreference],
+        *,
+        request_id: str,
+    ) -> RouterResult:
+        """Route on the bounded pool; failures come back as ``error`` so the request fails open."""
+        if self._executor is None or self._semaphore is None:
+            return RouterResult(route=None, error="embedded router not started")
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._semaphore:
+                return await loop.run_in_executor(
+                    self._executor, self.route_sync, list(messages), list(preferences)
+                )
+        except Exception as exc:  # any model failure must fail open, never 500
+            return RouterResult(route=None, error=f"embedded router failed: {exc}")
+
+    async def close(self) -> None:
+        """Stop the pool; in-flight decisions finish first."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
