@@ -48,6 +48,7 @@ class JsonBody:
         try:
             i = _skip(text, 0)
             if i >= len(text) or text[i] != "{":
+                _decoder.raw_decode(text, i)  # a JSONDecodeError here means "not JSON at all"
                 kind = _kind_at(text, i)
                 raise bad_request(f"request body must be a JSON object, got {kind}")
             i = _skip(text, i + 1)

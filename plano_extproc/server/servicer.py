@@ -45,7 +45,7 @@ def immediate_response(imm: Immediate) -> pb.ProcessingResponse:
     headers = [_set(k, v) for k, v in imm.headers]
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=HttpStatus(code=imm.status),  # type: ignore[arg-type]
+            status=HttpStatus(code=imm.status),
             headers=pb.HeaderMutation(set_headers=headers),
             body=imm.body,
             details=imm.details,
@@ -69,7 +69,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.gateway = gateway
         self.metrics = metrics
 
-    async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
+    async def Process(self, request_iterator: Any, context: Any) -> None:
         info: RequestInfo | None = None
         while True:
             req = await context.read()
@@ -104,6 +104,4 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             elif which == "response_body":
                 await context.write(pb.ProcessingResponse(response_body=pb.BodyResponse()))
             elif which == "response_trailers":
-                await context.write(
-                    pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-                )
+                await context.write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))

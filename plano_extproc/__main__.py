@@ -1,0 +1,3 @@
+from plano_extproc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Run one ext_proc server process: build router and session cache, serve gRPC and admin.
+
+The router's model loads before the gRPC port opens, so "ready" means ready to route.
+The admin HTTP port serves ``/ready`` (JSON with router and session-cache state) and
+``/metrics`` (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from plano_extproc.affinity.base import SessionCache
+from plano_extproc.config import Config
+from plano_extproc.gateway import Gateway
+from plano_extproc.metrics import Metrics
+from plano_extproc.routing.base import NullRouter, Router
+from plano_extproc.server.servicer import ExternalProcessor
+
+log = logging.getLogger("plano_extproc.server")
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    # Envoy pings the ext_proc connection; accept it instead of answering GOAWAY.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class StartupError(Exception):
+    """A start-up problem with a message that tells the user how to fix it."""
+
+
+def build_router(config: Config) -> Router:
+    rc = config.router
+    if rc.type == "none":
+        return NullRouter()
+    if rc.type == "orchestrator":
+        from plano_extproc.catalog import Catalog
+        from plano_extproc.routing.orchestrator import OrchestratorRouter
+
+        assert rc.model is not None
+        prov = Catalog(config).lookup(rc.model)
+        assert prov is not None
+        url = f"{prov.scheme}://{prov.host}:{prov.port}{prov.path_prefix}/chat/completions"
+        headers = {"authorization": f"Bearer {prov.access_key}"} if prov.access_key else {}
+        if prov.http_host:
+            headers["host"] = prov.http_host
+        headers.update(dict(prov.headers))
+        return OrchestratorRouter(
+            url=url,
+            model_id=prov.model_id,
+            prompt=rc.prompt,
+            timeout_ms=rc.timeout_ms,
+            context_length=rc.context_length,
+            headers=headers,
+        )
+    try:
+        from plano_extproc.routing.embedded import EmbeddedRouter
+    except ImportError as e:
+        raise StartupError(
+            f"the embedded router needs the 'router' extra ({e.name} is missing): run "
+            "pip install 'plano-extproc[router]', or set routing.router.type: orchestrator "
+            "(or none) in the config"
+        ) from e
+    return EmbeddedRouter(threshold=rc.threshold, margin=rc.margin)
+
+
+def build_cache(config: Config) -> SessionCache:
+    from plano_extproc.affinity.factory import build_session_cache
+
+    sc = config.session_cache
+    return build_session_cache(
+        sc.type, url=sc.url, ttl_seconds=sc.ttl_seconds, max_entries=sc.max_entries
+    )
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    admin: web.AppRunner | None
+    gateway: Gateway
+    port: int
+    admin_port: int | None
+
+
+async def start(config: Config, host: str, port: int, admin_port: int | None = None) -> Running:
+    router = build_router(config)
+    cache = build_cache(config)
+    try:
+        await router.start()
+    except StartupError:
+        raise
+    except Exception as e:
+        raise StartupError(f"the {config.router.type} router failed to start: {e}") from e
+    prepare = getattr(router, "prepare", None)
+    if prepare is not None and config.preferences:
+        await asyncio.to_thread(prepare, config.preferences)
+    await cache.start()
+    if not config.preferences:
+        log.warning("no routing_preferences configured: routes are inactive, models pass as sent")
+    gateway = Gateway(config, router, cache)
+    metrics = Metrics()
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise StartupError(f"cannot listen on {host}:{port} (port in use?)")
+    await server.start()
+    runner = None
+    bound_admin = None
+    if admin_port is not None:
+        runner, bound_admin = await _start_admin(host, admin_port, gateway, metrics)
+    log.info(
+        "ext_proc listening on %s:%d (router=%s, session_cache=%s)",
+        host,
+        bound,
+        config.router.type,
+        config.session_cache.type,
+    )
+    return Running(server, runner, gateway, bound, bound_admin)
+
+
+async def _start_admin(
+    host: str, port: int, gateway: Gateway, metrics: Metrics
+) -> tuple[web.AppRunner, int]:
+    async def ready(_: web.Request) -> web.Response:
+        health = gateway.cache.health() if gateway.cache else None
+        body = {
+            "ready": True,
+            "router": gateway.config.router.type,
+            "routes": [p.name for p in gateway.config.preferences],
+            "session_cache": health,
+        }
+        return web.Response(text=json.dumps(body), content_type="application/json")
+
+    async def prom(_: web.Request) -> web.Response:
+        health = gateway.cache.health() if gateway.cache else None
+        return web.Response(text=metrics.render(health), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", prom)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, bound
+
+
+async def stop(running: Running, grace: float = 5.0) -> None:
+    await running.server.stop(grace)
+    if running.admin is not None:
+        await running.admin.cleanup()
+    await running.gateway.router.close()
+    if running.gateway.cache is not None:
+        await running.gateway.cache.close()
+
+
+async def serve_forever(
+    config: Config, host: str, port: int, admin_port: int | None = None
+) -> None:
+    running = await start(config, host, port, admin_port)
+    # One line on stdout that supervisors wait for.
+    print(f"READY grpc={running.port} admin={running.admin_port}", flush=True)
+    stop_event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_event.set)
+    await stop_event.wait()
+    await stop(running)
+
+
+def run(config: Config, host: str, port: int, admin_port: int | None = None) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    try:
+        asyncio.run(serve_forever(config, host, port, admin_port))
+    except StartupError as e:
+        print(f"plano-extproc: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,107 @@
+"""Start the real gateway (``plano-extproc up``: ext_proc workers + Envoy) for a test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.fakes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GatewayProcess:
+    def __init__(
+        self,
+        config_text: str,
+        tmp_dir: Path,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.config_path = tmp_dir / f"config-{self.port}.yaml"
+        self.config_path.write_text(config_text)
+        self.workers = workers
+        self.env = {**os.environ, **(env or {})}
+        self.extra_args = extra_args or []
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> GatewayProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "plano_extproc",
+            "up",
+            str(self.config_path),
+            "--address",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--envoy-admin-port",
+            str(self.admin_port),
+            "--workers",
+            str(self.workers),
+            "--envoy-concurrency",
+            "1",
+            "--log-level",
+            "warning",
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                if line.startswith("plano-extproc up:"):
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("gateway did not start:\n" + "\n".join(self.lines[-40:]))
+        return self
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
