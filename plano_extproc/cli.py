@@ -79,6 +79,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.config,
         workers=args.workers,
         grpc_port=args.grpc_port,
+        worker_admin_port=args.worker_admin_port,
         envoy_admin_port=args.envoy_admin_port,
         listen_address=args.address,
         listen_port=args.port,
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--workers", type=int, default=1)
     u.add_argument("--grpc-port", type=int, default=0, help="first worker port; 0 = free ports")
     u.add_argument("--envoy-admin-port", type=int, default=9901)
+    u.add_argument(
+        "--worker-admin-port", type=int, default=0, help="first worker /ready port; 0 = free"
+    )
     u.add_argument("--address", default=None, help="override the listener address")
     u.add_argument("--port", type=int, default=None, help="override the listener port")
     u.add_argument("--access-log", action="store_true", help="Envoy access log on stdout")

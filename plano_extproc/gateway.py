@@ -65,9 +65,7 @@ class RequestInfo:
     affinity_id: str | None = None
 
     @classmethod
-    def build(
-        cls, headers: Mapping[str, str], end_of_stream: bool = False
-    ) -> RequestInfo:
+    def build(cls, headers: Mapping[str, str], end_of_stream: bool = False) -> RequestInfo:
         full = headers.get(":path", "/")
         path, _, query = full.partition("?")
         return cls(
@@ -230,7 +228,10 @@ class Gateway:
             new_body = body.edited(remove=remove, set_values=set_values)
             plan.set.append(("content-length", str(len(new_body))))
         log.debug(
-            "request_id=%s dispatch model=%s route=%s", info.request_id, provider.name, decision.route
+            "request_id=%s dispatch model=%s route=%s",
+            info.request_id,
+            provider.name,
+            decision.route,
         )
         return Upstream(
             provider=provider,
@@ -309,9 +310,7 @@ class Gateway:
             return decision
         # Another replica pinned this session first: follow its decision.
         provider = self.catalog.lookup(winner.model)
-        return Decision(
-            [winner.model], winner.route, provider or decision.dispatch, pinned=True
-        )
+        return Decision([winner.model], winner.route, provider or decision.dispatch, pinned=True)
 
     async def _route(
         self,
@@ -336,7 +335,7 @@ class Gateway:
                 ["none"], None, requested, router_error=result.error, scores=result.scores
             )
         ranked = list(pref.models)
-        dispatch = requested
+        dispatch = self.catalog.lookup(ranked[0]) or requested
         if info.kind == "proxy":
             assert info.api is not None
             candidates = [self.catalog.lookup(m) for m in ranked]
@@ -351,7 +350,9 @@ class Gateway:
                     info.api.label,
                     requested.name if requested else None,
                 )
-        return Decision(ranked, pref.name, dispatch, router_error=result.error, scores=result.scores)
+        return Decision(
+            ranked, pref.name, dispatch, router_error=result.error, scores=result.scores
+        )
 
 
 def immediate_json(status: int, type_: str, message: str) -> Immediate:

@@ -61,6 +61,7 @@ class Child:
 class Supervisor:
     def __init__(self) -> None:
         self.children: list[Child] = []
+        self.admin_urls: list[str] = []
         self._stopping = False
 
     def spawn(self, name: str, argv: Sequence[str], *, capture: bool = False) -> Child:
@@ -187,6 +188,7 @@ def start_workers(
     ]
     for kid in kids:
         sup.wait_ready_line(kid, timeout=120)
+    sup.admin_urls = [f"http://{host}:{a}" for a in admins]
     return [(host, p) for p in ports]
 
 
@@ -235,6 +237,7 @@ def run_up(
     *,
     workers: int,
     grpc_port: int,
+    worker_admin_port: int,
     envoy_admin_port: int,
     listen_address: str | None,
     listen_port: int | None,
@@ -249,7 +252,7 @@ def run_up(
             config_path,
             host="127.0.0.1",
             base_port=grpc_port,
-            admin_base=0,
+            admin_base=worker_admin_port,
             workers=workers,
             log_level=log_level,
         )
@@ -274,6 +277,8 @@ def run_up(
         raise
     addr = listen_address or config.listener.address
     port = listen_port or config.listener.port
+    for url in sup.admin_urls:
+        print(f"ext_proc worker admin: {url}/ready {url}/metrics", flush=True)
     print(f"plano-extproc up: http://{addr}:{port} (Ctrl-C to stop)", flush=True)
     try:
         return sup.watch()

@@ -85,7 +85,9 @@ routing:
 """
 
 
-def orchestrator_block(orch_url: str, *, timeout_ms: int = 1000, prompt: str = "") -> tuple[str, str]:
+def orchestrator_block(
+    orch_url: str, *, timeout_ms: int = 1000, prompt: str = ""
+) -> tuple[str, str]:
     """(extra provider YAML, routing.router YAML) for the fake router LLM."""
     provider = f"""  - model: ollama/Plano-Orchestrator
     base_url: {orch_url}/v1

@@ -161,9 +161,7 @@ class FakeProvider(FakeServer):
                             "id": "msg_1",
                             "status": "completed",
                             "role": "assistant",
-                            "content": [
-                                {"type": "output_text", "text": text, "annotations": []}
-                            ],
+                            "content": [{"type": "output_text", "text": text, "annotations": []}],
                         }
                     ],
                     "parallel_tool_calls": True,
@@ -243,11 +241,19 @@ class FakeProvider(FakeServer):
             ),
             (
                 "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
             ),
             (
                 "content_block_delta",
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": text},
+                },
             ),
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             (

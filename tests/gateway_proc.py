@@ -33,6 +33,7 @@ class GatewayProcess:
         self.env = {**os.environ, **(env or {})}
         self.extra_args = extra_args or []
         self.lines: list[str] = []
+        self.worker_admin: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
 
     @property
@@ -74,6 +75,8 @@ class GatewayProcess:
             assert self.proc is not None and self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.lines.append(line.rstrip("\n"))
+                if line.startswith("ext_proc worker admin:"):
+                    self.worker_admin.append(line.split()[3].rsplit("/", 1)[0])
                 if line.startswith("plano-extproc up:"):
                     ready.set()
 

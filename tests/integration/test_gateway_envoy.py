@@ -57,7 +57,9 @@ def oai(gw: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key="client-key", max_retries=0)
 
 
-def post(gw: GatewayProcess, path: str, body: bytes | dict[str, object], **headers: str) -> httpx.Response:
+def post(
+    gw: GatewayProcess, path: str, body: bytes | dict[str, object], **headers: str
+) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(
         gw.url + path,
@@ -70,7 +72,9 @@ def post(gw: GatewayProcess, path: str, body: bytes | dict[str, object], **heade
 # --------------------------------------------------------------------------- proxy path
 
 
-def test_openai_sdk_unrouted_goes_to_requested_model(gw: GatewayProcess, openai_fake: FakeProvider) -> None:
+def test_openai_sdk_unrouted_goes_to_requested_model(
+    gw: GatewayProcess, openai_fake: FakeProvider
+) -> None:
     resp = oai(gw).chat.completions.create(
         model="openai/gpt-4o-mini", messages=[{"role": "user", "content": PLAIN_PROMPT}]
     )
