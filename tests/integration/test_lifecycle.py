@@ -1,0 +1,180 @@
+"""`plano-extproc up` as a process: Ctrl-C, child failure, workers, config errors, Envoy validate."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from plano_extproc.config import load_config
+from plano_extproc.envoy_config import render_bootstrap, render_yaml
+from plano_extproc.supervisor import envoy_binary
+from tests.conftest import seed_config
+from tests.fakes import FakeProvider
+from tests.gateway_proc import ROOT, GatewayProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_dead(pids: list[int], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _config(openai_fake: FakeProvider, anthropic_fake: FakeProvider) -> str:
+    return seed_config(
+        openai_fake.base_url, anthropic_fake.base_url, router="  router: {type: none}"
+    )
+
+
+def test_ctrl_c_stops_envoy_and_workers(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    g = GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path, workers=2).start()
+    assert g.proc is not None
+    kids = _children(g.proc.pid)
+    assert any("envoy" in _cmdline(k) for k in kids)
+    assert sum("plano_extproc" in _cmdline(k) for k in kids) == 2
+    assert httpx.get(g.url + "/healthz").status_code == 200
+    assert g.stop() == 0
+    assert _wait_dead(kids), [(_cmdline(k)) for k in kids if _alive(k)]
+
+
+def test_dead_worker_takes_the_gateway_down(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    g = GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path).start()
+    assert g.proc is not None
+    kids = _children(g.proc.pid)
+    worker = next(k for k in kids if "plano_extproc" in _cmdline(k))
+    os.kill(worker, signal.SIGKILL)
+    assert g.proc.wait(20) == 1
+    assert _wait_dead(kids)
+    assert "exited unexpectedly" in g.output()
+
+
+def test_supervisor_killed_leaves_no_orphans(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    g = GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path).start()
+    assert g.proc is not None
+    kids = _children(g.proc.pid)
+    os.kill(g.proc.pid, signal.SIGKILL)
+    g.proc.wait(10)
+    assert _wait_dead(kids)
+
+
+def test_two_workers_serve_traffic(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    with GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path, workers=2) as g:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(40):
+            r = httpx.post(g.url + "/routing/v1/chat/completions", json=body, timeout=10)
+            assert r.status_code == 200
+        served = []
+        for admin in g.worker_admin:
+            text = httpx.get(admin + "/metrics").text
+            line = next(
+                (ln for ln in text.splitlines() if 'kind="decision",outcome="2xx"' in ln), None
+            )
+            served.append(int(line.split()[-1]) if line else 0)
+        assert len(served) == 2 and sum(served) == 40
+        assert all(n > 0 for n in served), served
+
+
+def test_bad_config_fails_fast_with_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        "version: v0.4.0\nlisteners: [{name: m, type: model}]\n"
+        "model_providers:\n  - model: openai/gpt-4o\n    access_key: $PLANO_TEST_UNSET_KEY\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PLANO_TEST_UNSET_KEY"}
+    for cmd in ("validate", "up"):
+        res = subprocess.run(
+            [sys.executable, "-m", "plano_extproc", cmd, str(cfg)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 1
+        assert "model_providers[0].access_key" in res.stderr
+        assert "PLANO_TEST_UNSET_KEY" in res.stderr
+
+
+def test_validate_ok(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "plano_extproc", "validate", str(ROOT / "examples/quickstart.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.yaml")),
+)
+def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, path: str) -> None:
+    cfg = load_config(ROOT / path, env={"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"})
+    rendered = tmp_path / "envoy.yaml"
+    bootstrap = render_bootstrap(cfg, extproc=[("127.0.0.1", 9091), ("127.0.0.1", 9092)])
+    rendered.write_text(render_yaml(bootstrap))
+    res = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(rendered)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_checked_in_envoy_example_matches_renderer() -> None:
+    """envoy/envoy.yaml is the rendered quick-start; keep it in sync with the renderer."""
+    cfg = load_config(ROOT / "examples/quickstart.yaml", env={})
+    expected = render_yaml(render_bootstrap(cfg, extproc=[("127.0.0.1", 9091)]))
+    assert (ROOT / "envoy/envoy.yaml").read_text() == expected
