@@ -1,0 +1,166 @@
+"""The ext_proc servicer over a real in-process gRPC channel (Envoy's side played by a client).
+
+grpcio-testing's harness drives only synchronous servicers; ours is grpc.aio, so these tests
+speak the real protocol to a real grpc.aio server on a free loopback port instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from plano_extproc.affinity.memory import MemorySessionCache
+from plano_extproc.config import parse_config
+from plano_extproc.gateway import Gateway
+from plano_extproc.metrics import Metrics
+from plano_extproc.routing.base import NullRouter
+from plano_extproc.server.app import GRPC_OPTIONS
+from plano_extproc.server.servicer import ExternalProcessor
+
+CONFIG = """
+version: v0.4.0
+listeners: [{name: m, type: model, port: 12000}]
+model_providers:
+  - model: openai/gpt-4o-mini
+    access_key: sk-test
+    default: true
+  - model: anthropic/claude-sonnet-4-20250514
+    access_key: sk-ant
+routing:
+  router: {type: none}
+"""
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[pb_grpc.ExternalProcessorStub]:
+    cfg = parse_config(CONFIG)
+    gateway = Gateway(cfg, NullRouter(), MemorySessionCache())
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, Metrics()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield pb_grpc.ExternalProcessorStub(channel)
+    await channel.close()
+    await server.stop(None)
+
+
+def headers_msg(method: str, path: str, eos: bool = False, **extra: str) -> pb.ProcessingRequest:
+    items = [(":method", method), (":path", path), (":authority", "gw"), *extra.items()]
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in items]),
+            end_of_stream=eos,
+        )
+    )
+
+
+def body_msg(body: bytes) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+
+
+def set_headers(resp: pb.ProcessingResponse) -> dict[str, str]:
+    mutation = resp.request_body.response.header_mutation
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+async def test_proxy_exchange(stub: pb_grpc.ExternalProcessorStub) -> None:
+    call = stub.Process()
+    await call.write(
+        headers_msg("POST", "/v1/chat/completions", authorization="Bearer client", **{"x-request-id": "r1"})
+    )
+    first = await call.read()
+    assert first.WhichOneof("response") == "request_headers"
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    await call.write(body_msg(body))
+    second = await call.read()
+    await call.done_writing()
+    common = second.request_body.response
+    assert common.clear_route_cache is True
+    hdrs = set_headers(second)
+    assert hdrs[":path"] == "/v1/chat/completions"
+    assert hdrs["authorization"] == "Bearer sk-test"
+    assert hdrs["x-plano-upstream"] == "openai_api_openai_com_443"
+    assert "x-api-key" in common.header_mutation.remove_headers
+    # Model already matches the provider id: body untouched, no mutation, no content-length.
+    assert not common.HasField("body_mutation")
+    assert "content-length" not in hdrs
+
+
+async def test_body_mutation_sets_content_length(stub: pb_grpc.ExternalProcessorStub) -> None:
+    call = stub.Process()
+    await call.write(headers_msg("POST", "/v1/messages"))
+    await call.read()
+    body = json.dumps(
+        {
+            "model": "claude-sonnet-4-20250514",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "routing_preferences": [],
+        }
+    ).encode()
+    await call.write(body_msg(body))
+    resp = await call.read()
+    new_body = resp.request_body.response.body_mutation.body
+    assert json.loads(new_body) == {
+        "model": "claude-sonnet-4-20250514",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    hdrs = set_headers(resp)
+    assert hdrs["content-length"] == str(len(new_body))
+    assert hdrs["x-api-key"] == "sk-ant"
+    assert hdrs[":path"] == "/v1/messages"
+
+
+async def test_models_answered_in_headers_phase(stub: pb_grpc.ExternalProcessorStub) -> None:
+    call = stub.Process()
+    await call.write(headers_msg("GET", "/v1/models", eos=True))
+    resp = await call.read()
+    imm = resp.immediate_response
+    assert imm.status.code == 200
+    ids = [m["id"] for m in json.loads(imm.body)["data"]]
+    assert ids == ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-20250514"]
+    assert await call.read() is grpc.aio.EOF
+
+
+async def test_bad_body_is_an_immediate_json_error(stub: pb_grpc.ExternalProcessorStub) -> None:
+    call = stub.Process()
+    await call.write(headers_msg("POST", "/routing/v1/chat/completions"))
+    await call.read()
+    await call.write(body_msg(b"{nope"))
+    resp = await call.read()
+    imm = resp.immediate_response
+    assert imm.status.code == 400
+    assert json.loads(imm.body)["error"]["type"] == "invalid_request_error"
+    hdrs = {h.header.key: h.header.raw_value for h in imm.headers.set_headers}
+    assert hdrs["content-type"] == b"application/json"
+
+
+async def test_decision_response(stub: pb_grpc.ExternalProcessorStub) -> None:
+    call = stub.Process()
+    await call.write(
+        headers_msg(
+            "POST",
+            "/routing/v1/chat/completions",
+            traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            **{"x-model-affinity": "s-1"},
+        )
+    )
+    await call.read()
+    await call.write(body_msg(b'{"messages": [{"role": "user", "content": "hi"}]}'))
+    resp = await call.read()
+    data = json.loads(resp.immediate_response.body)
+    assert data == {
+        "models": ["none"],
+        "route": None,
+        "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        "session_id": "s-1",
+        "pinned": False,
+    }
