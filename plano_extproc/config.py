@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -203,8 +203,12 @@ class Provider:
     http_host: str | None = None  # Host header override (base_url still gives the address)
     custom_endpoint: bool = False  # base_url given: keyless upstreams (Ollama, vLLM) are fine
 
+    access_key_env: str | None = None  # the $VAR its access_key came from, for error hints
+
     @property
     def access_key_hint(self) -> str:
+        if self.access_key_env:
+            return f"export {self.access_key_env}=<key> and restart the gateway"
         return f"set access_key for {self.name} in model_providers"
 
     @property
@@ -230,7 +234,9 @@ class Provider:
     def with_model_id(self, model_id: str) -> Provider:
         from dataclasses import replace
 
-        return replace(self, model_id=model_id, name=f"{self.interface}/{model_id}", wildcard=False)
+        # The prefix as configured (vllm/*, google/*), so the name resolves back to this wildcard.
+        name = f"{self.model.split('/', 1)[0]}/{model_id}"
+        return replace(self, model_id=model_id, name=name, model=name, wildcard=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,12 +327,15 @@ def _walk_substitute(node: Any, path: str, env: Mapping[str, str], problems: lis
 # --------------------------------------------------------------------------- loading
 
 
+_LISTENER_BRANCHES = ("list[RawListener]", "dict[str,RawLegacyListener]")
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("list[RawListener]", "dict[str,RawLegacyListener]"):
+        elif part in _LISTENER_BRANCHES:
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -362,11 +371,22 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the config must be a YAML mapping at the top level"])
     problems: list[str] = []
+    key_envs = _access_key_envs(data)
     data = _walk_substitute(data, "", os.environ if env is None else env, problems)
     try:
         raw = RawConfig.model_validate(data)
     except ValidationError as e:
-        for err in e.errors():
+        errors = e.errors()
+        # ``listeners`` is a list or the legacy mapping: a problem inside one form makes
+        # pydantic also report "not the other form", which is noise; keep one message.
+        branch_errs = [r for r in errors if r["loc"] and r["loc"][-1] in _LISTENER_BRANCHES]
+        real = [r for r in errors if r not in branch_errs]
+        if branch_errs and not any(r["loc"][:1] == ("listeners",) for r in real):
+            problems.append(
+                "listeners: must be a list of listeners (or the legacy mapping with "
+                "ingress_traffic/egress_traffic)"
+            )
+        for err in real:
             loc = _loc(tuple(err["loc"]))
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
@@ -375,7 +395,7 @@ def parse_config(
                 msg = "required key is missing"
             problems.append(f"{loc}: {msg}")
         raise ConfigError([*problems]) from None
-    cfg = _normalise(raw, problems)
+    cfg = _normalise(raw, problems, key_envs)
     if problems or cfg is None:
         raise ConfigError(problems)
     return cfg
@@ -503,7 +523,20 @@ def _provider(
     )
 
 
-def _normalise(raw: RawConfig, problems: list[str]) -> Config | None:
+def _access_key_envs(data: dict[str, Any]) -> list[str | None]:
+    """The environment variable each provider's access_key names (before substitution)."""
+    items = data.get("model_providers") or data.get("llm_providers") or []
+    out: list[str | None] = []
+    for item in items if isinstance(items, list) else []:
+        raw = item.get("access_key") if isinstance(item, dict) else None
+        m = _ENV_RE.search(raw) if isinstance(raw, str) else None
+        out.append((m.group(1) or m.group(3)) if m else None)
+    return out
+
+
+def _normalise(
+    raw: RawConfig, problems: list[str], key_envs: list[str | None] | None = None
+) -> Config | None:
     warnings: list[str] = []
     if raw.model_providers is not None and raw.llm_providers is not None:
         problems.append(
@@ -522,6 +555,9 @@ def _normalise(raw: RawConfig, problems: list[str]) -> Config | None:
         p = _provider(i, key, rp, problems, warnings)
         if p is None:
             continue
+        if key_envs and i < len(key_envs) and key_envs[i]:
+            p = replace(p, access_key_env=key_envs[i])
+        dup_model = p.model in seen_models
         for table, value, what in (
             (seen_names, p.name, "name"),
             (seen_models, p.model, "model"),
@@ -533,7 +569,7 @@ def _normalise(raw: RawConfig, problems: list[str]) -> Config | None:
                 )
             table[value] = i
         if not p.wildcard:
-            if p.model_id in seen_ids and seen_models.get(p.model) != seen_ids[p.model_id]:
+            if p.model_id in seen_ids and not dup_model:
                 problems.append(
                     f"{key}[{i}].model: duplicate model id {p.model_id!r} "
                     f"(already used by {key}[{seen_ids[p.model_id]}])"

@@ -279,6 +279,18 @@ def render_bootstrap(
             clusters.append(_provider_cluster(p, config))
     return {
         "admin": {"address": _address("127.0.0.1", admin_port)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _T + "extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 50000,
+                    },
+                }
+            ]
+        },
         "static_resources": {
             "listeners": [
                 {

@@ -17,7 +17,7 @@ import redis
 from tests.conftest import orchestrator_block, seed_config
 from tests.fakes import FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
-from tests.redis_server import RedisServer, find_redis_server
+from tests.redis_server import RedisServer, find_redis_server, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -295,7 +295,7 @@ def test_redis_down_at_start(
     anthropic_fake: FakeProvider,
     orchestrator_fake: FakeOrchestrator,
 ) -> None:
-    server = RedisServer(binary=find_redis_server())
+    server = RedisServer(binary=find_redis_server(), port=free_port())
     cfg = _redis_config(openai_fake, anthropic_fake, orchestrator_fake, server.url)
     with GatewayProcess(cfg, tmp_path) as g:  # starts although Redis is not there
         first = decide(g, CODE, "late-redis")
