@@ -30,7 +30,9 @@ class JsonBody:
 
     __slots__ = ("_members", "text", "values")
 
-    def __init__(self, text: str, values: dict[str, Any], members: dict[str, _Member]) -> None:
+    def __init__(
+        self, text: str, values: dict[str, Any], members: list[tuple[str, _Member]]
+    ) -> None:
         self.text = text
         self.values = values
         self._members = members
@@ -44,7 +46,8 @@ class JsonBody:
         except UnicodeDecodeError as e:
             raise bad_request(f"request body is not valid UTF-8 (byte {e.start})") from None
         values: dict[str, Any] = {}
-        members: dict[str, _Member] = {}
+        # Every occurrence in text order: a duplicated key must be removed everywhere.
+        members: list[tuple[str, _Member]] = []
         try:
             i = _skip(text, 0)
             if i >= len(text) or text[i] != "{":
@@ -66,7 +69,7 @@ class JsonBody:
                     i = _skip(text, i + 1)
                     value, vend = _decoder.raw_decode(text, i)
                     values[key] = value
-                    members[key] = _Member(key_start, i, vend)
+                    members.append((key, _Member(key_start, i, vend)))
                     i = _skip(text, vend)
                     if i < len(text) and text[i] == ",":
                         i = _skip(text, i + 1)
@@ -91,20 +94,22 @@ class JsonBody:
         """The body with members removed and values replaced (or added at the front)."""
         set_values = set_values or {}
         edits: list[tuple[int, int, str]] = []
-        order = sorted(self._members.items(), key=lambda kv: kv[1].start)
+        order = self._members
+        kept = [idx for idx, (key, _) in enumerate(order) if key not in remove]
+        last_kept = kept[-1] if kept else -1
+        if last_kept < len(order) - 1:
+            # The removed members after the last kept one go as one span, together with the
+            # comma that joined them to it (or everything, when nothing is kept).
+            start = order[last_kept][1].value_end if kept else order[0][1].start
+            edits.append((start, order[-1][1].value_end, ""))
         for idx, (key, m) in enumerate(order):
             if key in remove:
-                # Remove "key": value plus the comma that joins it to a neighbour.
-                if idx + 1 < len(order):
+                # Remove "key": value plus the comma that joins it to the next member.
+                if idx < last_kept:
                     edits.append((m.start, order[idx + 1][1].start, ""))
-                elif idx > 0:
-                    prev = order[idx - 1][1]
-                    edits.append((prev.value_end, m.value_end, ""))
-                else:
-                    edits.append((m.start, m.value_end, ""))
             elif key in set_values:
                 edits.append((m.value_start, m.value_end, _dump(set_values[key])))
-        missing = [k for k in set_values if k not in self._members]
+        missing = [k for k in set_values if k not in self.values]
         if not edits and not missing:
             return self.text.encode("utf-8")
         text = self.text
