@@ -16,10 +16,15 @@ class Catalog:
         for p in self.providers:
             if p.wildcard:
                 continue
-            for key in (p.model_id, p.model, p.name):
+            canonical = f"{canonical_provider(p.model.split('/', 1)[0])}/{p.model_id}"
+            for key in (p.model_id, p.model, p.name, canonical):
                 self._exact.setdefault(key, p)
-        self._wildcards = {p.interface: p for p in self.providers if p.wildcard}
-        self._wildcards |= {p.model.split("/", 1)[0]: p for p in self.providers if p.wildcard}
+        # Keyed by the canonical prefix as written (google/* answers gemini/x too), never by
+        # provider_interface: a custom vllm/* speaking openai must not capture openai/<x>.
+        self._wildcards: dict[str, Provider] = {}
+        for p in self.providers:
+            if p.wildcard:
+                self._wildcards.setdefault(canonical_provider(p.model.split("/", 1)[0]), p)
 
     def lookup(self, name: str) -> Provider | None:
         """Alias → exact name/model/id → canonical prefix → wildcard by prefix."""
@@ -33,7 +38,7 @@ class Catalog:
             hit = self._exact.get(canonical)
             if hit is not None:
                 return hit
-            wild = self._wildcards.get(prefix) or self._wildcards.get(canonical_provider(prefix))
+            wild = self._wildcards.get(canonical_provider(prefix))
             if wild is not None and model_id and model_id != "*":
                 return wild.with_model_id(model_id)
         return None
