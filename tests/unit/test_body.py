@@ -1,0 +1,325 @@
+"""Byte-preserving JSON body edits (``JsonBody``).
+
+Everything the gateway does not own must reach the provider byte for byte: whitespace,
+escapes, key order and number spellings. Only removed / replaced members change.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from plano_extproc.body import JsonBody
+from plano_extproc.errors import GatewayError
+
+
+def edit(raw: str | bytes, **kw: Any) -> str:
+    data = raw.encode() if isinstance(raw, str) else raw
+    return JsonBody.parse(data).edited(**kw).decode("utf-8")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parse_exposes_values() -> None:
+    b = JsonBody.parse(b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}')
+    assert b.values == {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_parse_empty_object_and_surrounding_whitespace() -> None:
+    assert JsonBody.parse(b"{}").values == {}
+    assert JsonBody.parse(b" \r\n\t{ \n }\n ").values == {}
+
+
+def test_values_decode_escapes_and_unicode() -> None:
+    raw = '{"a": "\\u00e9\\n\\"q\\"", "b": "日本語", "c": "\\ud83d\\ude00"}'.encode()
+    assert JsonBody.parse(raw).values == {"a": 'é\n"q"', "b": "日本語", "c": "😀"}
+
+
+def test_unedited_body_is_identical() -> None:
+    raw = b'{ "model" :"x" ,\n  "n": 1.0e10 , "z": -0.0 }\n'
+    assert JsonBody.parse(raw).edited() == raw
+    assert JsonBody.parse(raw).edited(remove=("absent",)) == raw
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b"", "empty"),
+        (b"   \n\t ", "empty"),
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object, got an array"),
+        (b'"model"', "must be a JSON object, got a string"),
+        (b"42", "must be a JSON object, got a number"),
+        (b"true", "must be a JSON object, got a boolean"),
+        (b"null", "must be a JSON object, got null"),
+        (b'{"a": 1} {"b": 2}', "extra data"),
+        (b'{"a": 1}x', "extra data"),
+        (b'{"a": 1},', "extra data"),
+        (b'{"a": 1', "not valid JSON"),
+        (b'{"a" 1}', "expected ':'"),
+        (b'{"a": 1 "b": 2}', "expected ','"),
+        (b'{"a": 1,}', "expected a member name"),
+        (b"{a: 1}", "expected a member name"),
+        (b"{'a': 1}", "expected a member name"),
+        (b'{"a": }', "not valid JSON"),
+        (b'{"a": [1, 2}', "not valid JSON"),
+        (b'{"a": "unterminated}', "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b'{"a": 01}', "not valid JSON"),
+        (b'{"a\x00": 1}', "not valid JSON"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b'{"model": "caf\xe9"}', "not valid UTF-8"),
+        (b'{"model": "\xed\xa0\x80"}', "not valid UTF-8"),
+    ],
+)
+def test_bad_bodies_are_400(raw: bytes, fragment: str) -> None:
+    with pytest.raises(GatewayError) as ei:
+        JsonBody.parse(raw)
+    err = ei.value
+    assert err.status == 400
+    assert err.type == "invalid_request_error"
+    assert fragment in err.message, err.message
+    body = json.loads(err.body())
+    assert body["error"]["message"] == err.message
+
+
+def test_invalid_utf8_names_the_byte() -> None:
+    with pytest.raises(GatewayError) as ei:
+        JsonBody.parse(b'{"m": "ab\xc3"}')
+    assert "byte 9" in ei.value.message
+
+
+def test_syntax_error_has_a_position() -> None:
+    with pytest.raises(GatewayError) as ei:
+        JsonBody.parse(b'{"a": tru}')
+    assert "line 1 column 7" in ei.value.message
+
+
+def test_very_deep_nesting_is_400_not_a_crash() -> None:
+    raw = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(GatewayError) as ei:
+        JsonBody.parse(raw)
+    assert ei.value.status == 400
+
+
+# --------------------------------------------------------------------------- replacing
+
+
+def test_replace_model_preserves_everything_else() -> None:
+    raw = (
+        '{\n  "messages" : [ {"role":"user","content":"caf\\u00e9 \\ud83d\\ude00 日本"} ],\n'
+        '  "model":   "fast-model"  ,\n'
+        '  "temperature": 1.0e10, "top_p": -0.0, "n": 1E+2, "seed": 12345678901234567890,\n'
+        '  "meta": {"nested": {"model": "keep-me", "x": [1.50, 2e-3]}},\n'
+        '  "stop": "\\/path\\t"\n}\n'
+    )
+    out = edit(raw, set_values={"model": "gpt-4o"})
+    assert out == raw.replace('"fast-model"', '"gpt-4o"')
+
+
+def test_replace_model_with_non_ascii_value_is_utf8() -> None:
+    out = JsonBody.parse(b'{"model": "a"}').edited(set_values={"model": "modèle"})
+    assert out == '{"model": "modèle"}'.encode()
+
+
+def test_replace_value_of_any_type() -> None:
+    raw = '{"model": {"weird": true}, "x": 1}'
+    assert edit(raw, set_values={"model": "m"}) == '{"model": "m", "x": 1}'
+
+
+def test_add_model_when_absent() -> None:
+    assert edit('{"messages": []}', set_values={"model": "gpt-4o"}) == (
+        '{"model": "gpt-4o", "messages": []}'
+    )
+
+
+def test_add_model_to_empty_object() -> None:
+    assert edit("{}", set_values={"model": "m"}) == '{"model": "m"}'
+    assert edit("  { \n }  ", set_values={"model": "m"}) == '  {"model": "m" \n }  '
+
+
+def test_add_model_keeps_leading_whitespace_and_rest() -> None:
+    raw = '\n {\n  "messages": [],\n  "stream": true\n}'
+    out = edit(raw, set_values={"model": "m"})
+    assert out == '\n {"model": "m", \n  "messages": [],\n  "stream": true\n}'
+    assert json.loads(out) == {"model": "m", "messages": [], "stream": True}
+
+
+def test_add_model_after_removing_everything() -> None:
+    out = edit('{"routing_preferences": []}', remove=("routing_preferences",), set_values={"m": 1})
+    assert json.loads(out) == {"m": 1}
+
+
+# --------------------------------------------------------------------------- removing
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # first
+        ('{"rp": [1], "model": "a", "x": 2}', '{"model": "a", "x": 2}'),
+        # middle
+        ('{"model": "a", "rp": [1], "x": 2}', '{"model": "a", "x": 2}'),
+        # last
+        ('{"model": "a", "x": 2, "rp": [1]}', '{"model": "a", "x": 2}'),
+        # only
+        ('{"rp": [1]}', "{}"),
+        ('{ "rp" : {"a": {"b": []}} }', "{  }"),
+        # compact
+        ('{"a":1,"rp":{"x":"}"},"b":2}', '{"a":1,"b":2}'),
+        ('{"a":1,"rp":"]"}', '{"a":1}'),
+        # multi-line
+        ('{\n  "a": 1,\n  "rp": [],\n  "b": 2\n}', '{\n  "a": 1,\n  "b": 2\n}'),
+        ('{\n  "a": 1,\n  "rp": []\n}', '{\n  "a": 1\n}'),
+        ('{\n  "rp": [],\n  "a": 1\n}', '{\n  "a": 1\n}'),
+    ],
+)
+def test_remove_member(raw: str, expected: str) -> None:
+    out = edit(raw, remove=("rp",))
+    assert out == expected
+    assert json.loads(out) == {k: v for k, v in json.loads(raw).items() if k != "rp"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"model": "a", "routing_preferences": [], "routing_policy": []}',
+        '{"routing_preferences": [], "routing_policy": [], "model": "a"}',
+        '{"routing_preferences": [], "model": "a", "routing_policy": []}',
+        '{"routing_policy": [],"model": "a","x": 1,"routing_preferences": []}',
+        '{"routing_preferences": [], "routing_policy": []}',
+        '{"a": 1, "routing_policy": [], "b": 2, "routing_preferences": [], "c": 3}',
+    ],
+)
+def test_remove_several_members_in_any_position(raw: str) -> None:
+    keys = ("routing_preferences", "routing_policy")
+    out = edit(raw, remove=keys)
+    expected = {k: v for k, v in json.loads(raw).items() if k not in keys}
+    assert json.loads(out) == expected
+    assert list(json.loads(out)) == list(expected)
+
+
+def test_remove_and_replace_together() -> None:
+    raw = (
+        '{"model": "alias",\n "messages": [{"role": "user", "content": "x"}],\n'
+        ' "routing_preferences": [{"name": "a"}]}'
+    )
+    out = edit(raw, remove=("routing_preferences",), set_values={"model": "gpt-4o"})
+    assert out == '{"model": "gpt-4o",\n "messages": [{"role": "user", "content": "x"}]}'
+
+
+def test_remove_last_two_and_replace_the_one_before() -> None:
+    raw = '{"messages": [], "model": "a", "routing_preferences": [], "routing_policy": []}'
+    out = edit(raw, remove=("routing_preferences", "routing_policy"), set_values={"model": "b"})
+    assert out == '{"messages": [], "model": "b"}'
+
+
+def test_duplicated_key_is_removed_everywhere() -> None:
+    raw = '{"routing_preferences": [1], "model": "a", "routing_preferences": [2], "x": 1}'
+    out = edit(raw, remove=("routing_preferences",))
+    assert out == '{"model": "a", "x": 1}'
+    raw = '{"model": "a", "routing_policy": 1, "routing_policy": 2}'
+    assert edit(raw, remove=("routing_policy",)) == '{"model": "a"}'
+
+
+def test_duplicated_model_is_replaced_everywhere() -> None:
+    raw = '{"model": "a", "x": 1, "model": "b"}'
+    assert JsonBody.parse(raw.encode()).values["model"] == "b"  # last wins, as json.loads
+    out = edit(raw, set_values={"model": "c"})
+    assert out == '{"model": "c", "x": 1, "model": "c"}'
+
+
+def test_nested_keys_with_the_same_name_are_untouched() -> None:
+    raw = '{"meta": {"routing_preferences": 1, "model": "inner"}, "routing_preferences": 2}'
+    out = edit(raw, remove=("routing_preferences",), set_values={"model": "m"})
+    assert json.loads(out) == {
+        "model": "m",
+        "meta": {"routing_preferences": 1, "model": "inner"},
+    }
+    assert '{"routing_preferences": 1, "model": "inner"}' in out
+
+
+def test_keys_written_with_escapes_are_matched_by_value() -> None:
+    raw = '{"mod\\u0065l": "a", "x": 1}'
+    out = edit(raw, set_values={"model": "b"})
+    assert out == '{"mod\\u0065l": "b", "x": 1}'
+
+
+def test_string_values_containing_structural_characters() -> None:
+    raw = '{"a": "{\\"model\\": 1}, ", "model": "x", "b": "\\\\"}'
+    out = edit(raw, set_values={"model": "y"})
+    assert out == raw.replace('"x"', '"y"')
+    assert json.loads(out)["a"] == '{"model": 1}, '
+
+
+# --------------------------------------------------------------------------- property-style
+
+BODIES: list[str] = [
+    "{}",
+    '{"model": "a"}',
+    '{"messages": [{"role": "user", "content": "hi"}]}',
+    '{"model":"a","messages":[],"stream":true,"routing_preferences":[{"name":"x"}]}',
+    '{\n\t"routing_policy": null,\n\t"model": "a"\n}',
+    '{"temperature": 1.0e10, "top_p": -0.0, "big": 1e400, "neg": -12.5E-3}',
+    '{"s": "\\u00e9\\ud83d\\ude00\\n\\t\\"", "t": "日本語 emoji 😀"}',
+    '{"routing_preferences": {"deep": [[[{"a": [1, {"b": null}]}]]]}, "z": false}',
+    '  {  "a"  :  1  ,  "routing_policy"  :  [  ]  ,  "b"  :  2  }  ',
+    '{"model": null, "routing_preferences": "x", "routing_policy": 3}',
+    '{"x": [], "y": {}, "model": "", "routing_preferences": []}',
+    '{"a": 1, "a": 2, "model": "m"}',
+]
+
+EDITS: list[dict[str, Any]] = [
+    {},
+    {"remove": ("routing_preferences",)},
+    {"remove": ("routing_preferences", "routing_policy")},
+    {"set_values": {"model": "gpt-4o"}},
+    {"set_values": {"model": "claude 🚀"}, "remove": ("routing_preferences", "routing_policy")},
+    {"set_values": {"model": "m", "extra": {"k": [1, 2]}}, "remove": ("routing_policy",)},
+]
+
+
+def _expected(values: dict[str, Any], remove: tuple[str, ...], set_values: dict[str, Any]):
+    out = {k: v for k, v in values.items() if k not in remove}
+    for k, v in set_values.items():
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("raw", BODIES)
+def test_property_edits_match_the_dict_model(raw: str) -> None:
+    for e in EDITS:
+        remove: tuple[str, ...] = e.get("remove", ())
+        set_values: dict[str, Any] = e.get("set_values", {})
+        body = JsonBody.parse(raw.encode())
+        assert body.values == json.loads(raw)
+        out = body.edited(remove=remove, set_values=set_values).decode("utf-8")
+        expected = _expected(json.loads(raw), remove, set_values)
+        assert json.loads(out) == expected, (raw, e, out)
+        # The edited body is itself a valid body for the next hop.
+        assert JsonBody.parse(out.encode()).values == expected
+        # Untouched members keep their exact text (key, separator and value spelling).
+        for key, m in body._members:
+            if key not in remove and key not in set_values:
+                assert raw[m.start : m.value_end] in out, (raw, e, key)
+
+
+def test_property_untouched_members_keep_their_exact_spelling() -> None:
+    raw = (
+        '{"routing_policy": [], "f": 1.0e10, "g": -0.0, "h": 1E400, "u": "\\u00e9",'
+        ' "nested": {"k" : [ 1 , 2 ] }, "routing_preferences": [], "model": "x"}'
+    )
+    out = edit(raw, remove=("routing_policy", "routing_preferences"), set_values={"model": "y"})
+    for fragment in ('"f": 1.0e10', '"g": -0.0', '"h": 1E400', '"u": "\\u00e9"'):
+        assert fragment in out
+    assert '"nested": {"k" : [ 1 , 2 ] }' in out
+    assert out == (
+        '{"f": 1.0e10, "g": -0.0, "h": 1E400, "u": "\\u00e9", "nested": {"k" : [ 1 , 2 ] },'
+        ' "model": "y"}'
+    )
