@@ -343,6 +343,7 @@ class Gateway:
             if usable:
                 dispatch = usable[0]
             else:
+                dispatch = requested
                 log.info(
                     "request_id=%s route %s has no model serving %s; keeping %s",
                     info.request_id,
