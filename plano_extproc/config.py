@@ -292,9 +292,15 @@ class Config:
 _ENV_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
+# Free text where "$WORD" is more likely prose (prices, shell snippets) than a variable:
+# an unset variable there is left as written instead of failing the config.
+_FREE_TEXT_KEYS = ("routing_preferences", "prompt_targets", "system_prompt", "prompt_guards")
+
+
 def _substitute(value: str, path: str, env: Mapping[str, str], problems: list[str]) -> str:
     """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` from the environment; a missing variable
-    without a default is an error naming it."""
+    without a default is an error naming it (outside free text)."""
+    free_text = path.startswith(_FREE_TEXT_KEYS)
 
     def repl(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(3)
@@ -302,6 +308,8 @@ def _substitute(value: str, path: str, env: Mapping[str, str], problems: list[st
             return env[name]
         if m.group(2) is not None:
             return m.group(2)
+        if free_text:
+            return m.group(0)
         problems.append(
             f"{path}: environment variable {name} is not set; export {name}=... before starting "
             f"(or write ${{{name}:-}} to allow it to be empty)"

@@ -55,7 +55,7 @@ class ProviderSpec:
     requires_base_url: bool = False
 
     def auth_style(self, api: ClientApi) -> AuthStyle:
-        if self.name == "anthropic" and api is ClientApi.MESSAGES:
+        if api is ClientApi.MESSAGES:  # every Anthropic Messages upstream takes x-api-key
             return AuthStyle.ANTHROPIC
         if self.name == "azure_openai":
             return AuthStyle.AZURE

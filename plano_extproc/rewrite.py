@@ -76,5 +76,10 @@ def upstream_headers(
         )
     )
     plan.set.append((ROUTE_HEADER, provider.cluster))
-    plan.set.extend(provider.headers)
+    if provider.headers:
+        # Provider headers win over computed ones (e.g. a configured Authorization), once each.
+        overridden = {k for k, _ in provider.headers}
+        plan.set = [h for h in plan.set if h[0] not in overridden or h[0] == ROUTE_HEADER]
+        plan.set.extend(h for h in provider.headers if h[0] not in (":path", ROUTE_HEADER))
+        plan.remove = [h for h in plan.remove if h not in overridden]
     return plan

@@ -114,8 +114,17 @@ def test_missing_router_extra_fails_at_start_with_fix(tmp_path: Path) -> None:
     (site / "sitecustomize.py").write_text("import sys\nsys.modules['onnxruntime'] = None\n")
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
     res = subprocess.run(
-        [sys.executable, "-m", "plano_extproc", "up", str(ROOT / "examples/quickstart.yaml"),
-         "--port", "0", "--envoy-admin-port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "plano_extproc",
+            "up",
+            str(ROOT / "examples/quickstart.yaml"),
+            "--port",
+            "0",
+            "--envoy-admin-port",
+            "0",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -108,7 +108,8 @@ def test_body_reaches_upstream_byte_for_byte_except_owned_fields(
 ) -> None:
     raw = (
         b'{ "model" :"fast-model",\n  "messages": [{"role":"user","content":"caf\\u00e9 \xc3\xa9 '
-        b'hi"}],\n  "routing_preferences": [{"name":"x","description":"y","models":["openai/gpt-4o"]}],'
+        b'hi"}],\n  "routing_preferences": [{"name":"x","description":"y",'
+        b'"models":["openai/gpt-4o"]}],'
         b'  "temperature":1.0e0, "extra": {"keep": [1, 2.50, null]} ,"routing_policy":[]}'
     )
     resp = post(gw, "/v1/chat/completions", raw, authorization="Bearer client-key")

@@ -1,4 +1,4 @@
-"""`plano-extproc up` as a process: Ctrl-C, child failure, workers, config errors, Envoy validate."""
+"""`plano-extproc up` as a process: Ctrl-C, child failure, workers, config, Envoy validate."""
 
 from __future__ import annotations
 

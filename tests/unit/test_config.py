@@ -1001,3 +1001,14 @@ def test_config_is_immutable() -> None:
         c.version = "x"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         c.providers[0].name = "x"  # type: ignore[misc]
+
+
+def test_unset_variable_in_route_description_is_left_as_written() -> None:
+    text = (
+        f"version: v0.4.0\n{LISTENER}"
+        + "model_providers:\n"
+        + prov("openai/gpt-4o", "    access_key: k\n")
+        + "routing_preferences:\n  - name: pricing\n    description: questions about $USD prices\n"
+        + "    models: [openai/gpt-4o]\n"
+    )
+    assert parse_config(text, env={}).preferences[0].description == "questions about $USD prices"

@@ -356,3 +356,34 @@ def test_provider_headers_can_override_auth() -> None:
     extra = "    access_key: k\n    headers:\n      Authorization: Bearer from-config\n"
     plan = upstream_headers(provider("openai/gpt-4o", extra), CHAT, "", {})
     assert plan.set[-1] == ("authorization", "Bearer from-config")
+
+
+def test_configured_authorization_header_replaces_computed_one_once() -> None:
+    from plano_extproc.config import parse_config
+    from plano_extproc.providers import ClientApi
+    from plano_extproc.rewrite import upstream_headers
+
+    cfg = parse_config(
+        "version: v0.4.0\nlisteners: [{name: m, type: model}]\nmodel_providers:\n"
+        "  - model: openai/gpt-4o\n    access_key: k\n"
+        "    headers: {Authorization: Bearer custom, X-Org: acme}\n"
+    )
+    plan = upstream_headers(cfg.providers[0], ClientApi.CHAT, "", {})
+    keys = [k for k, _ in plan.set]
+    assert keys.count("authorization") == 1
+    assert dict(plan.set)["authorization"] == "Bearer custom"
+    assert dict(plan.set)["x-org"] == "acme"
+    assert "authorization" not in plan.remove
+
+
+def test_any_messages_upstream_gets_x_api_key() -> None:
+    from plano_extproc.config import parse_config
+    from plano_extproc.providers import ClientApi
+    from plano_extproc.rewrite import upstream_headers
+
+    cfg = parse_config(
+        "version: v0.4.0\nlisteners: [{name: m, type: model}]\nmodel_providers:\n"
+        "  - model: vercel/anthropic/claude\n    access_key: vk\n"
+    )
+    plan = dict(upstream_headers(cfg.providers[0], ClientApi.MESSAGES, "", {}).set)
+    assert plan["x-api-key"] == "vk" and "authorization" not in plan

@@ -73,7 +73,9 @@ def set_headers(resp: pb.ProcessingResponse) -> dict[str, str]:
 async def test_proxy_exchange(stub: pb_grpc.ExternalProcessorStub) -> None:
     call = stub.Process()
     await call.write(
-        headers_msg("POST", "/v1/chat/completions", authorization="Bearer client", **{"x-request-id": "r1"})
+        headers_msg(
+            "POST", "/v1/chat/completions", authorization="Bearer client", **{"x-request-id": "r1"}
+        )
     )
     first = await call.read()
     assert first.WhichOneof("response") == "request_headers"
