@@ -1,0 +1,163 @@
+"""The request pipeline without Envoy or gRPC: real router (fake router LLM over loopback HTTP),
+real memory session cache, real config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from plano_extproc.affinity.memory import MemorySessionCache
+from plano_extproc.config import Config, parse_config
+from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream, trace_id_from
+from plano_extproc.routing.base import NullRouter
+from plano_extproc.server.app import build_router
+from tests.conftest import SEED_RULES
+from tests.fakes import FakeOrchestrator, keyword_router
+
+
+def config(orch_url: str) -> Config:
+    return parse_config(f"""
+version: v0.4.0
+listeners: [{{name: m, type: model}}]
+model_providers:
+  - model: openai/gpt-4o-mini
+    access_key: sk-o
+    default: true
+  - model: openai/gpt-4o
+    access_key: sk-o
+  - model: anthropic/claude-sonnet-4-20250514
+    access_key: sk-a
+  - model: ollama/Plano-Orchestrator
+    base_url: {orch_url}/v1
+routing_preferences:
+  - name: code_generation
+    description: generating new code
+    models: [anthropic/claude-sonnet-4-20250514, openai/gpt-4o]
+routing:
+  router: {{type: orchestrator, model: ollama/Plano-Orchestrator, timeout_ms: 300}}
+""")
+
+
+@pytest.fixture(scope="module")
+def orch() -> Iterator[FakeOrchestrator]:
+    fake = FakeOrchestrator(decide=keyword_router(SEED_RULES)).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+async def gateway(orch: FakeOrchestrator) -> AsyncIterator[Gateway]:
+    orch.mode = "ok"
+    cfg = config(orch.base_url)
+    router = build_router(cfg)
+    cache = MemorySessionCache()
+    await router.start()
+    await cache.start()
+    yield Gateway(cfg, router, cache)
+    await router.close()
+    await cache.close()
+
+
+def req(path: str, method: str = "POST", **headers: str) -> RequestInfo:
+    return RequestInfo.build({":path": path, ":method": method, **headers})
+
+
+async def run(
+    gw: Gateway, info: RequestInfo, body: dict[str, object] | bytes
+) -> Upstream | Immediate:
+    early = gw.on_headers(info)
+    if early is not None:
+        return early
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await gw.on_body(info, raw)
+
+
+def msgs(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+async def test_routed_proxy_request(gateway: Gateway) -> None:
+    out = await run(
+        gateway,
+        req("/v1/chat/completions?x=1"),
+        {"model": "gpt-4o-mini", "messages": msgs("write a binary search")},
+    )
+    assert isinstance(out, Upstream)
+    assert out.provider.name == "anthropic/claude-sonnet-4-20250514"
+    assert out.route == "code_generation"
+    headers = dict(out.headers.set)
+    assert headers[":path"] == "/v1/chat/completions?x=1"
+    assert headers["authorization"] == "Bearer sk-a"
+    assert out.body is not None and json.loads(out.body)["model"] == "claude-sonnet-4-20250514"
+
+
+async def test_router_timeout_fails_open(gateway: Gateway, orch: FakeOrchestrator) -> None:
+    orch.mode, orch.delay = "slow", 1.0
+    out = await run(
+        gateway,
+        req("/v1/chat/completions"),
+        {"model": "gpt-4o", "messages": msgs("write a binary search")},
+    )
+    assert isinstance(out, Upstream)
+    assert out.provider.name == "openai/gpt-4o" and out.route is None
+    assert out.router_error and "timed out" in out.router_error
+
+
+async def test_decision_no_match_shape(gateway: Gateway) -> None:
+    out = await run(gateway, req("/routing/v1/chat/completions"), {"messages": msgs("hello")})
+    assert isinstance(out, Immediate) and out.status == 200
+    data = json.loads(out.body)
+    assert data["models"] == ["none"] and data["route"] is None and len(data["trace_id"]) == 32
+
+
+async def test_pin_then_hit_skips_router(gateway: Gateway, orch: FakeOrchestrator) -> None:
+    first = await run(
+        gateway,
+        req("/v1/chat/completions", **{"x-model-affinity": "s1"}),
+        {"messages": msgs("write a binary search")},
+    )
+    assert isinstance(first, Upstream) and first.pinned is False
+    calls = len(orch.requests)
+    second = await run(
+        gateway,
+        req("/v1/chat/completions", **{"x-model-affinity": "s1"}),
+        {"messages": msgs("hello")},
+    )
+    assert isinstance(second, Upstream) and second.pinned is True
+    assert second.provider.name == "anthropic/claude-sonnet-4-20250514"
+    assert len(orch.requests) == calls
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status"),
+    [
+        ("/v1/models", "GET", 200),
+        ("/v1/models", "POST", 405),
+        ("/v1/chat/completions", "GET", 405),
+        ("/routing/v1/unknown", "POST", 404),
+        ("/nope", "GET", 404),
+    ],
+)
+def test_headers_phase_answers(path: str, method: str, status: int) -> None:
+    cfg = config("http://127.0.0.1:9")
+    gw = Gateway(cfg, NullRouter(), None)
+    out = gw.on_headers(req(path, method))
+    assert isinstance(out, Immediate) and out.status == status
+    if status != 200:
+        assert json.loads(out.body)["error"]["message"]
+
+
+def test_body_required_for_post() -> None:
+    gw = Gateway(config("http://127.0.0.1:9"), NullRouter(), None)
+    info = RequestInfo.build({":path": "/v1/messages", ":method": "POST"}, end_of_stream=True)
+    out = gw.on_headers(info)
+    assert isinstance(out, Immediate) and out.status == 400
+
+
+def test_trace_id_from_traceparent() -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert trace_id_from({"traceparent": tp}) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_id_from({"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"}) != "0" * 32
+    assert len(trace_id_from({"traceparent": "garbage"})) == 32
