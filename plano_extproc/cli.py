@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     from plano_extproc.server.app import run
 
-    return run(cfg, args.host, args.port, args.admin_port)
+    return run(cfg, args.host, args.port, args.admin_port, admin_host=args.admin_host)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=9091, help="gRPC port (workers use port+i)")
     s.add_argument("--admin-port", type=int, default=9190, help="/ready and /metrics")
+    s.add_argument("--admin-host", default=None, help="admin bind address (default: --host)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)

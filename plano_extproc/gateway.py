@@ -289,8 +289,13 @@ class Gateway:
             hit = await self.cache.get(key)
             if hit is not None:
                 pinned = self.catalog.lookup(hit.model)
-                if pinned is not None:
+                assert info.api is not None
+                if pinned is not None and compatible(pinned, info.api):
                     return Decision([pinned.name], hit.route, pinned, pinned=True)
+                if pinned is not None:
+                    # The session's model cannot serve this API (e.g. a chat-pinned OpenAI model
+                    # asked for /v1/messages): route this request without touching the pin.
+                    return await self._route(info, requested, inline, messages)
                 log.warning(
                     "request_id=%s pinned model %s is no longer configured; routing again",
                     info.request_id,

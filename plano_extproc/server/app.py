@@ -94,7 +94,13 @@ class Running:
     admin_port: int | None
 
 
-async def start(config: Config, host: str, port: int, admin_port: int | None = None) -> Running:
+async def start(
+    config: Config,
+    host: str,
+    port: int,
+    admin_port: int | None = None,
+    admin_host: str | None = None,
+) -> Running:
     router = build_router(config)
     cache = build_cache(config)
     try:
@@ -120,7 +126,7 @@ async def start(config: Config, host: str, port: int, admin_port: int | None = N
     runner = None
     bound_admin = None
     if admin_port is not None:
-        runner, bound_admin = await _start_admin(host, admin_port, gateway, metrics)
+        runner, bound_admin = await _start_admin(admin_host or host, admin_port, gateway, metrics)
     log.info(
         "ext_proc listening on %s:%d (router=%s, session_cache=%s)",
         host,
@@ -171,9 +177,13 @@ async def stop(running: Running, grace: float = 5.0) -> None:
 
 
 async def serve_forever(
-    config: Config, host: str, port: int, admin_port: int | None = None
+    config: Config,
+    host: str,
+    port: int,
+    admin_port: int | None = None,
+    admin_host: str | None = None,
 ) -> None:
-    running = await start(config, host, port, admin_port)
+    running = await start(config, host, port, admin_port, admin_host)
     # One line on stdout that supervisors wait for.
     print(f"READY grpc={running.port} admin={running.admin_port}", flush=True)
     stop_event = asyncio.Event()
@@ -184,7 +194,14 @@ async def serve_forever(
     await stop(running)
 
 
-def run(config: Config, host: str, port: int, admin_port: int | None = None) -> int:
+def run(
+    config: Config,
+    host: str,
+    port: int,
+    admin_port: int | None = None,
+    *,
+    admin_host: str | None = None,
+) -> int:
     try:
         import uvloop
 
@@ -192,7 +209,7 @@ def run(config: Config, host: str, port: int, admin_port: int | None = None) -> 
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
     try:
-        asyncio.run(serve_forever(config, host, port, admin_port))
+        asyncio.run(serve_forever(config, host, port, admin_port, admin_host))
     except StartupError as e:
         print(f"plano-extproc: {e}", file=sys.stderr)
         return 2

@@ -161,3 +161,26 @@ def test_trace_id_from_traceparent() -> None:
     assert trace_id_from({"traceparent": tp}) == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert trace_id_from({"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"}) != "0" * 32
     assert len(trace_id_from({"traceparent": "garbage"})) == 32
+
+
+async def test_pin_that_cannot_serve_the_api_is_bypassed_not_replaced(gateway: Gateway) -> None:
+    chat_first = await run(
+        gateway,
+        req("/v1/chat/completions", **{"x-model-affinity": "mixed"}),
+        {"model": "openai/gpt-4o", "messages": msgs("hello")},
+    )
+    assert isinstance(chat_first, Upstream) and chat_first.provider.name == "openai/gpt-4o"
+    messages = await run(
+        gateway,
+        req("/v1/messages", **{"x-model-affinity": "mixed"}),
+        {"model": "claude-sonnet-4-20250514", "max_tokens": 5, "messages": msgs("hello")},
+    )
+    assert isinstance(messages, Upstream)
+    assert messages.provider.name == "anthropic/claude-sonnet-4-20250514"
+    again = await run(
+        gateway,
+        req("/v1/chat/completions", **{"x-model-affinity": "mixed"}),
+        {"model": "gpt-4o-mini", "messages": msgs("hello")},
+    )
+    assert isinstance(again, Upstream) and again.provider.name == "openai/gpt-4o"
+    assert again.pinned is True
