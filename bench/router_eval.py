@@ -131,8 +131,8 @@ def calibrate(
     """Grid search: the (threshold, margin) with the best mean dev accuracy over the modes.
     Among equally good pairs, those that get the seed demo right win, then the middle of
     that plateau, so the pick is not on a cliff edge."""
-    grid_t = [round(0.05 + 0.01 * i, 2) for i in range(40)]
-    grid_m = [round(-0.10 + 0.01 * i, 2) for i in range(31)]
+    grid_t = [round(-0.50 + 0.02 * i, 2) for i in range(40)]
+    grid_m = [round(-0.30 + 0.01 * i, 2) for i in range(51)]
     results: list[tuple[float, float, float]] = []
     for t in grid_t:
         for mg in grid_m:

@@ -1,11 +1,14 @@
 """Embedded in-process router: picks a route by sentence-embedding similarity, no LLM, no network.
 
-Each route becomes a small set of vectors (its description, the description's phrases, and any
-``examples``); built-in "no match" anchors (greetings, thanks, small talk, trivia) compete with
-them so chit-chat keeps the requested model. The latest user turn decides; earlier user turns
-only nudge. Long prompts are scored by head/tail windows because a single truncated embedding
-of a pasted document says what the document is, not what the user asked. Inference runs on a
-small bounded thread pool so a long prompt never blocks the event loop.
+Each route is represented by the centroid of its texts (the description, the description's
+phrases, each phrase reworded as a request, and any ``examples``), a tiny softmax classifier
+trained over those texts at ``prepare()`` time, and a lexical profile (content-word stems and the
+leading "action" words of its phrases and examples). Built-in "no match" anchors (greetings,
+thanks, small talk, trivia) compete with the routes so chit-chat keeps the requested model. The
+latest user turn decides; earlier user turns only nudge. Short prompts are also scored by their
+first and last sentence (the instruction), long prompts only by head/tail windows, because an
+embedding of a pasted document says what the document is, not what the user asked. Inference
+runs on a small bounded thread pool so a long prompt never blocks the event loop.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResul
 from plano_extproc.routing.embedding import DATA_DIR, MODEL_SHA256, Encoder, EncoderError
 
 #: Defaults calibrated on the dev split of tests/data/routing_eval.jsonl (docs/embedded-router.md).
-DEFAULT_THRESHOLD = 0.05
-DEFAULT_MARGIN = -0.05
+DEFAULT_THRESHOLD = -0.26
+DEFAULT_MARGIN = -0.13
 #: Weight of the latest user turn, then of each earlier one (newest first); others are ignored.
 TURN_WEIGHTS: tuple[float, ...] = (1.0, 0.35, 0.15)
 #: Prompts up to this many words are embedded whole; longer ones by windows.
@@ -37,10 +40,21 @@ WINDOW_WORDS = 40
 #: so a user route like "small talk" is not shadowed by the built-in anchors.
 ANCHOR_CONFLICT = 0.80
 #: Weight and cap of the lexical overlap bonus (stemmed words shared with the route's texts).
-LEXICAL_WEIGHT = 0.2
+LEXICAL_WEIGHT = 0.05
 LEXICAL_CAP = 1.5
-#: A route's cosine score is the mean of its best this-many vectors (one stray phrase is noise).
-TOP_K = 2
+#: Bonus when the text's leading action word ("translate", "summarize", "fix") leads one of the
+#: route's phrases or examples; split evenly between the routes that share that word.
+HEAD_WEIGHT = 0.1
+#: Hubness correction: subtract this times the route centroid's mean cosine to the anchors, so a
+#: route whose texts are close to everything ("writing", "explanations") does not win by default.
+HUB_WEIGHT = 0.5
+#: Each description phrase is also embedded reworded as a request (prompts are requests).
+PHRASE_TEMPLATE = "I need help {}."
+#: Weight of the per-route-set softmax classifier's probability, its input scale, L2 and steps.
+CLASSIFIER_WEIGHT = 0.05
+CLASSIFIER_SCALE = 10.0
+CLASSIFIER_L2 = 1e-3
+CLASSIFIER_STEPS = 300
 #: How many prepared/inline route sets to keep vectors for.
 MAX_ROUTE_SETS = 64
 ANCHORS_PATH = DATA_DIR / "no_match_anchors.txt"
@@ -62,6 +76,12 @@ _SUFFIXES = (
     "ies", "ied", "es", "ed", "s", "e", "y",
 )
 _LEADING_JOINER = re.compile(r"^(?:or|and|as well as|also|e\.g\.|etc\.?)\s+", re.IGNORECASE)
+#: Words skipped when looking for a text's leading action word ("Can you please translate …").
+_FILLER = frozenset(
+    "please pls can could would will you i i'd i'm we need want like to me us help a an the "
+    "hey hi so ok okay also now just then quickly briefly kindly".split()
+)
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?:])\s+|\n+")
 
 
 class EmbeddedRouterError(Exception):
@@ -121,16 +141,52 @@ def route_texts(pref: RoutePreference) -> list[str]:
     return texts
 
 
+def request_texts(pref: RoutePreference) -> list[str]:
+    """``route_texts`` plus each description phrase reworded as a request
+    ("debugging errors" -> "I need help debugging errors.")."""
+    texts = route_texts(pref)
+    seen = {t.lower() for t in texts}
+    for phrase in split_phrases(pref.description):
+        text = PHRASE_TEMPLATE.format(phrase)
+        if text.lower() not in seen:
+            seen.add(text.lower())
+            texts.append(text)
+    return texts
+
+
+def head_stem(text: str) -> str | None:
+    """Stem of the text's leading action word, skipping politeness and filler
+    ("Can you now translate this" -> "trans")."""
+    for word in re.findall(r"[a-z']+", text.lower()):
+        if word not in _FILLER and len(word) >= 2:
+            return stem(word)
+    return None
+
+
 def text_windows(
-    text: str, *, full_words: int = FULL_TEXT_WORDS, window_words: int = WINDOW_WORDS
+    text: str,
+    *,
+    full_words: int = FULL_TEXT_WORDS,
+    window_words: int = WINDOW_WORDS,
+    focus: bool = True,
 ) -> list[str]:
-    """Texts to embed for one turn: the whole text if short, else head, tail and the first
-    and last paragraphs when those are short (instructions tend to sit there)."""
+    """Texts to embed for one turn. A short text: itself, plus (``focus``) its first and last
+    sentences when it has several, since the instruction usually sits in one of them. A long
+    text: head, tail and the first and last paragraphs when those are short."""
     words = text.split()
     if not words:
         return []
     if len(words) <= full_words:
-        return [" ".join(words)]
+        windows = [" ".join(words)]
+        if focus:
+            sentences = [
+                " ".join(s.split()) for s in _SENTENCE_SPLIT.split(text) if len(s.split()) >= 3
+            ]
+            if len(sentences) > 1:
+                for sentence in (sentences[0], sentences[-1]):
+                    if sentence not in windows:
+                        windows.append(sentence)
+        return windows
     windows = [" ".join(words[:window_words]), " ".join(words[-window_words:])]
     paragraphs = [p for p in re.split(r"\n\s*\n|\n", text) if p.strip()]
     for para in (paragraphs[0], paragraphs[-1]):
@@ -199,16 +255,57 @@ class LRU:
             return len(self._data)
 
 
+def train_softmax(
+    features: Any, labels: Any, classes: int, *, scale: float = CLASSIFIER_SCALE,
+    l2: float = CLASSIFIER_L2, steps: int = CLASSIFIER_STEPS,
+) -> tuple[Any, Any]:
+    """Class-balanced multinomial logistic regression (full-batch Adam, zero init, so the
+    result is deterministic). Returns ``(weights, bias)`` to apply to unscaled features:
+    ``logits = x @ weights.T + bias``. ~60 rows x 384 dims: a few ms."""
+    import numpy as np
+
+    x = np.asarray(features, dtype=np.float64) * scale
+    y = np.asarray(labels, dtype=np.int64)
+    n = len(x)
+    onehot = np.eye(classes)[y]
+    counts = np.bincount(y, minlength=classes).astype(np.float64)
+    sample_w = (n / (classes * np.maximum(counts, 1.0)))[y][:, None]
+    w = np.zeros((classes, x.shape[1]))
+    b = np.zeros(classes)
+    mw, vw, mb, vb = np.zeros_like(w), np.zeros_like(w), np.zeros_like(b), np.zeros_like(b)
+    rate, beta1, beta2, eps = 0.05, 0.9, 0.999, 1e-8
+    for step in range(1, steps + 1):
+        z = x @ w.T + b
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) * sample_w / n
+        gw = g.T @ x + l2 * w
+        gb = g.sum(axis=0)
+        mw = beta1 * mw + (1 - beta1) * gw
+        vw = beta2 * vw + (1 - beta2) * gw**2
+        mb = beta1 * mb + (1 - beta1) * gb
+        vb = beta2 * vb + (1 - beta2) * gb**2
+        c1, c2 = 1 - beta1**step, 1 - beta2**step
+        w -= rate * (mw / c1) / (np.sqrt(vw / c2) + eps)
+        b -= rate * (mb / c1) / (np.sqrt(vb / c2) + eps)
+    return (w * scale).astype(np.float32), b.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class RouteIndex:
-    """Vectors of one route set: rows grouped by route (``starts`` = first row per route)."""
+    """Everything scoring needs for one route set, built once per set by ``prepare``."""
 
     names: tuple[str, ...]
-    vectors: Any  # (rows, dim) float32
-    starts: Any  # (routes,) int
+    centroids: Any  # (routes, dim) float32, unit rows
+    offsets: Any  # (routes,) hubness offsets (HUB_WEIGHT x mean cosine to the anchors)
     anchors: Any  # (anchors, dim) float32
+    clf_weights: Any  # (routes, dim)
+    clf_bias: Any  # (routes,)
     stems: tuple[frozenset[str], ...] = ()
     idf: dict[str, float] = field(default_factory=dict)
+    heads: tuple[frozenset[str], ...] = ()
+    head_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -302,25 +399,42 @@ class EmbeddedRouter:
             return cached
         np = self._require_np()
         rows: list[Any] = []
-        starts: list[int] = []
         bags: list[frozenset[str]] = []
+        heads: list[frozenset[str]] = []
         for pref in preferences:
-            texts = route_texts(pref)
-            starts.append(sum(len(r) for r in rows))
-            rows.append(self._encoder.encode_many(texts))
-            bags.append(frozenset().union(*(stems(t) for t in texts)))
-        vectors = np.concatenate(rows) if rows else np.zeros((0, 384), dtype=np.float32)
+            rows.append(self._encoder.encode_many(request_texts(pref)))
+            bags.append(frozenset().union(*(stems(t) for t in route_texts(pref))))
+            leads = {head_stem(t) for t in [*split_phrases(pref.description), *pref.examples]}
+            heads.append(frozenset(h for h in leads if h))
+        head_counts: dict[str, int] = {}
+        for bag in heads:
+            for h in bag:
+                head_counts[h] = head_counts.get(h, 0) + 1
+        dim = self._anchor_vectors.shape[1]
+        vectors = np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float32)
         anchors = self._anchor_vectors
         if len(vectors) and len(anchors):
             keep = (anchors @ vectors.T).max(axis=1) < ANCHOR_CONFLICT
             anchors = anchors[keep]
+        means = np.stack([r.mean(axis=0) for r in rows])
+        centroids = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+        offsets = (
+            HUB_WEIGHT * (anchors @ centroids.T).mean(axis=0)
+            if len(anchors) else np.zeros(len(rows))
+        )
+        labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
+        clf_w, clf_b = train_softmax(vectors, labels, len(rows))
         index = RouteIndex(
             names=tuple(p.name for p in preferences),
-            vectors=vectors,
-            starts=np.asarray(starts, dtype=np.int64),
+            centroids=centroids,
+            offsets=offsets,
             anchors=anchors,
+            clf_weights=clf_w,
+            clf_bias=clf_b,
             stems=tuple(bags),
             idf=lexical_weights(bags),
+            heads=tuple(heads),
+            head_counts=head_counts,
         )
         self._indexes.put(key, index)
         return index
@@ -333,22 +447,29 @@ class EmbeddedRouter:
     def _score_turn(self, text: str, index: RouteIndex) -> tuple[Any, float, int]:
         """Per-route score and the best anchor cosine over the turn's windows.
 
-        Route score per window = mean of the route's TOP_K best cosines + a capped IDF-weighted
-        overlap of stemmed words with the route's texts (MiniLM is topic-heavy; the verbs that
-        carry intent, "translate", "summarize", "fix", get their weight back this way).
+        Route score per window = cosine to the route centroid - its hubness offset
+        + CLASSIFIER_WEIGHT x the classifier's probability + a capped IDF-weighted overlap of
+        stemmed words with the route's texts + a bonus when the window's leading action word
+        leads one of the route's phrases/examples. MiniLM is topic-heavy; the lexical and
+        head-word terms give the verbs that carry intent ("translate", "summarize", "fix")
+        their weight back, the classifier separates routes along what tells them apart.
         """
         np = self._np
         texts = text_windows(text)
         windows = self._encoder.encode_many(texts)
-        sims = windows @ index.vectors.T  # (windows, rows)
-        ends = [*index.starts[1:].tolist(), sims.shape[1]]
-        per_route = np.empty((len(texts), len(index.names)), dtype=np.float64)
+        per_route = (windows @ index.centroids.T - index.offsets).astype(np.float64)
+        logits = windows @ index.clf_weights.T + index.clf_bias
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        per_route += CLASSIFIER_WEIGHT * probs / probs.sum(axis=1, keepdims=True)
         for w, window_text in enumerate(texts):
             window_stems = stems(window_text)
-            for r, (lo, hi) in enumerate(zip(index.starts.tolist(), ends, strict=True)):
-                row = np.sort(sims[w, lo:hi])[-TOP_K:]
+            head = head_stem(window_text)
+            for r in range(len(index.names)):
                 lexical = sum(index.idf[s] for s in window_stems & index.stems[r])
-                per_route[w, r] = float(row.mean()) + LEXICAL_WEIGHT * min(LEXICAL_CAP, lexical)
+                per_route[w, r] += LEXICAL_WEIGHT * min(LEXICAL_CAP, lexical)
+                if head is not None and head in index.heads[r]:
+                    per_route[w, r] += HEAD_WEIGHT / index.head_counts[head]
         anchor = float((windows @ index.anchors.T).max()) if len(index.anchors) else -1.0
         return per_route.max(axis=0), anchor, len(texts)
 
