@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.metrics import Metrics
@@ -34,34 +34,36 @@ def _headers_map(msg: Any) -> dict[str, str]:
     return out
 
 
-def _set(key: str, value: str) -> HeaderValueOption:
-    return HeaderValueOption(
-        header=HeaderValue(key=key, raw_value=value.encode("latin-1", "replace")),
-        append_action=_OVERWRITE,
-    )
+def _add_headers(mutation: pb.HeaderMutation, headers: Iterable[tuple[str, str]]) -> None:
+    # Filled in place: passing sub-messages to constructors copies each one (~3x slower).
+    add = mutation.set_headers.add
+    for key, value in headers:
+        option = add(append_action=_OVERWRITE)
+        option.header.key = key
+        option.header.raw_value = value.encode("latin-1", "replace")
 
 
 def immediate_response(imm: Immediate) -> pb.ProcessingResponse:
-    headers = [_set(k, v) for k, v in imm.headers]
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=HttpStatus(code=imm.status),
-            headers=pb.HeaderMutation(set_headers=headers),
-            body=imm.body,
-            details=imm.details,
-        )
-    )
+    out = pb.ProcessingResponse()
+    reply = out.immediate_response
+    reply.status.code = imm.status
+    reply.headers.SetInParent()
+    _add_headers(reply.headers, imm.headers)
+    reply.body = imm.body
+    reply.details = imm.details
+    return out
 
 
 def upstream_response(up: Upstream) -> pb.ProcessingResponse:
-    mutation = pb.HeaderMutation(
-        set_headers=[_set(k, v) for k, v in up.headers.set],
-        remove_headers=up.headers.remove,
-    )
-    common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+    out = pb.ProcessingResponse()
+    common = out.request_body.response
+    common.header_mutation.SetInParent()
+    _add_headers(common.header_mutation, up.headers.set)
+    common.header_mutation.remove_headers.extend(up.headers.remove)
     if up.body is not None:
         common.body_mutation.body = up.body
-    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+    common.clear_route_cache = True
+    return out
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
