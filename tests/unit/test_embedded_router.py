@@ -12,11 +12,14 @@ from plano_extproc.routing.embedded import (
     LRU,
     EmbeddedRouter,
     decide,
+    head_stem,
     lexical_weights,
+    request_texts,
     route_texts,
     split_phrases,
     stems,
     text_windows,
+    train_softmax,
     user_turns,
 )
 from plano_extproc.routing.embedding import Encoder
@@ -54,6 +57,39 @@ def test_stems_match_word_forms() -> None:
 def test_short_text_is_one_window() -> None:
     assert text_windows("  Write a   function \n now ") == ["Write a function now"]
     assert text_windows("   ") == []
+
+
+def test_short_text_of_several_sentences_adds_first_and_last() -> None:
+    text = "Here is my draft. It is long-ish and rambling. Please translate it into German."
+    assert text_windows(text) == [
+        text, "Here is my draft.", "Please translate it into German.",
+    ]
+    assert text_windows(text, focus=False) == [text]
+    # Sentences under three words do not count: this is one sentence, so one window.
+    assert text_windows("Hi. Write a haiku about rain.") == ["Hi. Write a haiku about rain."]
+
+
+def test_request_texts_reword_phrases_as_requests() -> None:
+    pref = RoutePreference("r", "debugging errors, or fixing bugs", examples=("Why?",))
+    assert request_texts(pref) == [
+        "debugging errors, or fixing bugs", "debugging errors", "fixing bugs", "Why?",
+        "I need help debugging errors.", "I need help fixing bugs.",
+    ]
+
+
+def test_head_stem_skips_filler_words() -> None:
+    assert head_stem("Can you please now translate this?") == head_stem("translating text")
+    assert head_stem("Summarize the report") == head_stem("summarizing documents")
+    assert head_stem("please, I need you to") is None
+
+
+def test_softmax_classifier_separates_classes_deterministically() -> None:
+    x = np.asarray([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.9, 0.1], [0, 0, 1]], np.float32)
+    y = np.asarray([0, 0, 1, 1, 2])
+    w, b = train_softmax(x, y, 3)
+    assert ((x @ w.T + b).argmax(axis=1) == y).all()
+    w2, b2 = train_softmax(x, y, 3)
+    assert np.array_equal(w, w2) and np.array_equal(b, b2)
 
 
 def test_long_text_gets_head_tail_and_short_edge_paragraphs() -> None:
@@ -139,8 +175,10 @@ class _FakeEncoder:
 
 def _fake_router(**kw: Any) -> EmbeddedRouter:
     table = {
-        "zzq": [1.0, 0.0, 0.0],  # route A's only text
-        "yyq": [0.0, 1.0, 0.0],  # route B's only text
+        "zzq": [1.0, 0.0, 0.0],  # route A's description
+        "I need help zzq.": [1.0, 0.0, 0.0],  # ... reworded as a request
+        "yyq": [0.0, 1.0, 0.0],  # route B's description
+        "I need help yyq.": [0.0, 1.0, 0.0],
         "ask a": [1.0, 0.0, 0.0],
         "ask b": [0.0, 1.0, 0.0],
         "mostly b": [0.6, 0.8, 0.0],
@@ -161,8 +199,12 @@ def test_latest_user_turn_decides_earlier_turns_count_less() -> None:
             ChatMessage("user", "ask b")]
     d = router.decide(msgs, PREFS)
     assert d.route == "B"
-    assert d.scores["B"] == pytest.approx(1.0 / 1.5, abs=1e-3)
-    assert d.scores["A"] == pytest.approx(0.5 / 1.5, abs=1e-3)
+    only_a = router.decide([ChatMessage("user", "ask a")], PREFS).scores
+    only_b = router.decide([ChatMessage("user", "ask b")], PREFS).scores
+    assert only_a["A"] > only_a["B"] and only_b["B"] > only_b["A"]
+    for name in ("A", "B"):  # weighted mean of the per-turn scores, latest turn weight 1
+        want = (1.0 * only_b[name] + 0.5 * only_a[name]) / 1.5
+        assert d.scores[name] == pytest.approx(want, abs=2e-4)
     # An earlier turn tips a latest turn that is ambiguous between the two.
     msgs2 = [ChatMessage("user", "ask a"), ChatMessage("user", "mostly b")]
     router2 = _fake_router(threshold=0.0, margin=0.0, turn_weights=(1.0, 0.9))
