@@ -142,3 +142,32 @@ def test_load_and_inference_use_no_network() -> None:
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "code_generation"
+
+
+PEAK_RSS_SCRIPT = textwrap.dedent(
+    """
+    from bench.router_eval import load_routes
+    from plano_extproc.routing.base import ChatMessage
+    from plano_extproc.routing.embedded import EmbeddedRouter
+    r = EmbeddedRouter(); r.start_sync()
+    prefs = load_routes(True)
+    r.prepare(prefs)
+    for i in range(40):
+        r.route_sync([ChatMessage("user", f"write a function number {i} " * (1 + 30 * (i % 4)))],
+                     prefs)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    print(int(status["VmHWM"].split()[0]) // 1024)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_peak_rss_of_load_and_routing_stays_under_budget() -> None:
+    """Peak RSS of a fresh process that loads the model, prepares routes and routes
+    short and long prompts: well under the 300 MB server budget (measured ~165 MB)."""
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip().splitlines()[-1]) < 250
