@@ -5,10 +5,11 @@ phrases, each phrase reworded as a request, and any ``examples``), a tiny softma
 trained over those texts at ``prepare()`` time, and a lexical profile (content-word stems and the
 leading "action" words of its phrases and examples). Built-in "no match" anchors (greetings,
 thanks, small talk, trivia) compete with the routes so chit-chat keeps the requested model. The
-latest user turn decides; earlier user turns only nudge. Short prompts are also scored by their
-first and last sentence (the instruction), long prompts only by head/tail windows, because an
-embedding of a pasted document says what the document is, not what the user asked. Inference
-runs on a small bounded thread pool so a long prompt never blocks the event loop.
+latest user turn decides; earlier user turns only nudge. A short prompt of several sentences is
+also scored by its first and last sentence (the instruction usually sits there), pooled from the
+same forward pass; long prompts only by head/tail windows, because an embedding of a pasted
+document says what the document is, not what the user asked. Inference runs on a small bounded
+thread pool so a long prompt never blocks the event loop.
 """
 
 from __future__ import annotations
@@ -163,30 +164,29 @@ def head_stem(text: str) -> str | None:
     return None
 
 
+def focus_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """Character spans of the first and last sentence (>= 3 words each) of a text that has
+    several; empty for a one-sentence text. The instruction usually sits in one of them."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for match in _SENTENCE_SPLIT.finditer(text):
+        spans.append((start, match.start()))
+        start = match.end()
+    spans.append((start, len(text)))
+    spans = [(lo, hi) for lo, hi in spans if len(text[lo:hi].split()) >= 3]
+    return (spans[0], spans[-1]) if len(spans) > 1 else ()
+
+
 def text_windows(
-    text: str,
-    *,
-    full_words: int = FULL_TEXT_WORDS,
-    window_words: int = WINDOW_WORDS,
-    focus: bool = True,
+    text: str, *, full_words: int = FULL_TEXT_WORDS, window_words: int = WINDOW_WORDS
 ) -> list[str]:
-    """Texts to embed for one turn. A short text: itself, plus (``focus``) its first and last
-    sentences when it has several, since the instruction usually sits in one of them. A long
-    text: head, tail and the first and last paragraphs when those are short."""
+    """Texts to embed for one turn: the whole text if short, else head, tail and the first
+    and last paragraphs when those are short (instructions tend to sit there)."""
     words = text.split()
     if not words:
         return []
     if len(words) <= full_words:
-        windows = [" ".join(words)]
-        if focus:
-            sentences = [
-                " ".join(s.split()) for s in _SENTENCE_SPLIT.split(text) if len(s.split()) >= 3
-            ]
-            if len(sentences) > 1:
-                for sentence in (sentences[0], sentences[-1]):
-                    if sentence not in windows:
-                        windows.append(sentence)
-        return windows
+        return [" ".join(words)]
     windows = [" ".join(words[:window_words]), " ".join(words[-window_words:])]
     paragraphs = [p for p in re.split(r"\n\s*\n|\n", text) if p.strip()]
     for para in (paragraphs[0], paragraphs[-1]):
@@ -455,8 +455,14 @@ class EmbeddedRouter:
         their weight back, the classifier separates routes along what tells them apart.
         """
         np = self._np
-        texts = text_windows(text)
-        windows = self._encoder.encode_many(texts)
+        body = text.strip()
+        if len(body.split()) <= FULL_TEXT_WORDS:
+            spans = focus_spans(body)
+            windows = self._encoder.encode_spans(body, spans)
+            texts = [" ".join(body[lo:hi].split()) for lo, hi in ((0, len(body)), *spans)]
+        else:
+            texts = text_windows(body)
+            windows = self._encoder.encode_many(texts)
         per_route = (windows @ index.centroids.T - index.offsets).astype(np.float64)
         logits = windows @ index.clf_weights.T + index.clf_bias
         logits -= logits.max(axis=1, keepdims=True)

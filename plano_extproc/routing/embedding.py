@@ -255,15 +255,30 @@ class Encoder:
         return self._session is not None
 
     def _run(self, text: str) -> Vector:
+        return self._run_spans(text, ())[0]
+
+    def _run_spans(self, text: str, spans: tuple[tuple[int, int], ...]) -> Vector:
+        """One forward pass; row 0 pools every token (MiniLM's sentence embedding), row i
+        pools the tokens inside character span ``spans[i-1]`` (the whole text's row if the
+        span has no tokens, e.g. truncated away)."""
         np = self._np
         enc = self._tokenizer.encode(text)
         ids = np.asarray([enc.ids], dtype=np.int64)
         mask = np.asarray([enc.attention_mask], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         hidden = self._session.run(None, feeds)[0][0]  # (tokens, 384)
-        pooled = hidden.mean(axis=0)  # no padding, so a plain mean is MiniLM's masked mean
-        norm = float(np.linalg.norm(pooled)) or 1.0
-        return (pooled / norm).astype(np.float32)
+        rows = [hidden.mean(axis=0)]  # no padding, so a plain mean is MiniLM's masked mean
+        for lo, hi in spans:
+            idx = [
+                i for i, ((start, end), special) in enumerate(
+                    zip(enc.offsets, enc.special_tokens_mask, strict=True)
+                )
+                if not special and end > start and start >= lo and end <= hi
+            ]
+            rows.append(hidden[idx].mean(axis=0) if idx else rows[0])
+        pooled = np.stack(rows)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
     def encode(self, text: str) -> Vector:
         """Unit vector for ``text``; repeated texts (earlier turns, inline routes) hit the cache."""
@@ -280,6 +295,26 @@ class Encoder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return vec
+
+    def encode_spans(self, text: str, spans: tuple[tuple[int, int], ...]) -> Vector:
+        """Rows: the whole text's vector, then one per character span of ``text``, pooled over
+        the span's tokens from the same forward pass (so they cost nothing extra and see the
+        whole text as context). Cached like ``encode``; ``text`` must already be stripped."""
+        if not spans:
+            return self.encode(text)[None, :]
+        key = f"{text}\x00{spans!r}"
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        vecs = self._run_spans(text, spans)
+        with self._lock:
+            self._cache[key] = vecs
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return vecs
 
     def encode_many(self, texts: list[str]) -> Vector:
         """Stack of unit vectors, one row per text (batch 1 runs: fastest on 2 cores)."""

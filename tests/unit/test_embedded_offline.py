@@ -171,3 +171,14 @@ def test_peak_rss_of_load_and_routing_stays_under_budget() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) < 250
+
+
+def test_span_rows_pool_the_same_forward_pass(router: EmbeddedRouter) -> None:
+    enc = router.encoder
+    text = "Here is the poem I wrote last night. Now translate the poem into Spanish."
+    spans = ((0, 36), (37, len(text)))
+    rows = enc.encode_spans(text, spans)
+    assert rows.shape == (3, 384)
+    assert abs(float(rows[0] @ enc.encode(text)) - 1.0) < 1e-5  # row 0 = the sentence vector
+    assert all(abs(float((r * r).sum()) - 1.0) < 1e-5 for r in rows)
+    assert float(rows[1] @ rows[2]) < 0.99  # the spans pool different tokens

@@ -12,6 +12,7 @@ from plano_extproc.routing.embedded import (
     LRU,
     EmbeddedRouter,
     decide,
+    focus_spans,
     head_stem,
     lexical_weights,
     request_texts,
@@ -59,14 +60,14 @@ def test_short_text_is_one_window() -> None:
     assert text_windows("   ") == []
 
 
-def test_short_text_of_several_sentences_adds_first_and_last() -> None:
-    text = "Here is my draft. It is long-ish and rambling. Please translate it into German."
-    assert text_windows(text) == [
-        text, "Here is my draft.", "Please translate it into German.",
+def test_focus_spans_are_first_and_last_sentences() -> None:
+    text = "Here is my draft. It is long-ish and rambling.\nPlease translate it into German."
+    assert [text[lo:hi] for lo, hi in focus_spans(text)] == [
+        "Here is my draft.", "Please translate it into German.",
     ]
-    assert text_windows(text, focus=False) == [text]
-    # Sentences under three words do not count: this is one sentence, so one window.
-    assert text_windows("Hi. Write a haiku about rain.") == ["Hi. Write a haiku about rain."]
+    assert focus_spans("Write a haiku about rain.") == ()
+    # Sentences under three words do not count.
+    assert focus_spans("Hi. Write a haiku about rain.") == ()
 
 
 def test_request_texts_reword_phrases_as_requests() -> None:
@@ -171,6 +172,9 @@ class _FakeEncoder:
 
     def encode_many(self, texts: list[str]) -> Any:
         return np.stack([self.encode(t) for t in texts]) if texts else np.zeros((0, 3))
+
+    def encode_spans(self, text: str, spans: tuple[tuple[int, int], ...]) -> Any:
+        return self.encode_many([text, *(text[lo:hi] for lo, hi in spans)])
 
 
 def _fake_router(**kw: Any) -> EmbeddedRouter:
