@@ -5,6 +5,8 @@ Usage:
   python bench/router_eval.py --mode descriptions   # routes as a Plano config has them
   python bench/router_eval.py --calibrate           # grid-search threshold/margin on dev
   python bench/router_eval.py --explain             # per-prompt scores of the mistakes
+  python bench/router_eval.py --server-rss --no-latency --mode examples
+                                                    # + peak RSS of the whole ext_proc server
 """
 
 from __future__ import annotations
@@ -193,6 +195,43 @@ def cold_start() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+SERVER_RSS_CODE = """
+import asyncio, sys
+from plano_extproc.config import load_config
+from plano_extproc.routing.base import ChatMessage
+from plano_extproc.server.app import start
+
+async def main():
+    cfg = load_config("examples/quickstart.yaml", env={"OPENAI_API_KEY": "x",
+                                                       "ANTHROPIC_API_KEY": "x"})
+    running = await start(cfg, "127.0.0.1", 0, admin_port=0)
+    router = running.gateway.router
+    words = ("please write analyze summarize translate a function about the quarterly "
+             "report and explain the bug in detail").split()
+    for i in range(2000):
+        n = 1000 if i % 40 == 0 else 12 + i % 30
+        text = " ".join(words[(i * 7 + j) % len(words)] for j in range(n)) + f" item {i}"
+        await router.route([ChatMessage("user", text)], cfg.preferences, request_id=str(i))
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    print(int(status["VmRSS"].split()[0]) // 1024, int(status["VmHWM"].split()[0]) // 1024)
+    await running.server.stop(None)
+
+asyncio.run(main())
+"""
+
+
+def server_rss() -> tuple[int, int]:
+    """Fresh process running the whole ext_proc server (gRPC + admin + embedded router on
+    examples/quickstart.yaml) through 2,000 routing decisions on distinct prompts (50 of them
+    ~1,000 words; fills the text cache). Returns (RSS, peak RSS) in MB."""
+    out = subprocess.run(
+        [sys.executable, "-c", SERVER_RSS_CODE], cwd=ROOT, capture_output=True, text=True,
+        check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    now, peak = out.stdout.strip().splitlines()[-1].split()
+    return int(now), int(peak)
+
+
 def rss_mb() -> tuple[float, float]:
     current = 0.0
     with open(f"/proc/{os.getpid()}/status", encoding="ascii") as fh:
@@ -215,6 +254,8 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="disable the int8 MatMul rewrite")
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--margin", type=float)
+    ap.add_argument("--server-rss", action="store_true",
+                    help="also measure the whole ext_proc server's RSS in a fresh process")
     args = ap.parse_args()
 
     router = EmbeddedRouter(threshold=args.threshold, margin=args.margin, int8_matmul=not args.fp32)
@@ -266,6 +307,9 @@ def main() -> None:
         cur, peak = rss_mb()
         print(f"process RSS: {cur:.0f} MB now, {peak:.0f} MB peak; "
               f"text cache {router.encoder.cache_len()} entries")
+    if args.server_rss:
+        now, top = server_rss()
+        print(f"whole ext_proc server after 2,000 decisions: RSS {now} MB, peak {top} MB")
 
 
 if __name__ == "__main__":
