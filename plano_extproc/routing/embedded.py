@@ -402,7 +402,8 @@ class EmbeddedRouter:
         bags: list[frozenset[str]] = []
         heads: list[frozenset[str]] = []
         for pref in preferences:
-            rows.append(self._encoder.encode_many(request_texts(pref)))
+            # A route with no description or examples still gets a vector (its name).
+            rows.append(self._encoder.encode_many(request_texts(pref) or [pref.name]))
             bags.append(frozenset().union(*(stems(t) for t in route_texts(pref))))
             leads = {head_stem(t) for t in [*split_phrases(pref.description), *pref.examples]}
             heads.append(frozenset(h for h in leads if h))

@@ -215,6 +215,13 @@ def test_latest_user_turn_decides_earlier_turns_count_less() -> None:
     assert router2.decide(msgs2, PREFS).route == "A"
 
 
+def test_route_without_description_falls_back_to_its_name() -> None:
+    router = _fake_router(threshold=0.0, margin=-1.0)
+    d = router.decide([ChatMessage("user", "ask a")], [*PREFS, RoutePreference("zzq", "")])
+    assert all(np.isfinite(v) for v in d.scores.values()), d.scores
+    assert d.route in {"A", "zzq"}
+
+
 def test_chit_chat_anchor_wins_over_routes() -> None:
     router = _fake_router(threshold=0.0, margin=0.0)
     d = router.decide([ChatMessage("user", "hello there")], PREFS)  # maps to the anchor vector
