@@ -119,8 +119,8 @@ class RawRouter(_Strict):
     model: str | None = None
     prompt: Literal["plano_orchestrator_v1", "arch_router_v1"] | None = None
     timeout_ms: int = Field(default=3000, ge=10, le=120_000)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
-    margin: float | None = Field(default=None, ge=0.0, le=2.0)
+    threshold: float | None = Field(default=None, ge=-2.0, le=2.0)
+    margin: float | None = Field(default=None, ge=-2.0, le=2.0)
 
 
 class RawRouting(_Strict):
