@@ -99,6 +99,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     return
                 self.metrics.count_routed(result, time.perf_counter() - started)
                 await context.write(upstream_response(result))
+                # Nothing else to process (response phases are SKIP): closing the stream now
+                # frees it at once instead of holding it open until the upstream answers.
+                return
             elif which == "request_trailers":
                 await context.write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
             elif which == "response_headers":
