@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plano_extproc.config import load_config
 from plano_extproc.envoy_config import EXTPROC_CLUSTER, render_bootstrap, render_yaml
-from plano_extproc.supervisor import envoy_binary, free_port
+from plano_extproc.supervisor import envoy_binary, free_port, wait_http_ok
 
 _T = "type.googleapis.com/envoy."
 CLIENT_KEY = "client-key"
@@ -238,21 +238,6 @@ def direct_bootstrap(config_path: str, port: int, admin_port: int) -> dict[str, 
 # ---------------------------------------------------------------------------- processes
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process for {url} exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=0.5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} not ready after {timeout:.0f}s")
-
-
 @dataclass
 class Envoy:
     proc: subprocess.Popen[bytes]
@@ -269,7 +254,7 @@ class Envoy:
              "--disable-hot-restart"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{admin_port}/ready", proc, 30)
+        wait_http_ok(f"http://127.0.0.1:{admin_port}/ready", proc, 30, "upstream Envoy")
         return cls(proc, port)
 
     def pids(self) -> list[int]:

@@ -213,13 +213,13 @@ def run_workers(
     return sup.watch()
 
 
-def _wait_envoy(admin_port: int, child: Child, timeout: float) -> None:
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{admin_port}/ready"
     while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
+        if proc.poll() is not None:
             raise SystemExit(
-                f"plano-extproc: Envoy exited with code {child.proc.returncode} during start-up"
+                f"plano-extproc: {what} exited with code {proc.returncode} during start-up"
             )
         try:
             with urllib.request.urlopen(url, timeout=0.5) as resp:
@@ -228,7 +228,7 @@ def _wait_envoy(admin_port: int, child: Child, timeout: float) -> None:
         except OSError:
             pass
         time.sleep(0.1)
-    raise SystemExit(f"plano-extproc: Envoy was not ready after {timeout:.0f}s")
+    raise SystemExit(f"plano-extproc: {what} was not ready after {timeout:.0f}s")
 
 
 def run_up(
@@ -271,7 +271,7 @@ def run_up(
         if envoy_concurrency:
             argv += ["--concurrency", str(envoy_concurrency)]
         envoy = sup.spawn("envoy", argv)
-        _wait_envoy(envoy_admin_port, envoy, timeout=30)
+        wait_http_ok(f"http://127.0.0.1:{envoy_admin_port}/ready", envoy.proc, 30, "Envoy")
     except SystemExit:
         sup.stop_all()
         raise

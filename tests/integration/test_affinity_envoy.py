@@ -220,6 +220,17 @@ def _redis_config(
     return _config(openai_fake, anthropic_fake, orch, extra)
 
 
+def pins_again(gw: GatewayProcess, session: str, within: float = 15.0) -> bool:
+    """True once a session pins again (Redis back and the cache's breaker closed)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        decide(gw, CODE, session)
+        if decide(gw, CODE, session)["pinned"] is True:
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def test_two_replicas_share_redis_first_writer_wins(
     tmp_path: Path,
     redis_srv: RedisServer,
@@ -278,14 +289,7 @@ def test_redis_outage_and_recovery(
         metrics = httpx.get(g.worker_admin[0] + "/metrics").text
         assert "plano_extproc_session_cache_healthy 0" in metrics
         redis_srv.restart()
-        deadline = time.monotonic() + 15
-        pinned = False
-        while time.monotonic() < deadline and not pinned:  # heals without a restart
-            decide(g, CODE, "after-restart")
-            pinned = decide(g, CODE, "after-restart")["pinned"] is True
-            if not pinned:
-                time.sleep(0.3)
-        assert pinned
+        assert pins_again(g, "after-restart")  # heals without a gateway restart
         assert httpx.get(g.worker_admin[0] + "/ready").json()["session_cache"]["healthy"]
 
 
@@ -303,13 +307,6 @@ def test_redis_down_at_start(
         assert chat(g, CODE, "late-redis").status_code == 200
         server.start()
         try:
-            deadline = time.monotonic() + 15
-            pinned = False
-            while time.monotonic() < deadline and not pinned:
-                decide(g, CODE, "late-redis-2")
-                pinned = decide(g, CODE, "late-redis-2")["pinned"] is True
-                if not pinned:
-                    time.sleep(0.3)
-            assert pinned
+            assert pins_again(g, "late-redis-2")
         finally:
             server.stop()
