@@ -2,13 +2,14 @@
 
 Each route is represented by the centroid of its texts (the description, the description's
 phrases, each phrase reworded as a request, and any ``examples``), a tiny softmax classifier
-trained over those texts at ``prepare()`` time, and a lexical profile (content-word stems and the
-leading "action" words of its phrases and examples). Built-in "no match" anchors (greetings,
-thanks, small talk, trivia) compete with the routes so chit-chat keeps the requested model. The
-latest user turn decides; earlier user turns only nudge. A short prompt of several sentences is
-also scored by its first and last sentence (the instruction usually sits there), pooled from the
-same forward pass; long prompts only by head/tail windows, because an embedding of a pasted
-document says what the document is, not what the user asked. Inference runs on a small bounded
+trained over those texts at ``prepare()`` time, and a lexical profile (content-word stems and
+"action" words: the leading word of its phrases and examples, and every gerund or action noun of
+its description). Built-in "no match" anchors (greetings, thanks, small talk, trivia) compete
+with the routes so chit-chat keeps the requested model. The latest user turn decides; earlier
+user turns only nudge. A short prompt of several sentences is also scored by its first and last
+sentence (the instruction usually sits there), pooled from the same forward pass; long prompts
+only by head/tail windows, because an embedding of a pasted document says what the document
+is, not what the user asked. Inference runs on a small bounded
 thread pool so a long prompt never blocks the event loop.
 """
 
@@ -43,8 +44,8 @@ ANCHOR_CONFLICT = 0.80
 #: Weight and cap of the lexical overlap bonus (stemmed words shared with the route's texts).
 LEXICAL_WEIGHT = 0.05
 LEXICAL_CAP = 1.5
-#: Bonus when the text's leading action word ("translate", "summarize", "fix") leads one of the
-#: route's phrases or examples; split evenly between the routes that share that word.
+#: Bonus when the text's leading action word ("translate", "summarize", "fix") is one of the
+#: route's action words (``action_stems``); split evenly between the routes that share it.
 HEAD_WEIGHT = 0.1
 #: Hubness correction: subtract this times the route centroid's mean cosine to the anchors, so a
 #: route whose texts are close to everything ("writing", "explanations") does not win by default.
@@ -153,6 +154,27 @@ def request_texts(pref: RoutePreference) -> list[str]:
             seen.add(text.lower())
             texts.append(text)
     return texts
+
+
+#: Endings of gerunds and action nouns ("explaining", "explanations", "analysis").
+_ACTION_ENDINGS = ("ing", "ion", "ions", "ysis", "yses")
+#: Words with those endings that do not name an action.
+_NOT_ACTIONS = frozenset(
+    "string strings thing things something anything everything nothing morning evening "
+    "function functions question questions version versions region regions opinion "
+    "opinions million millions billion".split()
+)
+
+
+def action_stems(pref: RoutePreference) -> frozenset[str]:
+    """Stems of a route's action words: the leading word of each description phrase and
+    example, plus every gerund or action noun anywhere in its description, so "detailed
+    explanations" makes "Explain …" a complex_reasoning lead, not only the leading "detailed"."""
+    leads = {head_stem(t) for t in [*split_phrases(pref.description), *pref.examples]}
+    for word in re.findall(r"[a-z]+", pref.description.lower()):
+        if len(word) > 4 and word.endswith(_ACTION_ENDINGS) and word not in _NOT_ACTIONS:
+            leads.add(stem(word))
+    return frozenset(h for h in leads if h)
 
 
 def head_stem(text: str) -> str | None:
@@ -405,8 +427,7 @@ class EmbeddedRouter:
             # A route with no description or examples still gets a vector (its name).
             rows.append(self._encoder.encode_many(request_texts(pref) or [pref.name]))
             bags.append(frozenset().union(*(stems(t) for t in route_texts(pref))))
-            leads = {head_stem(t) for t in [*split_phrases(pref.description), *pref.examples]}
-            heads.append(frozenset(h for h in leads if h))
+            heads.append(action_stems(pref))
         head_counts: dict[str, int] = {}
         for bag in heads:
             for h in bag:
@@ -451,9 +472,9 @@ class EmbeddedRouter:
         Route score per window = cosine to the route centroid - its hubness offset
         + CLASSIFIER_WEIGHT x the classifier's probability + a capped IDF-weighted overlap of
         stemmed words with the route's texts + a bonus when the window's leading action word
-        leads one of the route's phrases/examples. MiniLM is topic-heavy; the lexical and
-        head-word terms give the verbs that carry intent ("translate", "summarize", "fix")
-        their weight back, the classifier separates routes along what tells them apart.
+        is one of the route's action words (``action_stems``). MiniLM is topic-heavy; the
+        lexical and head-word terms give the verbs that carry intent ("translate", "summarize",
+        "fix") their weight back, the classifier separates routes along what tells them apart.
         """
         np = self._np
         body = text.strip()

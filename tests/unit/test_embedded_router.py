@@ -11,6 +11,7 @@ from plano_extproc.routing.base import ChatMessage, RoutePreference
 from plano_extproc.routing.embedded import (
     LRU,
     EmbeddedRouter,
+    action_stems,
     decide,
     focus_spans,
     head_stem,
@@ -76,6 +77,18 @@ def test_request_texts_reword_phrases_as_requests() -> None:
         "debugging errors, or fixing bugs", "debugging errors", "fixing bugs", "Why?",
         "I need help debugging errors.", "I need help fixing bugs.",
     ]
+
+
+def test_action_stems_include_gerunds_and_action_nouns() -> None:
+    pref = RoutePreference(
+        "r", "complex reasoning tasks, multi-step analysis, or detailed explanations",
+        examples=("Compare the costs.",),
+    )
+    heads = action_stems(pref)
+    # Leading words of phrases and examples, plus gerunds / action nouns anywhere.
+    assert {"compl", "multi", "detai", "reaso", "analy", "expla"} <= heads
+    assert head_stem("Explain how a CPU pipeline works") in heads
+    assert "funct" not in action_stems(RoutePreference("c", "writing functions"))
 
 
 def test_head_stem_skips_filler_words() -> None:
