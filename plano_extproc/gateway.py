@@ -27,7 +27,7 @@ from plano_extproc.body import JsonBody
 from plano_extproc.catalog import Catalog
 from plano_extproc.config import Config, Provider
 from plano_extproc.conversation import extract
-from plano_extproc.errors import GatewayError, bad_request, error_body, not_found
+from plano_extproc.errors import GatewayError, bad_request, not_found
 from plano_extproc.providers import PROVIDERS, ClientApi
 from plano_extproc.rewrite import HeaderPlan, upstream_headers
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
@@ -209,7 +209,7 @@ class Gateway:
         requested = self.catalog.resolve(body.values.get("model"))
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
-        decision = await self._select(info, body.values, requested, inline, messages)
+        decision = await self._select(info, requested, inline, messages)
         provider = decision.dispatch
         assert provider is not None
         if not compatible(provider, info.api):
@@ -260,7 +260,7 @@ class Gateway:
             requested = self.catalog.lookup(model_value)
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
-        decision = await self._select(info, body.values, requested, inline, messages)
+        decision = await self._select(info, requested, inline, messages)
         return self._decision_response(decision, trace_id, info)
 
     def _decision_response(self, d: Decision, trace_id: str, info: RequestInfo) -> Immediate:
@@ -277,7 +277,6 @@ class Gateway:
     async def _select(
         self,
         info: RequestInfo,
-        body: Mapping[str, Any],
         requested: Provider | None,
         inline: tuple[RoutePreference, ...] | None,
         messages: list[Any],
@@ -360,6 +359,3 @@ class Gateway:
             ranked, pref.name, dispatch, router_error=result.error, scores=result.scores
         )
 
-
-def immediate_json(status: int, type_: str, message: str) -> Immediate:
-    return Immediate(status, error_body(type_, message))
