@@ -1,7 +1,8 @@
 """End-to-end cost of model affinity through the real gateway (Envoy + ext_proc).
 
-Sequential requests (concurrency 1) from one keep-alive client against the decision endpoint
-and the proxy path, with the embedded router, comparing: no affinity header (router runs), a
+Sequential requests (concurrency 1) from one keep-alive client, alternating between a gateway
+with the memory backend and one with Redis (both running at once, so drift hits both alike),
+against the decision endpoint and the proxy path, with the embedded router, comparing: no affinity header (router runs), a
 pinned session (router skipped) on the memory backend and on Redis, and first calls that miss
 and store. Starts everything itself on free 127.0.0.1 ports (its own redis-server, never the
 machine's) and stops it afterwards. Usage:
@@ -16,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -35,23 +37,32 @@ PROMPT = (
 )  # ~50 words
 
 
-def measure(
-    client: httpx.Client, url: str, n: int, headers_for: object, max_seconds: float
-) -> list[float]:
-    out: list[float] = []
+Headers = Callable[[int], dict[str, str]]
+
+
+def one(client: httpx.Client, url: str, headers: dict[str, str]) -> float:
+    # A different text each time: the embedded router caches embeddings by text.
+    text = f"{PROMPT} (ticket {time.time_ns()})"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+    t0 = time.perf_counter()
+    r = client.post(url, json=body, headers=headers)
+    elapsed = (time.perf_counter() - t0) * 1000
+    if r.status_code != 200:
+        raise SystemExit(f"{url}: HTTP {r.status_code} {r.text[:200]}")
+    return elapsed
+
+
+def interleaved(
+    client: httpx.Client, urls: list[str], n: int, headers_for: Headers, max_seconds: float
+) -> list[list[float]]:
+    """n requests to each URL, alternating between them so drift hits all equally."""
+    out: list[list[float]] = [[] for _ in urls]
     deadline = time.monotonic() + max_seconds
     for i in range(n):
         if time.monotonic() > deadline:
             break
-        # A different text each time: the embedded router caches embeddings by text.
-        text = f"{PROMPT} (ticket {time.time_ns()})"
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
-        headers = headers_for(i)  # type: ignore[operator]
-        t0 = time.perf_counter()
-        r = client.post(url, json=body, headers=headers)
-        out.append((time.perf_counter() - t0) * 1000)
-        if r.status_code != 200:
-            raise SystemExit(f"{url}: HTTP {r.status_code} {r.text[:200]}")
+        for j, url in enumerate(urls):
+            out[j].append(one(client, url, headers_for(i)))
     return out
 
 
@@ -71,56 +82,41 @@ def main() -> int:
     anthropic_fake = FakeProvider("anthropic").start()
     redis_srv = RedisServer().start()
     tmp = Path(tempfile.mkdtemp(prefix="plano-bench-"))
-    base = seed_config(openai_fake.base_url, anthropic_fake.base_url)
+    # One ONNX thread per gateway: two gateways share 2 cores here, and spinning pool threads
+    # of one would slow the other.
+    base = seed_config(
+        openai_fake.base_url,
+        anthropic_fake.base_url,
+        router="  router: {type: embedded, threads: 1}",
+    )
     redis_cfg = base + f"  session_cache:\n    type: redis\n    url: {redis_srv.url}\n"
     rows: list[tuple[str, str, list[float]]] = []
     try:
-        for backend, cfg in (("memory", base), ("redis", redis_cfg)):
-            with GatewayProcess(cfg, tmp) as gw, httpx.Client(timeout=30) as client:
-                for path, label in (
-                    ("/routing/v1/chat/completions", "decision"),
-                    ("/v1/chat/completions", "proxy"),
-                ):
-                    url = gw.url + path
-                    # warm-up: connections, caches, the pinned session
-                    measure(client, url, 50, lambda i: {}, args.max_seconds)
-                    measure(client, url, 1, lambda i: {"x-model-affinity": "pinned"}, 10)
-                    if backend == "memory":
-                        rows.append(
-                            (
-                                label,
-                                "no header (router runs)",
-                                measure(client, url, args.requests, lambda i: {}, args.max_seconds),
-                            )
-                        )
-                    rows.append(
-                        (
-                            label,
-                            f"pinned hit, {backend} (router skipped)",
-                            measure(
-                                client,
-                                url,
-                                args.requests,
-                                lambda i: {"x-model-affinity": "pinned"},
-                                args.max_seconds,
-                            ),
-                        )
-                    )
-                    rows.append(
-                        (
-                            label,
-                            f"first call, {backend} (router + store)",
-                            measure(
-                                client,
-                                url,
-                                args.requests,
-                                lambda i, p=path: {
-                                    "x-model-affinity": f"new-{p}-{i}-{time.time_ns()}"
-                                },
-                                args.max_seconds,
-                            ),
-                        )
-                    )
+        with (
+            GatewayProcess(base, tmp) as mem,
+            GatewayProcess(redis_cfg, tmp) as red,
+            httpx.Client(timeout=30) as client,
+        ):
+            for path, label in (
+                ("/routing/v1/chat/completions", "decision"),
+                ("/v1/chat/completions", "proxy"),
+            ):
+                urls = [mem.url + path, red.url + path]
+                pin: Headers = lambda i: {"x-model-affinity": "pinned"}  # noqa: E731
+                interleaved(client, urls, 50, lambda i: {}, args.max_seconds)  # warm-up
+                interleaved(client, urls, 1, pin, 10)  # pin the session on both
+                no_header = interleaved(client, urls, args.requests, lambda i: {}, args.max_seconds)
+                rows.append((label, "no header (router runs)", no_header[0] + no_header[1]))
+                hits = interleaved(client, urls, args.requests, pin, args.max_seconds)
+                rows.append((label, "pinned hit, memory (router skipped)", hits[0]))
+                rows.append((label, "pinned hit, redis (router skipped)", hits[1]))
+
+                def fresh(i: int, p: str = path) -> dict[str, str]:
+                    return {"x-model-affinity": f"new-{p}-{i}-{time.time_ns()}"}
+
+                firsts = interleaved(client, urls, args.requests, fresh, args.max_seconds)
+                rows.append((label, "first call, memory (router + store)", firsts[0]))
+                rows.append((label, "first call, redis (router + store)", firsts[1]))
     finally:
         redis_srv.stop()
         openai_fake.stop()

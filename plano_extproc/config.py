@@ -121,6 +121,7 @@ class RawRouter(_Strict):
     timeout_ms: int = Field(default=3000, ge=10, le=120_000)
     threshold: float | None = Field(default=None, ge=-2.0, le=2.0)
     margin: float | None = Field(default=None, ge=-2.0, le=2.0)
+    threads: int = Field(default=2, ge=1, le=64)  # embedded: onnxruntime intra-op threads
 
 
 class RawRouting(_Strict):
@@ -257,6 +258,7 @@ class RouterConfig:
     context_length: int = 8192
     threshold: float | None = None
     margin: float | None = None
+    threads: int = 2
     explicit: bool = False  # the user chose the type (vs. the default)
 
 
@@ -778,5 +780,6 @@ def _router(
         context_length=overrides.orchestrator_model_context_length,
         threshold=raw.threshold if raw else None,
         margin=raw.margin if raw else None,
+        threads=raw.threads if raw else 2,
         explicit=explicit,
     )

@@ -73,7 +73,7 @@ def build_router(config: Config) -> Router:
             "pip install 'plano-extproc[router]', or set routing.router.type: orchestrator "
             "(or none) in the config"
         ) from e
-    return EmbeddedRouter(threshold=rc.threshold, margin=rc.margin)
+    return EmbeddedRouter(threshold=rc.threshold, margin=rc.margin, threads=rc.threads)
 
 
 def build_cache(config: Config) -> SessionCache:
