@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -123,8 +124,17 @@ class RedisSessionCache:
         retry_interval: float = 1.0,
         max_connections: int = 64,
         key_prefix: str = REDIS_PREFIX,
+        near_cache_seconds: float = 30.0,
+        near_cache_entries: int = 10000,
     ) -> None:
-        """Build the client; raises ``ValueError`` for an unusable URL (a config error)."""
+        """Build the client; raises ``ValueError`` for an unusable URL (a config error).
+
+        ``near_cache_seconds`` > 0 keeps pins this process has seen in memory until the
+        Redis key's own expiry (at most that many seconds). A pin never changes while its key
+        lives (set-if-absent), so this only saves round trips for the hot sessions of agent
+        loops; the cost is that a key deleted by hand in Redis stays pinned here for at most
+        ``near_cache_seconds``.
+        """
         self._url = url
         self._masked_url = mask_url(url)
         self._ttl = max(1, int(ttl_seconds))
@@ -156,6 +166,31 @@ class RedisSessionCache:
         self._skipped = 0
         self._last_error: str | None = None
         self._last_error_at: float | None = None
+        self._near_seconds = max(0.0, near_cache_seconds)
+        self._near_entries = max(1, near_cache_entries)
+        self._near: OrderedDict[str, tuple[PinnedDecision, float]] = OrderedDict()
+        self._near_hits = 0
+
+    # -- near cache --------------------------------------------------------------------
+
+    def _near_get(self, rkey: str) -> PinnedDecision | None:
+        item = self._near.get(rkey)
+        if item is None:
+            return None
+        if item[1] <= time.monotonic():
+            del self._near[rkey]
+            return None
+        self._near.move_to_end(rkey)
+        self._near_hits += 1
+        return item[0]
+
+    def _near_put(self, rkey: str, value: PinnedDecision, ttl_seconds: float) -> None:
+        if self._near_seconds <= 0 or ttl_seconds <= 0:
+            return
+        self._near[rkey] = (value, time.monotonic() + min(ttl_seconds, self._near_seconds))
+        self._near.move_to_end(rkey)
+        while len(self._near) > self._near_entries:
+            self._near.popitem(last=False)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -193,13 +228,22 @@ class RedisSessionCache:
     # -- operations --------------------------------------------------------------------
 
     async def get(self, key: str) -> PinnedDecision | None:
+        rkey = self._prefix + key
+        near = self._near_get(rkey)
+        if near is not None:
+            return near
         if not self._healthy:
             self._skipped += 1
             return None
-        rkey = self._prefix + key
         try:
             async with asyncio.timeout(self._call_timeout):
-                raw = await self._client.get(rkey)
+                if self._near_seconds > 0:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        pipe.get(rkey)
+                        pipe.pttl(rkey)
+                        raw, pttl = await pipe.execute()
+                else:
+                    raw, pttl = await self._client.get(rkey), -1
         except Exception as exc:
             self._fail(exc, "get")
             return None
@@ -209,6 +253,8 @@ class RedisSessionCache:
         if decision is None:
             self._malformed += 1
             log.warning("session cache: malformed value under %s treated as a miss", rkey)
+        elif isinstance(pttl, int) and pttl > 0:
+            self._near_put(rkey, decision, pttl / 1000.0)
         return decision
 
     async def put_if_absent(self, key: str, value: PinnedDecision) -> PinnedDecision:
@@ -237,6 +283,7 @@ class RedisSessionCache:
             self._fail(exc, "put")
             return value
         if existing is None:
+            self._near_put(rkey, value, self._ttl)
             return value
         winner = decode_decision(existing)
         if winner is None:
@@ -276,6 +323,9 @@ class RedisSessionCache:
     def _trip(self) -> None:
         """Open the breaker: requests skip Redis until the background probe succeeds."""
         self._healthy = False
+        # Redis may come back empty (no persistence) and other replicas may then pin anew:
+        # forget local copies so this replica follows Redis again instead of old pins.
+        self._near.clear()
         if self._closed:
             return
         if self._probe_task is None or self._probe_task.done():
@@ -313,4 +363,6 @@ class RedisSessionCache:
             "url": self._masked_url,
             "ttl_seconds": self._ttl,
             "atomic_put": "lua" if self._use_script else "set-nx+get",
+            "near_cache_entries": len(self._near),
+            "near_cache_hits": self._near_hits,
         }

@@ -88,7 +88,8 @@ async def test_killed_mid_traffic_stays_prompt_then_recovers(redis_server: Redis
 
 
 async def test_concurrent_traffic_when_redis_dies(redis_server: RedisServer) -> None:
-    cache = RedisSessionCache(redis_server.url, retry_interval=0.1)
+    # No near cache: every get must go to Redis, so the outage is seen on this path.
+    cache = RedisSessionCache(redis_server.url, retry_interval=0.1, near_cache_seconds=0)
     await cache.start()
     try:
         # Open several pooled connections so the kill hits in-flight and idle sockets.
@@ -141,3 +142,39 @@ async def test_close_stops_probe_task() -> None:
     assert cache._probe_task is not None
     await cache.close()
     assert cache._probe_task is None
+
+
+async def test_near_cache_serves_known_pins_and_is_dropped_when_redis_fails(
+    redis_server: RedisServer,
+) -> None:
+    cache = RedisSessionCache(redis_server.url, retry_interval=0.1, near_cache_seconds=30)
+    await cache.start()
+    try:
+        assert await cache.put_if_absent("hot", A) == A
+        other = RedisSessionCache(redis_server.url, near_cache_seconds=30)
+        await other.start()
+        assert await other.get("hot") == A  # read through Redis, then kept locally
+        redis_server.kill()
+        # Known pins are served from memory without touching Redis.
+        assert await other.get("hot") == A
+        assert other.health()["errors"] == 0 and other.health()["near_cache_hits"] == 1
+        # A miss goes to Redis, trips the breaker and drops the local copies: after an
+        # outage Redis may come back empty and this replica must follow it again.
+        assert await asyncio.wait_for(other.get("cold"), CALL_LIMIT) is None
+        assert other.health()["healthy"] is False
+        assert await other.get("hot") is None
+        await other.close()
+    finally:
+        await cache.close()
+
+
+async def test_near_cache_expires_with_the_key(redis_server: RedisServer) -> None:
+    cache = RedisSessionCache(redis_server.url, ttl_seconds=1, near_cache_seconds=30)
+    await cache.start()
+    try:
+        assert await cache.put_if_absent("short", A) == A
+        assert await cache.get("short") == A
+        await asyncio.sleep(1.2)
+        assert await cache.get("short") is None
+    finally:
+        await cache.close()
