@@ -1,10 +1,10 @@
 """End-to-end cost of model affinity through the real gateway (Envoy + ext_proc).
 
-Sequential requests (concurrency 1) from one keep-alive client, alternating between a gateway
-with the memory backend and one with Redis (both running at once, so drift hits both alike),
-against the decision endpoint and the proxy path, with the embedded router, comparing: no affinity header (router runs), a
-pinned session (router skipped) on the memory backend and on Redis, and first calls that miss
-and store. Starts everything itself on free 127.0.0.1 ports (its own redis-server, never the
+Sequential requests (concurrency 1) from one keep-alive client, alternating between gateways
+with the memory backend, Redis with its near cache and Redis without (all running at once, so
+drift hits them alike), against the decision endpoint and the proxy path, with the embedded
+router, comparing: no affinity header (router runs), a pinned session (router skipped), and
+first calls that miss and store. Starts everything itself on free 127.0.0.1 ports (its own redis-server, never the
 machine's) and stops it afterwards. Usage:
 
     .venv/bin/python bench/affinity_e2e.py [--requests 400] [--markdown]
@@ -13,6 +13,7 @@ machine's) and stops it afterwards. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -89,34 +90,39 @@ def main() -> int:
         anthropic_fake.base_url,
         router="  router: {type: embedded, threads: 1}",
     )
-    redis_cfg = base + f"  session_cache:\n    type: redis\n    url: {redis_srv.url}\n"
+    backends = {
+        "memory": base,
+        "redis, near cache": base
+        + f"  session_cache:\n    type: redis\n    url: {redis_srv.url}\n",
+        "redis, no near cache": base
+        + f"  session_cache:\n    type: redis\n    url: {redis_srv.url}\n"
+        + "    near_cache_seconds: 0\n",
+    }
     rows: list[tuple[str, str, list[float]]] = []
     try:
-        with (
-            GatewayProcess(base, tmp) as mem,
-            GatewayProcess(redis_cfg, tmp) as red,
-            httpx.Client(timeout=30) as client,
-        ):
+        with contextlib.ExitStack() as stack:
+            gws = [stack.enter_context(GatewayProcess(cfg, tmp)) for cfg in backends.values()]
+            client = stack.enter_context(httpx.Client(timeout=30))
             for path, label in (
                 ("/routing/v1/chat/completions", "decision"),
                 ("/v1/chat/completions", "proxy"),
             ):
-                urls = [mem.url + path, red.url + path]
+                urls = [gw.url + path for gw in gws]
                 pin: Headers = lambda i: {"x-model-affinity": "pinned"}  # noqa: E731
                 interleaved(client, urls, 50, lambda i: {}, args.max_seconds)  # warm-up
-                interleaved(client, urls, 1, pin, 10)  # pin the session on both
+                interleaved(client, urls, 1, pin, 10)  # pin the session everywhere
                 no_header = interleaved(client, urls, args.requests, lambda i: {}, args.max_seconds)
-                rows.append((label, "no header (router runs)", no_header[0] + no_header[1]))
+                rows.append((label, "no header (router runs)", [x for xs in no_header for x in xs]))
                 hits = interleaved(client, urls, args.requests, pin, args.max_seconds)
-                rows.append((label, "pinned hit, memory (router skipped)", hits[0]))
-                rows.append((label, "pinned hit, redis (router skipped)", hits[1]))
+                for name, xs in zip(backends, hits, strict=True):
+                    rows.append((label, f"pinned hit, {name} (router skipped)", xs))
 
                 def fresh(i: int, p: str = path) -> dict[str, str]:
                     return {"x-model-affinity": f"new-{p}-{i}-{time.time_ns()}"}
 
                 firsts = interleaved(client, urls, args.requests, fresh, args.max_seconds)
-                rows.append((label, "first call, memory (router + store)", firsts[0]))
-                rows.append((label, "first call, redis (router + store)", firsts[1]))
+                for name, xs in zip(backends, firsts, strict=True):
+                    rows.append((label, f"first call, {name} (router + store)", xs))
     finally:
         redis_srv.stop()
         openai_fake.stop()

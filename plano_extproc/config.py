@@ -110,6 +110,8 @@ class RawSessionCache(_Strict):
     type: Literal["memory", "redis"] = "memory"
     url: str | None = None
     tenant_header: str | None = None
+    # plano-extproc extension: keep known Redis pins in memory until their expiry (0 = off).
+    near_cache_seconds: float = Field(default=30.0, ge=0.0, le=3600.0)
 
 
 class RawRouter(_Strict):
@@ -247,6 +249,7 @@ class SessionCacheConfig:
     tenant_header: str | None = None
     ttl_seconds: int = 600
     max_entries: int = 10000
+    near_cache_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,6 +639,7 @@ def _normalise(
         tenant_header=cache_raw.tenant_header.lower() if cache_raw.tenant_header else None,
         ttl_seconds=routing.session_ttl_seconds,
         max_entries=max_entries,
+        near_cache_seconds=cache_raw.near_cache_seconds,
     )
     if routing.routing_budget is not None:
         warnings.append("routing.routing_budget: not supported by plano-extproc yet; ignored")

@@ -15,6 +15,7 @@ def build_session_cache(
     url: str | None,
     ttl_seconds: int,
     max_entries: int,
+    near_cache_seconds: float = 30.0,
 ) -> SessionCache:
     """Return an unstarted cache; the caller awaits ``start()``.
 
@@ -27,7 +28,9 @@ def build_session_cache(
     if normalized == "redis":
         if not url:
             raise ValueError("session cache type 'redis' requires a url (redis:// or rediss://)")
-        return RedisSessionCache(url, ttl_seconds=ttl_seconds)
+        return RedisSessionCache(
+            url, ttl_seconds=ttl_seconds, near_cache_seconds=near_cache_seconds
+        )
     raise ValueError(
         f"unknown session cache type {kind!r}; expected one of {', '.join(SESSION_CACHE_KINDS)}"
     )

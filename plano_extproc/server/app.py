@@ -81,7 +81,11 @@ def build_cache(config: Config) -> SessionCache:
 
     sc = config.session_cache
     return build_session_cache(
-        sc.type, url=sc.url, ttl_seconds=sc.ttl_seconds, max_entries=sc.max_entries
+        sc.type,
+        url=sc.url,
+        ttl_seconds=sc.ttl_seconds,
+        max_entries=sc.max_entries,
+        near_cache_seconds=sc.near_cache_seconds,
     )
 
 
