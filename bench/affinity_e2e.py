@@ -4,8 +4,8 @@ Sequential requests (concurrency 1) from one keep-alive client, alternating betw
 with the memory backend, Redis with its near cache and Redis without (all running at once, so
 drift hits them alike), against the decision endpoint and the proxy path, with the embedded
 router, comparing: no affinity header (router runs), a pinned session (router skipped), and
-first calls that miss and store. Starts everything itself on free 127.0.0.1 ports (its own redis-server, never the
-machine's) and stops it afterwards. Usage:
+first calls that miss and store. Starts everything itself on free 127.0.0.1 ports (its own
+redis-server, never the machine's) and stops it afterwards. Usage:
 
     .venv/bin/python bench/affinity_e2e.py [--requests 400] [--markdown]
 """
