@@ -84,18 +84,10 @@ def _int8_matmul_graph(model_bytes: bytes) -> bytes | None:
     for node in list(graph.node):
         if node.op_type != "MatMul":
             continue
-        mul = producers.get(node.input[1])
-        if mul is None or mul.op_type != "Mul" or len(consumers.get(mul.output[0], [])) != 1:
+        match = _dequantized_int8(node.input[1], inits, producers, consumers)
+        if match is None:
             continue
-        cast = producers.get(mul.input[0])
-        scale_name = mul.input[1]
-        if cast is None or cast.op_type != "Cast" or scale_name not in inits:
-            continue
-        weight_name = cast.input[0]
-        if weight_name not in inits or inits[weight_name].data_type != onnx.TensorProto.INT8:
-            continue
-        if len(consumers.get(cast.output[0], [])) != 1:
-            continue
+        mul, cast, weight_name, scale_name = match
         scale = numpy_helper.to_array(inits[scale_name]).astype(np.float32)
         n_cols = inits[weight_name].dims[-1]
         if scale.size not in (1, n_cols):
@@ -128,9 +120,37 @@ def _int8_matmul_graph(model_bytes: bytes) -> bytes | None:
     return data
 
 
+def _dequantized_int8(
+    value: str,
+    inits: dict[str, Any],
+    producers: dict[str, Any],
+    consumers: dict[str, list[Any]],
+) -> tuple[Any, Any, str, str] | None:
+    """If ``value`` is ``Cast(W_int8) * scale`` used only there, return (mul, cast, W, scale)."""
+    from onnx import TensorProto
+
+    mul = producers.get(value)
+    if mul is None or mul.op_type != "Mul" or len(consumers.get(mul.output[0], [])) != 1:
+        return None
+    cast = producers.get(mul.input[0])
+    scale_name = mul.input[1]
+    if cast is None or cast.op_type != "Cast" or scale_name not in inits:
+        return None
+    weight_name = cast.input[0]
+    weight = inits.get(weight_name)
+    if weight is None or weight.data_type != TensorProto.INT8:
+        return None
+    if len(consumers.get(cast.output[0], [])) != 1:
+        return None
+    return mul, cast, weight_name, scale_name
+
+
 def _dequantize_after_gather(
-    graph: Any, inits: dict[str, Any], producers: dict[str, Any],
-    consumers: dict[str, list[Any]], drop: set[int],
+    graph: Any,
+    inits: dict[str, Any],
+    producers: dict[str, Any],
+    consumers: dict[str, list[Any]],
+    drop: set[int],
 ) -> int:
     """Rewrite ``Gather(Cast(Wq) * scale, ids)`` -> ``Cast(Gather(Wq, ids)) * Gather(scale, ids)``.
 
@@ -143,31 +163,25 @@ def _dequantize_after_gather(
     for node in list(graph.node):
         if node.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in node.attribute):
             continue
-        mul = producers.get(node.input[0])
-        if mul is None or mul.op_type != "Mul" or len(consumers.get(mul.output[0], [])) != 1:
+        match = _dequantized_int8(node.input[0], inits, producers, consumers)
+        if match is None:
             continue
-        cast = producers.get(mul.input[0])
-        scale_name = mul.input[1]
-        if cast is None or cast.op_type != "Cast" or scale_name not in inits:
-            continue
-        weight_name = cast.input[0]
-        weight = inits.get(weight_name)
-        if weight is None or weight.data_type != TensorProto.INT8:
-            continue
-        if len(consumers.get(cast.output[0], [])) != 1:
-            continue
+        mul, cast, weight_name, scale_name = match
+        weight = inits[weight_name]
         scale_dims = list(inits[scale_name].dims)
         if len(weight.dims) != 2 or scale_dims != [weight.dims[0], 1]:
             continue
         ids, out = node.input[1], node.output[0]
         rows_q, rows_f, rows_s = f"{out}__q", f"{out}__f", f"{out}__s"
         at = list(graph.node).index(node)
-        for offset, new in enumerate([
-            helper.make_node("Gather", [weight_name, ids], [rows_q], axis=0),
-            helper.make_node("Cast", [rows_q], [rows_f], to=TensorProto.FLOAT),
-            helper.make_node("Gather", [scale_name, ids], [rows_s], axis=0),
-            helper.make_node("Mul", [rows_f, rows_s], [out]),
-        ]):
+        for offset, new in enumerate(
+            [
+                helper.make_node("Gather", [weight_name, ids], [rows_q], axis=0),
+                helper.make_node("Cast", [rows_q], [rows_f], to=TensorProto.FLOAT),
+                helper.make_node("Gather", [scale_name, ids], [rows_s], axis=0),
+                helper.make_node("Mul", [rows_f, rows_s], [out]),
+            ]
+        ):
             graph.node.insert(at + offset, new)
         drop.update({id(node), id(mul), id(cast)})
         return 1
@@ -270,7 +284,8 @@ class Encoder:
         rows = [hidden.mean(axis=0)]  # no padding, so a plain mean is MiniLM's masked mean
         for lo, hi in spans:
             idx = [
-                i for i, ((start, end), special) in enumerate(
+                i
+                for i, ((start, end), special) in enumerate(
                     zip(enc.offsets, enc.special_tokens_mask, strict=True)
                 )
                 if not special and end > start and start >= lo and end <= hi
