@@ -119,6 +119,14 @@ def trace_id_from(headers: Mapping[str, str]) -> str:
     return os.urandom(16).hex()
 
 
+def _utf8(header_value: str, what: str) -> str:
+    """Header values arrive as bytes-in-latin-1; ids are UTF-8 text (so "€" is not a C1 control)."""
+    try:
+        return header_value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise InvalidAffinityId(f"{what} is not valid UTF-8") from None
+
+
 def compatible(provider: Provider, api: ClientApi) -> bool:
     spec = PROVIDERS.get(provider.interface)
     return spec is not None and api in spec.native
@@ -181,8 +189,10 @@ class Gateway:
             if self.config.session_cache.tenant_header:
                 tenant = info.headers.get(self.config.session_cache.tenant_header)
             try:
-                info.affinity_id = validate_affinity_id(raw_id)
-                info.affinity_key = cache_key(info.affinity_id, tenant)
+                info.affinity_id = validate_affinity_id(_utf8(raw_id, "X-Model-Affinity"))
+                info.affinity_key = cache_key(
+                    info.affinity_id, _utf8(tenant, "tenant header") if tenant else None
+                )
             except InvalidAffinityId as e:
                 raise bad_request(str(e)) from None
         return None
@@ -358,4 +368,3 @@ class Gateway:
         return Decision(
             ranked, pref.name, dispatch, router_error=result.error, scores=result.scores
         )
-

@@ -166,3 +166,41 @@ async def test_decision_response(stub: pb_grpc.ExternalProcessorStub) -> None:
         "session_id": "s-1",
         "pinned": False,
     }
+
+
+async def test_utf8_affinity_id_is_accepted(stub: pb_grpc.ExternalProcessorStub) -> None:
+    call = stub.Process()
+    session = "sesión-€-1"
+    items = [(":method", b"POST"), (":path", b"/routing/v1/chat/completions")]
+    items.append(("x-model-affinity", session.encode("utf-8")))
+    await call.write(
+        pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(
+                headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v) for k, v in items])
+            )
+        )
+    )
+    first = await call.read()
+    assert first.WhichOneof("response") == "request_headers"
+    await call.write(body_msg(b'{"messages": [{"role": "user", "content": "hi"}]}'))
+    resp = await call.read()
+    assert json.loads(resp.immediate_response.body)["session_id"] == session
+
+
+async def test_non_utf8_affinity_id_is_rejected(stub: pb_grpc.ExternalProcessorStub) -> None:
+    call = stub.Process()
+    items = [
+        (":method", b"POST"),
+        (":path", b"/v1/chat/completions"),
+        ("x-model-affinity", b"\xff\xfe"),
+    ]
+    await call.write(
+        pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(
+                headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v) for k, v in items])
+            )
+        )
+    )
+    resp = await call.read()
+    assert resp.immediate_response.status.code == 400
+    assert "UTF-8" in json.loads(resp.immediate_response.body)["error"]["message"]
