@@ -52,10 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plano_extproc.config import load_config
 from plano_extproc.envoy_config import EXTPROC_CLUSTER, render_bootstrap, render_yaml
 from plano_extproc.supervisor import envoy_binary, free_port, wait_http_ok
+from tests.conftest import seed_config
 
 _T = "type.googleapis.com/envoy."
 CLIENT_KEY = "client-key"
-OPENAI_KEY = "sk-bench-openai"
+OPENAI_KEY = "sk-openai-test"  # the key tests/conftest.py:seed_config gives OpenAI
 MODEL = "openai/gpt-4o-mini"  # rewritten to "gpt-4o-mini" by the gateway
 PROMPT = (
     "Explain the trade-offs between optimistic and pessimistic locking in a relational "
@@ -97,39 +98,10 @@ def chat_body(prompt: str = PROMPT) -> str:
 
 
 def config_yaml(upstream_port: int, listen_port: int, router: str) -> str:
-    base = f"http://127.0.0.1:{upstream_port}/v1"
-    return f"""
-version: v0.4.0
-listeners:
-  - name: model_listener
-    type: model
-    port: {listen_port}
-    timeout: 30s
-model_providers:
-  - model: openai/gpt-4o-mini
-    base_url: {base}
-    access_key: {OPENAI_KEY}
-    default: true
-  - model: openai/gpt-4o
-    base_url: {base}
-    access_key: {OPENAI_KEY}
-  - model: anthropic/claude-sonnet-4-20250514
-    base_url: {base}
-    access_key: sk-bench-anthropic
-model_aliases:
-  fast-model:
-    target: openai/gpt-4o-mini
-routing_preferences:
-  - name: complex_reasoning
-    description: complex reasoning tasks, multi-step analysis, or detailed explanations
-    models: [openai/gpt-4o, openai/gpt-4o-mini]
-  - name: code_generation
-    description: generating new code, writing functions, or creating boilerplate
-    models: [anthropic/claude-sonnet-4-20250514, openai/gpt-4o]
-routing:
-  router:
-    type: {router}
-"""
+    """The tests' seed-demo config, every provider pointed at the fast upstream."""
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    cfg = seed_config(upstream, upstream, router=f"  router:\n    type: {router}")
+    return cfg.replace("port: 12000", f"port: {listen_port}")
 
 
 # ---------------------------------------------------------------------------- Envoy configs
