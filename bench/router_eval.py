@@ -109,19 +109,26 @@ def by_kind(rows: Sequence[dict[str, Any]], predicted: Sequence[str | None]) -> 
 
 
 SEED_ROUTES = [
-    RoutePreference("code_generation",
-                    "generating new code, writing functions, or creating boilerplate"),
-    RoutePreference("complex_reasoning",
-                    "complex reasoning tasks, multi-step analysis, or detailed explanations"),
+    RoutePreference(
+        "code_generation", "generating new code, writing functions, or creating boilerplate"
+    ),
+    RoutePreference(
+        "complex_reasoning",
+        "complex reasoning tasks, multi-step analysis, or detailed explanations",
+    ),
 ]
 #: The seed demo's prompts and expected routes (routes are descriptions only, as in its config).
 SEED_DEMO: list[tuple[str, str | None]] = [
     ("Write a Python function that implements binary search", "code_generation"),
-    ("Explain the trade-offs between microservices and monolithic architectures",
-     "complex_reasoning"),
+    (
+        "Explain the trade-offs between microservices and monolithic architectures",
+        "complex_reasoning",
+    ),
     ("What is the capital of France?", None),
-    ("Create a REST API endpoint in Rust using actix-web that handles user registration",
-     "code_generation"),
+    (
+        "Create a REST API endpoint in Rust using actix-web that handles user registration",
+        "code_generation",
+    ),
     ("Build a React component that renders a sortable data table", "code_generation"),
 ]
 
@@ -141,8 +148,7 @@ def calibrate(
             accs = []
             for rows, decisions in dev_sets:
                 ok = sum(
-                    (r["route"] or None)
-                    == decide(d.scores, d.no_match, threshold=t, margin=mg)
+                    (r["route"] or None) == decide(d.scores, d.no_match, threshold=t, margin=mg)
                     for r, d in zip(rows, decisions, strict=True)
                 )
                 accs.append(ok / len(rows))
@@ -150,7 +156,8 @@ def calibrate(
     best = max(acc for acc, _, _ in results)
     plateau = [(t, mg) for acc, t, mg in results if acc >= best - 1e-9]
     seed_ok = [
-        (t, mg) for t, mg in plateau
+        (t, mg)
+        for t, mg in plateau
         if all(decide(d.scores, d.no_match, threshold=t, margin=mg) == want for d, want in seed)
     ]
     plateau = seed_ok or plateau
@@ -225,8 +232,12 @@ def server_rss() -> tuple[int, int]:
     examples/quickstart.yaml) through 2,000 routing decisions on distinct prompts (50 of them
     ~1,000 words; fills the text cache). Returns (RSS, peak RSS) in MB."""
     out = subprocess.run(
-        [sys.executable, "-c", SERVER_RSS_CODE], cwd=ROOT, capture_output=True, text=True,
-        check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-c", SERVER_RSS_CODE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     now, peak = out.stdout.strip().splitlines()[-1].split()
     return int(now), int(peak)
@@ -244,8 +255,12 @@ def rss_mb() -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=["descriptions", "examples", "both"], default="both",
-                    help="descriptions only, description + 5 examples, or both")
+    ap.add_argument(
+        "--mode",
+        choices=["descriptions", "examples", "both"],
+        default="both",
+        help="descriptions only, description + 5 examples, or both",
+    )
     ap.add_argument("--split", choices=["dev", "test", "all"], default="test")
     ap.add_argument("--calibrate", action="store_true", help="grid-search threshold/margin on dev")
     ap.add_argument("--explain", action="store_true", help="print scores of misrouted prompts")
@@ -254,8 +269,11 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="disable the int8 MatMul rewrite")
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--margin", type=float)
-    ap.add_argument("--server-rss", action="store_true",
-                    help="also measure the whole ext_proc server's RSS in a fresh process")
+    ap.add_argument(
+        "--server-rss",
+        action="store_true",
+        help="also measure the whole ext_proc server's RSS in a fresh process",
+    )
     args = ap.parse_args()
 
     router = EmbeddedRouter(threshold=args.threshold, margin=args.margin, int8_matmul=not args.fp32)
@@ -267,11 +285,14 @@ def main() -> None:
     if args.calibrate:
         dev = load_eval("dev")
         sets = [(dev, score_rows(router, dev, load_routes(m == "examples"))) for m in modes]
-        seed = [(router.decide([ChatMessage("user", q)], SEED_ROUTES), want)
-                for q, want in SEED_DEMO]
+        seed = [
+            (router.decide([ChatMessage("user", q)], SEED_ROUTES), want) for q, want in SEED_DEMO
+        ]
         acc, t, mg = calibrate(sets, seed)
-        print(f"calibrated on dev ({', '.join(modes)}): threshold={t} margin={mg} "
-              f"mean dev accuracy {acc:.3f}")
+        print(
+            f"calibrated on dev ({', '.join(modes)}): threshold={t} margin={mg} "
+            f"mean dev accuracy {acc:.3f}"
+        )
         router.threshold, router.margin = t, mg
 
     rows = load_eval(args.split)
@@ -285,8 +306,10 @@ def main() -> None:
             for d in decisions
         ]
         m = metrics(rows, predicted, [p.name for p in prefs])
-        print(f"\n[{mode}] accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  "
-              f"({by_kind(rows, predicted)})")
+        print(
+            f"\n[{mode}] accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  "
+            f"({by_kind(rows, predicted)})"
+        )
         print_matrix(m)
         if args.explain:
             for r, d, p in zip(rows, decisions, predicted, strict=True):
@@ -294,8 +317,10 @@ def main() -> None:
                     users = [x["content"] for x in r["messages"] if x["role"] == "user"]
                     last = users[-1] if users else ""
                     top = sorted(d.scores.items(), key=lambda kv: -kv[1])[:2]
-                    print(f"  {r['id']} gold={r['route']} pred={p} nomatch={d.no_match:.3f} "
-                          f"top={top} :: {last[:90]!r}")
+                    print(
+                        f"  {r['id']} gold={r['route']} pred={p} nomatch={d.no_match:.3f} "
+                        f"top={top} :: {last[:90]!r}"
+                    )
 
     if not args.no_latency:
         prefs = load_routes(True)
@@ -305,8 +330,10 @@ def main() -> None:
         print(latency(router, prefs, 1000, max(50, args.n // 3)))
         print(f"cold start (fresh process, import..prepare): {cold_start():.2f} s")
         cur, peak = rss_mb()
-        print(f"process RSS: {cur:.0f} MB now, {peak:.0f} MB peak; "
-              f"text cache {router.encoder.cache_len()} entries")
+        print(
+            f"process RSS: {cur:.0f} MB now, {peak:.0f} MB peak; "
+            f"text cache {router.encoder.cache_len()} entries"
+        )
     if args.server_rss:
         now, top = server_rss()
         print(f"whole ext_proc server after 2,000 decisions: RSS {now} MB, peak {top} MB")

@@ -74,8 +74,21 @@ _STOPWORDS = frozenset(
     "why all each other new".split()
 )
 _SUFFIXES = (
-    "izations", "ization", "ations", "ation", "ments", "ment", "ings", "ing",
-    "ies", "ied", "es", "ed", "s", "e", "y",
+    "izations",
+    "ization",
+    "ations",
+    "ation",
+    "ments",
+    "ment",
+    "ings",
+    "ing",
+    "ies",
+    "ied",
+    "es",
+    "ed",
+    "s",
+    "e",
+    "y",
 )
 _LEADING_JOINER = re.compile(r"^(?:or|and|as well as|also|e\.g\.|etc\.?)\s+", re.IGNORECASE)
 #: Words skipped when looking for a text's leading action word ("Can you please translate …").
@@ -278,8 +291,13 @@ class LRU:
 
 
 def train_softmax(
-    features: Any, labels: Any, classes: int, *, scale: float = CLASSIFIER_SCALE,
-    l2: float = CLASSIFIER_L2, steps: int = CLASSIFIER_STEPS,
+    features: Any,
+    labels: Any,
+    classes: int,
+    *,
+    scale: float = CLASSIFIER_SCALE,
+    l2: float = CLASSIFIER_L2,
+    steps: int = CLASSIFIER_STEPS,
 ) -> tuple[Any, Any]:
     """Class-balanced multinomial logistic regression (full-batch Adam, zero init, so the
     result is deterministic). Returns ``(weights, bias)`` to apply to unscaled features:
@@ -442,7 +460,8 @@ class EmbeddedRouter:
         centroids = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
         offsets = (
             HUB_WEIGHT * (anchors @ centroids.T).mean(axis=0)
-            if len(anchors) else np.zeros(len(rows))
+            if len(anchors)
+            else np.zeros(len(rows))
         )
         labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
         clf_w, clf_b = train_softmax(vectors, labels, len(rows))
