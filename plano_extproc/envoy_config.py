@@ -41,6 +41,14 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _one_per_cluster(config: Config) -> list[Provider]:
+    """The first provider of each upstream endpoint: providers sharing one get one cluster."""
+    first: dict[str, Provider] = {}
+    for p in config.providers:
+        first.setdefault(p.cluster, p)
+    return list(first.values())
+
+
 def _provider_cluster(p: Provider, config: Config) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": p.cluster,
@@ -138,11 +146,7 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
             "typed_per_filter_config": disabled,
         }
     ]
-    seen: set[str] = set()
-    for p in config.providers:
-        if p.cluster in seen:
-            continue
-        seen.add(p.cluster)
+    for p in _one_per_cluster(config):
         action: dict[str, Any] = {
             "cluster": p.cluster,
             "timeout": timeout,
@@ -272,11 +276,7 @@ def render_bootstrap(
             }
         ]
     clusters = [_extproc_cluster(extproc)]
-    seen: set[str] = set()
-    for p in config.providers:
-        if p.cluster not in seen:
-            seen.add(p.cluster)
-            clusters.append(_provider_cluster(p, config))
+    clusters += [_provider_cluster(p, config) for p in _one_per_cluster(config)]
     return {
         "admin": {"address": _address("127.0.0.1", admin_port)},
         "overload_manager": {
