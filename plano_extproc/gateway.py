@@ -349,15 +349,12 @@ class Gateway:
                 ["none"], None, requested, router_error=result.error, scores=result.scores
             )
         ranked = list(pref.models)
-        dispatch = self.catalog.lookup(ranked[0]) or requested
+        candidates = [c for c in map(self.catalog.lookup, ranked) if c is not None]
         if info.kind == "proxy":
             assert info.api is not None
-            candidates = [self.catalog.lookup(m) for m in ranked]
-            usable = [c for c in candidates if c is not None and compatible(c, info.api)]
-            if usable:
-                dispatch = usable[0]
-            else:
-                dispatch = requested
+            # The first route model that speaks the client's API natively.
+            candidates = [c for c in candidates if compatible(c, info.api)]
+            if not candidates:
                 log.info(
                     "request_id=%s route %s has no model serving %s; keeping %s",
                     info.request_id,
@@ -365,6 +362,7 @@ class Gateway:
                     info.api.label,
                     requested.name if requested else None,
                 )
+        dispatch = candidates[0] if candidates else requested
         return Decision(
             ranked, pref.name, dispatch, router_error=result.error, scores=result.scores
         )
