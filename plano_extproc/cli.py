@@ -63,10 +63,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             workers=args.workers,
             log_level=args.log_level,
+            transport=args.transport,
         )
     from plano_extproc.server.app import run
 
-    return run(cfg, args.host, args.port, args.admin_port, admin_host=args.admin_host)
+    return run(
+        cfg,
+        args.host,
+        args.port,
+        args.admin_port,
+        admin_host=args.admin_host,
+        transport=args.transport,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -86,6 +94,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         log_level=args.log_level,
         envoy_concurrency=args.envoy_concurrency,
+        transport=args.transport,
     )
 
 
@@ -130,6 +139,16 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transport_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--transport",
+        choices=["h2", "grpcio"],
+        default="h2",
+        help="ext_proc server stack: h2 = built-in HTTP/2 server (default, ~3x less CPU per "
+        "request), grpcio = grpc.aio",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plano-extproc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-host", default=None, help="admin bind address (default: --host)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default="info")
+    _transport_arg(s)
     s.set_defaults(func=cmd_serve)
 
     u = sub.add_parser("up", help="run ext_proc workers and Envoy in the foreground")
@@ -168,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--access-log", action="store_true", help="Envoy access log on stdout")
     u.add_argument("--envoy-concurrency", type=int, default=None)
     u.add_argument("--log-level", default="info")
+    _transport_arg(u)
     u.set_defaults(func=cmd_up)
 
     r = sub.add_parser("route", help="print the routing decision for a prompt")

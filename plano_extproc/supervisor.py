@@ -139,7 +139,7 @@ class Supervisor:
 
 
 def _worker_argv(
-    config_path: str, host: str, port: int, admin_port: int, log_level: str
+    config_path: str, host: str, port: int, admin_port: int, log_level: str, transport: str
 ) -> list[str]:
     return [
         sys.executable,
@@ -157,6 +157,8 @@ def _worker_argv(
         "1",
         "--log-level",
         log_level,
+        "--transport",
+        transport,
     ]
 
 
@@ -169,6 +171,7 @@ def start_workers(
     admin_base: int,
     workers: int,
     log_level: str,
+    transport: str = "h2",
 ) -> list[tuple[str, int]]:
     ports = (
         [free_port(host) for _ in range(workers)]
@@ -182,7 +185,9 @@ def start_workers(
     )
     kids = [
         sup.spawn(
-            f"ext_proc worker {i}", _worker_argv(config_path, host, p, a, log_level), capture=True
+            f"ext_proc worker {i}",
+            _worker_argv(config_path, host, p, a, log_level, transport),
+            capture=True,
         )
         for i, (p, a) in enumerate(zip(ports, admins, strict=True))
     ]
@@ -193,7 +198,14 @@ def start_workers(
 
 
 def run_workers(
-    config_path: str, *, host: str, port: int, admin_port: int, workers: int, log_level: str
+    config_path: str,
+    *,
+    host: str,
+    port: int,
+    admin_port: int,
+    workers: int,
+    log_level: str,
+    transport: str = "h2",
 ) -> int:
     sup = Supervisor()
     try:
@@ -205,6 +217,7 @@ def run_workers(
             admin_base=admin_port,
             workers=workers,
             log_level=log_level,
+            transport=transport,
         )
     except SystemExit:
         sup.stop_all()
@@ -244,6 +257,7 @@ def run_up(
     access_log: bool,
     log_level: str,
     envoy_concurrency: int | None,
+    transport: str = "h2",
 ) -> int:
     sup = Supervisor()
     try:
@@ -255,6 +269,7 @@ def run_up(
             admin_base=worker_admin_port,
             workers=workers,
             log_level=log_level,
+            transport=transport,
         )
         bootstrap = render_bootstrap(
             config,

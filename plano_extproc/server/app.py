@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import grpc
 from aiohttp import web
@@ -23,7 +24,8 @@ from plano_extproc.config import Config
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
 from plano_extproc.routing.base import NullRouter, Router
-from plano_extproc.server.servicer import ExternalProcessor
+from plano_extproc.server.h2 import H2Server
+from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -35,6 +37,10 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+
+
+Transport = Literal["h2", "grpcio"]
+TRANSPORTS: tuple[Transport, ...] = ("h2", "grpcio")
 
 
 class StartupError(Exception):
@@ -89,9 +95,13 @@ def build_cache(config: Config) -> SessionCache:
     )
 
 
+class ExtProcServer(Protocol):
+    async def stop(self, grace: float | None) -> Any: ...
+
+
 @dataclass
 class Running:
-    server: grpc.aio.Server
+    server: ExtProcServer
     admin: web.AppRunner | None
     gateway: Gateway
     port: int
@@ -104,6 +114,7 @@ async def start(
     port: int,
     admin_port: int | None = None,
     admin_host: str | None = None,
+    transport: Transport = "h2",
 ) -> Running:
     router = build_router(config)
     cache = build_cache(config)
@@ -121,24 +132,38 @@ async def start(
         log.warning("no routing_preferences configured: routes are inactive, models pass as sent")
     gateway = Gateway(config, router, cache)
     metrics = Metrics()
+    server, bound = await _start_extproc(transport, gateway, metrics, host, port)
+    runner = None
+    bound_admin = None
+    if admin_port is not None:
+        runner, bound_admin = await _start_admin(admin_host or host, admin_port, gateway, metrics)
+    log.info(
+        "ext_proc listening on %s:%d (transport=%s, router=%s, session_cache=%s)",
+        host,
+        bound,
+        transport,
+        config.router.type,
+        config.session_cache.type,
+    )
+    return Running(server, runner, gateway, bound, bound_admin)
+
+
+async def _start_extproc(
+    transport: Transport, gateway: Gateway, metrics: Metrics, host: str, port: int
+) -> tuple[ExtProcServer, int]:
+    if transport == "h2":
+        h2 = H2Server(lambda: ExtProcStream(gateway, metrics))
+        try:
+            return h2, await h2.start(host, port)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise StartupError(f"cannot listen on {host}:{port} (port in use?)")
     await server.start()
-    runner = None
-    bound_admin = None
-    if admin_port is not None:
-        runner, bound_admin = await _start_admin(admin_host or host, admin_port, gateway, metrics)
-    log.info(
-        "ext_proc listening on %s:%d (router=%s, session_cache=%s)",
-        host,
-        bound,
-        config.router.type,
-        config.session_cache.type,
-    )
-    return Running(server, runner, gateway, bound, bound_admin)
+    return server, bound
 
 
 async def _start_admin(
@@ -186,8 +211,9 @@ async def serve_forever(
     port: int,
     admin_port: int | None = None,
     admin_host: str | None = None,
+    transport: Transport = "h2",
 ) -> None:
-    running = await start(config, host, port, admin_port, admin_host)
+    running = await start(config, host, port, admin_port, admin_host, transport)
     # One line on stdout that supervisors wait for.
     print(f"READY grpc={running.port} admin={running.admin_port}", flush=True)
     stop_event = asyncio.Event()
@@ -205,6 +231,7 @@ def run(
     admin_port: int | None = None,
     *,
     admin_host: str | None = None,
+    transport: Transport = "h2",
 ) -> int:
     try:
         import uvloop
@@ -213,7 +240,7 @@ def run(
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
     try:
-        asyncio.run(serve_forever(config, host, port, admin_port, admin_host))
+        asyncio.run(serve_forever(config, host, port, admin_port, admin_host, transport))
     except StartupError as e:
         print(f"plano-extproc: {e}", file=sys.stderr)
         return 2

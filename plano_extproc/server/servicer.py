@@ -1,14 +1,17 @@
-"""The ext_proc gRPC servicer: Envoy messages in, ``Gateway`` decisions out.
+"""The ext_proc servicer: Envoy messages in, ``Gateway`` decisions out.
 
-Uses grpc.aio's ``context.read()/write()`` API (measurably cheaper than async generators)
-and sends every header value as ``raw_value`` (Envoy ignores ``value`` for mutations).
+``ExtProcStream`` holds the per-request logic; two transports drive it: our own HTTP/2
+server (``server/h2.py``, the default) and grpc.aio (``ExternalProcessor``, which uses the
+``context.read()/write()`` API, measurably cheaper than async generators). Every header value
+is sent as ``raw_value`` (Envoy ignores ``value`` for mutations).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -66,47 +69,90 @@ def upstream_response(up: Upstream) -> pb.ProcessingResponse:
     return out
 
 
+@dataclass(slots=True)
+class Reply:
+    """One message for Envoy; ``last`` ends the ext_proc stream after it."""
+
+    message: pb.ProcessingResponse
+    last: bool
+
+
+_REPLY_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_REPLY_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_REPLY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_REPLY_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+class ExtProcStream:
+    """The logic of one ext_proc stream (one HTTP request), shared by both transports.
+
+    ``step`` answers the headers phase synchronously and returns a coroutine for the body
+    phase (which may wait for the router or the session cache), so a transport only pays for
+    a task when there is something to wait for.
+    """
+
+    __slots__ = ("gateway", "info", "metrics")
+
+    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+        self.gateway = gateway
+        self.metrics = metrics
+        self.info: RequestInfo | None = None
+
+    def step(self, req: pb.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
+        which = req.WhichOneof("request")
+        if which == "request_headers":
+            info = RequestInfo.build(
+                _headers_map(req.request_headers), req.request_headers.end_of_stream
+            )
+            self.info = info
+            early = self.gateway.on_headers(info)
+            if early is not None:
+                self.metrics.count_immediate(early.status)
+                return Reply(immediate_response(early), True)
+            return Reply(_CONTINUE_HEADERS, False)
+        if which == "request_body":
+            return self._body(req.request_body.body)
+        # Phases our Envoy config never sends (SKIP/NONE); answered so that a hand-written
+        # bootstrap with other modes still works.
+        if which == "request_trailers":
+            return Reply(_REPLY_TRAILERS, False)
+        if which == "response_headers":
+            return Reply(_REPLY_RESPONSE_HEADERS, False)
+        if which == "response_body":
+            return Reply(_REPLY_RESPONSE_BODY, False)
+        return Reply(_REPLY_RESPONSE_TRAILERS, False)
+
+    async def _body(self, body: bytes) -> Reply:
+        info = self.info
+        if info is None:
+            info = self.info = RequestInfo.build({})
+        started = time.perf_counter()
+        result = await self.gateway.on_body(info, body)
+        if isinstance(result, Immediate):
+            self.metrics.count_immediate(result.status, info.kind)
+            return Reply(immediate_response(result), True)
+        self.metrics.count_routed(result, time.perf_counter() - started)
+        # Nothing else to process (response phases are SKIP): ending the stream now frees
+        # it at once instead of holding it open until the upstream answers.
+        return Reply(upstream_response(result), True)
+
+
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """The grpc.aio transport (``--transport grpcio``)."""
+
     def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
         self.gateway = gateway
         self.metrics = metrics
 
     async def Process(self, request_iterator: Any, context: Any) -> None:
-        info: RequestInfo | None = None
+        stream = ExtProcStream(self.gateway, self.metrics)
         while True:
             req = await context.read()
             if req is grpc.aio.EOF:
                 return
-            which = req.WhichOneof("request")
-            if which == "request_headers":
-                info = RequestInfo.build(
-                    _headers_map(req.request_headers), req.request_headers.end_of_stream
-                )
-                early = self.gateway.on_headers(info)
-                if early is not None:
-                    self.metrics.count_immediate(early.status)
-                    await context.write(immediate_response(early))
-                    return
-                await context.write(_CONTINUE_HEADERS)
-            elif which == "request_body":
-                if info is None:
-                    info = RequestInfo.build({})
-                started = time.perf_counter()
-                result = await self.gateway.on_body(info, req.request_body.body)
-                if isinstance(result, Immediate):
-                    self.metrics.count_immediate(result.status, info.kind)
-                    await context.write(immediate_response(result))
-                    return
-                self.metrics.count_routed(result, time.perf_counter() - started)
-                await context.write(upstream_response(result))
-                # Nothing else to process (response phases are SKIP): closing the stream now
-                # frees it at once instead of holding it open until the upstream answers.
+            reply = stream.step(req)
+            if not isinstance(reply, Reply):
+                reply = await reply
+            await context.write(reply.message)
+            if reply.last:
                 return
-            elif which == "request_trailers":
-                await context.write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
-            elif which == "response_headers":
-                await context.write(pb.ProcessingResponse(response_headers=pb.HeadersResponse()))
-            elif which == "response_body":
-                await context.write(pb.ProcessingResponse(response_body=pb.BodyResponse()))
-            elif which == "response_trailers":
-                await context.write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))

@@ -1,7 +1,8 @@
-"""The ext_proc servicer over a real in-process gRPC channel (Envoy's side played by a client).
+"""The ext_proc servicer over a real gRPC channel (Envoy's side played by a grpc.aio client).
 
-grpcio-testing's harness drives only synchronous servicers; ours is grpc.aio, so these tests
-speak the real protocol to a real grpc.aio server on a free loopback port instead.
+Every test runs against both transports: the built-in HTTP/2 server (default) and grpc.aio.
+grpcio-testing's harness drives only synchronous servicers, so these tests speak the real
+protocol over loopback with grpcio's own client instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
 from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import GRPC_OPTIONS
-from plano_extproc.server.servicer import ExternalProcessor
+from plano_extproc.server.h2 import H2Server
+from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
 
 CONFIG = """
 version: v0.4.0
@@ -37,14 +39,20 @@ routing:
 """
 
 
-@pytest.fixture
-async def stub() -> AsyncIterator[pb_grpc.ExternalProcessorStub]:
+@pytest.fixture(params=["h2", "grpcio"])
+async def stub(request: pytest.FixtureRequest) -> AsyncIterator[pb_grpc.ExternalProcessorStub]:
     cfg = parse_config(CONFIG)
     gateway = Gateway(cfg, NullRouter(), MemorySessionCache())
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, Metrics()), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    metrics = Metrics()
+    server: H2Server | grpc.aio.Server
+    if request.param == "h2":
+        server = H2Server(lambda: ExtProcStream(gateway, metrics))
+        port = await server.start("127.0.0.1", 0)
+    else:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield pb_grpc.ExternalProcessorStub(channel)
     await channel.close()
