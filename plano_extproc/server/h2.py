@@ -84,6 +84,18 @@ def _hpack_literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
 
 
+# Our SETTINGS and the connection window raised to the maximum, sent after the client preface.
+SERVER_PREFACE = _frame(
+    SETTINGS,
+    0,
+    0,
+    b"".join(
+        _SETTING.pack(k, v)
+        for k, v in ((3, MAX_CONCURRENT_STREAMS), (4, MAX_WINDOW), (5, MAX_FRAME),
+                     (6, MAX_HEADER_BLOCK))
+    ),
+) + _frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))  # fmt: skip
+
 # ":status: 200" is static entry 8; content-type is static name 31, sent as a literal.
 RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + _hpack_int(16, 7) + b"application/grpc"
 TRAILERS_OK = _hpack_literal(b"grpc-status", b"0")
@@ -168,17 +180,9 @@ class H2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
-        transport = self.transport
         self.server.connections.add(self)
-        settings = b"".join(
-            _SETTING.pack(k, v)
-            for k, v in ((3, MAX_CONCURRENT_STREAMS), (4, MAX_WINDOW), (5, MAX_FRAME),
-                         (6, MAX_HEADER_BLOCK))
-        )  # fmt: skip
-        transport.write(
-            _frame(SETTINGS, 0, 0, settings)
-            + _frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))
-        )
+        # Our SETTINGS go out once the client preface has arrived (data_received), so that
+        # an HTTP/1.x client gets a readable 400 instead of binary frames before it.
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -206,6 +210,7 @@ class H2Connection(asyncio.Protocol):
                     return
                 del buf[: len(PREFACE)]
                 self.preface_ok = True
+                self._out.append(SERVER_PREFACE)
             pos, n = 0, len(buf)
             while n - pos >= 9 and not self.closed:
                 hi, lo, ftype, flags, sid = _FRAME.unpack_from(buf, pos)
