@@ -292,7 +292,7 @@ class H2Connection(asyncio.Protocol):
         if s.recv_unacked > MAX_WINDOW // 2:
             self._emit(_frame(WINDOW_UPDATE, 0, sid, s.recv_unacked.to_bytes(4, "big")))
             s.recv_unacked = 0
-        if not s.local_closed:
+        if not s.local_closed and s.trailers is None:
             s.inbuf += payload
             self._read_messages(s)
         if flags & END_STREAM:
@@ -439,7 +439,9 @@ class H2Connection(asyncio.Protocol):
 
     def _pump(self, s: _Stream) -> None:
         """Run queued messages through the stream logic, one at a time, in order."""
-        while not s.busy and s.pending and not s.local_closed:
+        # A final reply may still wait for flow-control window (trailers queued): nothing
+        # after it is processed, as with grpc.aio where the handler has returned.
+        while not s.busy and s.pending and not s.local_closed and s.trailers is None:
             req = s.pending.popleft()
             try:
                 result = s.logic.step(req)
@@ -452,7 +454,13 @@ class H2Connection(asyncio.Protocol):
             else:
                 s.busy = True
                 s.task = asyncio.get_running_loop().create_task(self._await_reply(s, result))
-        if s.remote_closed and not s.busy and not s.pending and not s.local_closed:
+        if (
+            s.remote_closed
+            and not s.busy
+            and not s.pending
+            and not s.local_closed
+            and s.trailers is None
+        ):
             # Envoy half-closed the stream with nothing left to answer: end it cleanly.
             self._finish(s, GRPC_OK)
 

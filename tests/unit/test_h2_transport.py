@@ -513,6 +513,25 @@ async def test_send_flow_control_waits_for_window_update(h2: Harness) -> None:
         await c.close()
 
 
+async def test_nothing_is_processed_after_a_final_reply_waiting_for_window(h2: Harness) -> None:
+    c = await ready(h2, {SETTINGS_INITIAL_WINDOW_SIZE: 16})
+    try:
+        await c.send_headers(1)
+        await c.send_message(1, headers_msg("GET", "/v1/models", eos=True))
+        await c.read_frame()  # response HEADERS
+        f = await c.read_frame()
+        assert (f.type, f.sid, len(f.payload)) == (DATA, 1, 16)
+        # The final reply is still queued; a further message on the stream must be ignored.
+        await c.send_message(1, body_msg(b'{"messages": [{"role": "user", "content": "hi"}]}'))
+        await c.send_frame(WINDOW_UPDATE, 0, 1, (100_000).to_bytes(4, "big"))
+        res = await c.read_stream(1, started=True)
+        assert res.trailers == {"grpc-status": "0"}
+        [resp] = parse_grpc(f.payload + b"".join(res.data))
+        assert resp.immediate_response.status.code == 200
+    finally:
+        await c.close()
+
+
 async def test_initial_window_increase_unblocks_stream(h2: Harness) -> None:
     c = await ready(h2, {SETTINGS_INITIAL_WINDOW_SIZE: 8})
     try:
