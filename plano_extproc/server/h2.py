@@ -27,6 +27,7 @@ from urllib.parse import quote
 import hpack
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
+from hpack.table import HeaderTable
 
 from plano_extproc.server.servicer import ExtProcStream, Reply
 
@@ -114,6 +115,23 @@ def _trailers(code: int, message: str = "") -> bytes:
     return block
 
 
+class _VersionedTable(HeaderTable):
+    """HPACK dynamic table that counts its changes, so decoded blocks can be reused safely."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
+        super().add(name, value)
+
+    @HeaderTable.maxsize.setter  # type: ignore[attr-defined]
+    def maxsize(self, newmax: int) -> None:
+        self.version += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
 class _ConnectionError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -162,6 +180,11 @@ class H2Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.preface_ok = False
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self.table = self.decoder.header_table = _VersionedTable()
+        # Envoy sends the same header block for every ext_proc stream; decoding it is a
+        # pure-Python Huffman walk, so blocks that did not touch the dynamic table are kept
+        # (tagged with the table version they were decoded against).
+        self.decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
         self.send_window = DEFAULT_WINDOW  # the peer's connection window for our DATA
@@ -325,10 +348,7 @@ class H2Connection(asyncio.Protocol):
     def _on_header_block(self, sid: int, flags: int, block: bytes) -> None:
         if len(block) > MAX_HEADER_BLOCK:
             raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
-        try:
-            headers = self.decoder.decode(block, raw=True)
-        except hpack.HPACKError as e:  # includes oversized header lists
-            raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {e}") from None
+        headers = self._decode(block)
         s = self.streams.get(sid)
         if s is not None or sid <= self.last_sid:
             # Trailers from the client (gRPC clients send none): only END_STREAM matters.
@@ -355,6 +375,21 @@ class H2Connection(asyncio.Protocol):
         if flags & END_STREAM:
             s.remote_closed = True
             self._pump(s)
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        version = self.table.version
+        hit = self.decoded.get(block)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        try:
+            headers: list[tuple[bytes, bytes]] = self.decoder.decode(block, raw=True)  # type: ignore[assignment]
+        except hpack.HPACKError as e:  # includes oversized header lists
+            raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {e}") from None
+        if self.table.version == version:
+            if len(self.decoded) >= 64:
+                self.decoded.clear()
+            self.decoded[block] = (version, headers)
+        return headers
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:

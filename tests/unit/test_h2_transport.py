@@ -26,7 +26,7 @@ from plano_extproc.config import parse_config
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
 from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
-from plano_extproc.server.h2 import MAX_MESSAGE, H2Server
+from plano_extproc.server.h2 import MAX_MESSAGE, H2Connection, H2Server
 from plano_extproc.server.servicer import ExtProcStream
 
 TIMEOUT = 5.0
@@ -787,3 +787,21 @@ async def test_initial_connection_window_and_large_upload(h2: Harness) -> None:
         assert (f.type, f.flags) == (PING, ACK)
     finally:
         await c.close()
+
+
+def test_decoded_header_blocks_are_reused_only_while_the_table_is_unchanged() -> None:
+    conn = H2Connection(H2Server(lambda: ExtProcStream(None, Metrics())))  # type: ignore[arg-type]
+    enc = hpack.Encoder()
+    first = enc.encode([(b"x-a", b"1")])  # literal with incremental indexing: table changes
+    again = enc.encode([(b"x-a", b"1")])  # now a 1-byte reference to dynamic entry 62
+    assert len(again) == 1
+    assert conn._decode(first) == [(b"x-a", b"1")]
+    assert conn._decode(again) == [(b"x-a", b"1")]
+    assert again in conn.decoded and first not in conn.decoded
+    # A new entry shifts the dynamic indices: the same bytes now mean another header.
+    assert conn._decode(enc.encode([(b"x-b", b"2")])) == [(b"x-b", b"2")]
+    assert conn._decode(again) == [(b"x-b", b"2")]
+    # A table size update (here to 0: the table empties) also invalidates earlier results.
+    assert conn._decode(b"\x20") == []
+    with pytest.raises(Exception, match="HPACK"):
+        conn._decode(again)
