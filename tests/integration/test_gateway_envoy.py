@@ -2,7 +2,8 @@
 
 The router here is the orchestrator LLM path, served by a fake router model that answers
 from keywords, so these tests pin down the gateway's behaviour independent of the embedded
-classifier (which has its own integration tests).
+classifier (which has its own integration tests). Every test runs against both ext_proc
+transports: the built-in HTTP/2 server (default) and grpc.aio (``--transport grpcio``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ REASONING_PROMPT = "Explain the trade-offs between microservices and monolithic 
 PLAIN_PROMPT = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["h2", "grpcio"])
 def gw(
+    request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     openai_fake: FakeProvider,
     anthropic_fake: FakeProvider,
@@ -38,7 +40,8 @@ def gw(
     cfg = seed_config(
         openai_fake.base_url, anthropic_fake.base_url, extra_providers=provider, router=router
     )
-    with GatewayProcess(cfg, tmp_path_factory.mktemp("gw")) as g:
+    transport = ["--transport", request.param]
+    with GatewayProcess(cfg, tmp_path_factory.mktemp("gw"), extra_args=transport) as g:
         yield g
 
 
