@@ -136,7 +136,9 @@ async def start(
     runner = None
     bound_admin = None
     if admin_port is not None:
-        runner, bound_admin = await _start_admin(admin_host or host, admin_port, gateway, metrics)
+        runner, bound_admin = await _start_admin(
+            admin_host or host, admin_port, gateway, metrics, transport
+        )
     log.info(
         "ext_proc listening on %s:%d (transport=%s, router=%s, session_cache=%s)",
         host,
@@ -167,12 +169,13 @@ async def _start_extproc(
 
 
 async def _start_admin(
-    host: str, port: int, gateway: Gateway, metrics: Metrics
+    host: str, port: int, gateway: Gateway, metrics: Metrics, transport: Transport
 ) -> tuple[web.AppRunner, int]:
     async def ready(_: web.Request) -> web.Response:
         health = gateway.cache.health() if gateway.cache else None
         body = {
             "ready": True,
+            "transport": transport,
             "router": gateway.config.router.type,
             "routes": [p.name for p in gateway.config.preferences],
             "session_cache": health,

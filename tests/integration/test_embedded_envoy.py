@@ -82,6 +82,7 @@ def test_proxy_path_uses_embedded_router(
 def test_ready_reports_embedded_router(egw: GatewayProcess) -> None:
     ready = httpx.get(egw.worker_admin[0] + "/ready").json()
     assert ready["router"] == "embedded"
+    assert ready["transport"] == "h2"  # the default
     assert ready["routes"] == ["complex_reasoning", "code_generation"]
 
 

@@ -368,6 +368,12 @@ def test_decision_trace_id_from_traceparent(gw: GatewayProcess) -> None:
     assert resp.json()["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+def test_worker_serves_the_requested_transport(gw: GatewayProcess) -> None:
+    # Guards the parametrisation: each run of this module really uses its transport.
+    expected = gw.extra_args[gw.extra_args.index("--transport") + 1]
+    assert httpx.get(gw.worker_admin[0] + "/ready").json()["transport"] == expected
+
+
 def test_models_and_healthz(gw: GatewayProcess) -> None:
     assert httpx.get(gw.url + "/healthz").status_code == 200
     models = [m.id for m in oai(gw).models.list()]
