@@ -150,6 +150,10 @@ class RawMetricsSource(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     type: Literal["cost", "latency"]
     provider: str
+    url: str | None = None
+    query: str | None = None
+    refresh_interval: int | None = Field(default=None, ge=1)
+    model_aliases: dict[str, str] | None = None
 
 
 class RawConfig(_Strict):
@@ -274,6 +278,24 @@ class ListenerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
+COST_SOURCE_URLS = {
+    "digitalocean": "https://api.digitalocean.com/v2/gen-ai/models/catalog",
+    "models.dev": "https://models.dev/api.json",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSourceConfig:
+    """Where ``selection_policy.prefer`` gets its numbers (Plano's model_metrics_sources)."""
+
+    type: Literal["cost", "latency"]
+    provider: str  # cost: digitalocean | models.dev; latency: prometheus
+    url: str
+    query: str | None = None  # latency: the PromQL instant query
+    refresh_seconds: int | None = None  # None: fetched once at start
+    aliases: Mapping[str, str] = field(default_factory=dict)  # catalog key -> model name
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     version: str
@@ -286,6 +308,7 @@ class Config:
     connect_timeout_seconds: float = 5.0
     tls_ca_path: str = "/etc/ssl/certs/ca-certificates.crt"
     warnings: tuple[str, ...] = field(default=())
+    metrics_sources: tuple[MetricsSourceConfig, ...] = ()
 
     @property
     def default_provider(self) -> Provider | None:
@@ -616,6 +639,7 @@ def _normalise(
         )
 
     prefs = _preferences(raw, key, providers, lookup, problems, warnings)
+    metrics_sources = _metrics_sources(raw, problems)
 
     routing = raw.routing or RawRouting()
     cache_raw = routing.session_cache or RawSessionCache()
@@ -664,7 +688,58 @@ def _normalise(
         connect_timeout_seconds=connect_timeout,
         tls_ca_path=overrides.upstream_tls_ca_path or "/etc/ssl/certs/ca-certificates.crt",
         warnings=tuple(warnings),
+        metrics_sources=tuple(metrics_sources),
     )
+
+
+def _metrics_sources(raw: RawConfig, problems: list[str]) -> list[MetricsSourceConfig]:
+    out: list[MetricsSourceConfig] = []
+    seen: dict[str, int] = {}
+    for i, src in enumerate(raw.model_metrics_sources or []):
+        at = f"model_metrics_sources[{i}]"
+        if src.type in seen:
+            problems.append(
+                f"{at}.type: only one {src.type} source is allowed "
+                f"(model_metrics_sources[{seen[src.type]}] is one)"
+            )
+            continue
+        seen[src.type] = i
+        if src.type == "cost":
+            if src.provider not in COST_SOURCE_URLS:
+                problems.append(
+                    f"{at}.provider: {src.provider!r} is not a cost source; use digitalocean "
+                    "or models.dev"
+                )
+                continue
+            url = src.url or COST_SOURCE_URLS[src.provider]
+        else:
+            if src.provider != "prometheus":
+                problems.append(f"{at}.provider: {src.provider!r}: latency sources use prometheus")
+                continue
+            missing = [k for k in ("url", "query") if not getattr(src, k)]
+            if missing:
+                problems.append(
+                    f"{at}: a prometheus latency source needs {' and '.join(missing)} "
+                    "(the Prometheus base URL and an instant query returning one series per "
+                    "model, labelled model_name)"
+                )
+                continue
+            assert src.url is not None
+            url = src.url
+        if urlsplit(url).scheme not in ("http", "https"):
+            problems.append(f"{at}.url: {url!r} must be an http:// or https:// URL")
+            continue
+        out.append(
+            MetricsSourceConfig(
+                type=src.type,
+                provider=src.provider,
+                url=url,
+                query=src.query,
+                refresh_seconds=src.refresh_interval,
+                aliases=dict(src.model_aliases or {}),
+            )
+        )
+    return out
 
 
 def _preferences(

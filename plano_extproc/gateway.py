@@ -28,6 +28,7 @@ from plano_extproc.catalog import Catalog
 from plano_extproc.config import Config, Provider
 from plano_extproc.conversation import extract
 from plano_extproc.errors import GatewayError, bad_request, not_found
+from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.providers import PROVIDERS, ClientApi
 from plano_extproc.rewrite import HeaderPlan, upstream_headers
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
@@ -133,11 +134,19 @@ def compatible(provider: Provider, api: ClientApi) -> bool:
 
 
 class Gateway:
-    def __init__(self, config: Config, router: Router, cache: SessionCache | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        cache: SessionCache | None,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
         self.config = config
         self.catalog = Catalog(config)
         self.router = router
         self.cache = cache
+        self.metrics = metrics
+        self._model_ids = {p.name: p.model_id for p in config.providers}
         self._models_body = json.dumps(
             {
                 "object": "list",
@@ -349,6 +358,8 @@ class Gateway:
                 ["none"], None, requested, router_error=result.error, scores=result.scores
             )
         ranked = list(pref.models)
+        if pref.prefer != "none" and self.metrics is not None:
+            ranked = self.metrics.ranked(ranked, pref.prefer, self._model_ids)
         candidates = [c for c in map(self.catalog.lookup, ranked) if c is not None]
         if info.kind == "proxy":
             assert info.api is not None

@@ -343,3 +343,54 @@ class FakeOrchestrator(FakeServer):
                 ],
             }
         )
+
+
+class FakeMetrics(FakeServer):
+    """Serves the model-metrics sources: a DigitalOcean-style catalog at ``/catalog``, a
+    models.dev-style ``/api.json`` and a Prometheus instant query at ``/api/v1/query``.
+
+    ``cost`` / ``latency`` map catalog keys to numbers; ``fail_status`` makes every answer fail.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cost: dict[str, float] = {}
+        self.models_dev: dict[str, Any] = {}
+        self.latency: dict[str, float] = {}
+        self.fail_status: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/catalog", self.catalog)
+        app.router.add_get("/api.json", self.api_json)
+        app.router.add_get("/api/v1/query", self.query)
+        return app
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if self.fail_status:
+            return web.Response(status=self.fail_status, text="down")
+        data = [
+            {"model_id": k, "pricing": {"input_price_per_million": v / 2,
+                                        "output_price_per_million": v / 2}}
+            for k, v in self.cost.items()
+        ]  # fmt: skip
+        return web.json_response({"data": data, "meta": {"total": len(data)}})
+
+    async def api_json(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if self.fail_status:
+            return web.Response(status=self.fail_status, text="down")
+        return web.json_response(self.models_dev)
+
+    async def query(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if self.fail_status:
+            return web.Response(status=self.fail_status, text="down")
+        result = [
+            {"metric": {"model_name": k}, "value": [time.time(), str(v)]}
+            for k, v in self.latency.items()
+        ]
+        return web.json_response(
+            {"status": "success", "data": {"resultType": "vector", "result": result}}
+        )

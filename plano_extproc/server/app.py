@@ -23,6 +23,7 @@ from plano_extproc.affinity.base import SessionCache
 from plano_extproc.config import Config
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
+from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.routing.base import NullRouter, Router
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
@@ -128,16 +129,18 @@ async def start(
     if prepare is not None and config.preferences:
         await asyncio.to_thread(prepare, config.preferences)
     await cache.start()
+    metrics = ModelMetrics(config.metrics_sources)
+    await metrics.start()
     if not config.preferences:
         log.warning("no routing_preferences configured: routes are inactive, models pass as sent")
-    gateway = Gateway(config, router, cache)
-    metrics = Metrics()
-    server, bound = await _start_extproc(transport, gateway, metrics, host, port)
+    gateway = Gateway(config, router, cache, metrics)
+    counters = Metrics()
+    server, bound = await _start_extproc(transport, gateway, counters, host, port)
     runner = None
     bound_admin = None
     if admin_port is not None:
         runner, bound_admin = await _start_admin(
-            admin_host or host, admin_port, gateway, metrics, transport
+            admin_host or host, admin_port, gateway, counters, transport
         )
     log.info(
         "ext_proc listening on %s:%d (transport=%s, router=%s, session_cache=%s)",
@@ -177,6 +180,7 @@ async def _start_admin(
             "ready": True,
             "transport": transport,
             "router": gateway.config.router.type,
+            "model_metrics": gateway.metrics.health() if gateway.metrics else [],
             "routes": [p.name for p in gateway.config.preferences],
             "session_cache": health,
         }
@@ -204,6 +208,8 @@ async def stop(running: Running, grace: float = 5.0) -> None:
     if running.admin is not None:
         await running.admin.cleanup()
     await running.gateway.router.close()
+    if running.gateway.metrics is not None:
+        await running.gateway.metrics.close()
     if running.gateway.cache is not None:
         await running.gateway.cache.close()
 

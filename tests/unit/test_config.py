@@ -6,6 +6,7 @@ path prefix of the problem as well as what it says.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -1012,3 +1013,14 @@ def test_unset_variable_in_route_description_is_left_as_written() -> None:
         + "    models: [openai/gpt-4o]\n"
     )
     assert parse_config(text, env={}).preferences[0].description == "questions about $USD prices"
+
+
+def test_readme_config_reference_is_a_valid_config() -> None:
+    """The annotated example in README.md loads, so the documented keys stay real."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"## Configuration.*?```yaml\n(.*?)```", readme, re.S)
+    assert block is not None
+    env = {"OPENAI_API_KEY": "k1", "ANTHROPIC_API_KEY": "k2", "AZURE_KEY": "k3"}
+    cfg = parse_config(block.group(1), env=env)
+    assert [s.type for s in cfg.metrics_sources] == ["cost", "latency"]
+    assert cfg.preferences[0].prefer == "cheapest"
