@@ -667,6 +667,11 @@ def _normalise(
     )
     if routing.routing_budget is not None:
         warnings.append("routing.routing_budget: not supported by plano-extproc yet; ignored")
+    if routing.route_on_user_only:
+        warnings.append(
+            "routing.route_on_user_only: not supported by plano-extproc yet; ignored (every "
+            "turn is routed; send X-Model-Affinity to keep a tool loop on one model)"
+        )
 
     overrides = raw.overrides or RawOverrides()
     router = _router(routing.router, overrides, providers, lookup, problems)
