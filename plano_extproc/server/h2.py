@@ -250,6 +250,9 @@ class H2Connection(asyncio.Protocol):
         except _ConnectionError as e:
             log.warning("ext_proc HTTP/2 connection error %d: %s", e.code, e)
             self._goaway(e.code, str(e))
+        except Exception:  # a bug here must not leave a half-read connection behind
+            log.exception("ext_proc HTTP/2 connection failed")
+            self._goaway(INTERNAL_ERROR, "internal error")
         finally:
             self._batching = False
             self._flush_out()

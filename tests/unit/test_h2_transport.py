@@ -670,6 +670,27 @@ async def test_even_stream_id_is_protocol_error(h2: Harness) -> None:
         await c.close()
 
 
+async def test_internal_failure_ends_the_connection_with_goaway_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken() -> ExtProcStream:
+        raise RuntimeError("boom")
+
+    server = H2Server(broken)
+    port = await server.start("127.0.0.1", 0)
+    c = await H2Client.connect(port)
+    try:
+        await c.handshake()
+        await c.send_headers(1)
+        f = await c.read_frame()
+        assert parse_goaway(f) == (1, 0x2)  # INTERNAL_ERROR
+        assert await c.read_eof() == b""
+        assert "ext_proc HTTP/2 connection failed" in caplog.text
+    finally:
+        await c.close()
+        await server.stop(None)
+
+
 async def test_http1_request_gets_400(h2: Harness) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", h2.port)
     try:
