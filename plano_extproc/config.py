@@ -309,6 +309,7 @@ class Config:
     tls_ca_path: str = "/etc/ssl/certs/ca-certificates.crt"
     warnings: tuple[str, ...] = field(default=())
     metrics_sources: tuple[MetricsSourceConfig, ...] = ()
+    route_on_user_only: bool = False
 
     @property
     def default_provider(self) -> Provider | None:
@@ -667,11 +668,6 @@ def _normalise(
     )
     if routing.routing_budget is not None:
         warnings.append("routing.routing_budget: not supported by plano-extproc yet; ignored")
-    if routing.route_on_user_only:
-        warnings.append(
-            "routing.route_on_user_only: not supported by plano-extproc yet; ignored (every "
-            "turn is routed; send X-Model-Affinity to keep a tool loop on one model)"
-        )
 
     overrides = raw.overrides or RawOverrides()
     router = _router(routing.router, overrides, providers, lookup, problems)
@@ -694,6 +690,7 @@ def _normalise(
         tls_ca_path=overrides.upstream_tls_ca_path or "/etc/ssl/certs/ca-certificates.crt",
         warnings=tuple(warnings),
         metrics_sources=tuple(metrics_sources),
+        route_on_user_only=routing.route_on_user_only,
     )
 
 

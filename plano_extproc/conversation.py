@@ -6,6 +6,7 @@ is the provider's business and passes through untouched.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from plano_extproc.errors import bad_request
@@ -122,3 +123,31 @@ def _responses(body: dict[str, Any]) -> list[ChatMessage]:
             out.append(ChatMessage("tool", str(item.get("output", ""))))
         # Other item kinds (function_call, reasoning, ...) carry no user intent.
     return out
+
+
+# Harness-injected wrappers (Claude Code and similar agents) that are not the user speaking.
+_ENVELOPE = re.compile(
+    r"<(system-reminder|user-prompt-submit-hook)>.*?</\1>", re.DOTALL | re.IGNORECASE
+)
+
+
+def is_user_turn(msg: ChatMessage) -> bool:
+    """Whether a message is the user speaking (route_on_user_only): not a tool result, not
+    an assistant turn, not empty and not only harness envelopes."""
+    return msg.role == "user" and bool(_ENVELOPE.sub("", msg.content).strip())
+
+
+def tool_names(body: dict[str, Any]) -> list[str]:
+    """Names of the tools a request offers (OpenAI chat, Anthropic and Responses shapes)."""
+    tools = body.get("tools")
+    names: list[str] = []
+    if not isinstance(tools, list):
+        return names
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        fn = tool.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else tool.get("name", tool.get("type"))
+        if isinstance(name, str):
+            names.append(name)
+    return names

@@ -21,12 +21,13 @@ from plano_extproc.affinity.keys import (
     AFFINITY_HEADER,
     InvalidAffinityId,
     cache_key,
+    implicit_key,
     validate_affinity_id,
 )
 from plano_extproc.body import JsonBody
 from plano_extproc.catalog import Catalog
 from plano_extproc.config import Config, Provider
-from plano_extproc.conversation import extract
+from plano_extproc.conversation import extract, is_user_turn, tool_names
 from plano_extproc.errors import GatewayError, bad_request, not_found
 from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.providers import PROVIDERS, ClientApi
@@ -99,6 +100,7 @@ class Upstream:
     route: str | None = None
     router_error: str | None = None
     pinned: bool | None = None
+    replayed: bool = False  # route_on_user_only: a non-user turn reused the session's choice
 
 
 @dataclass(slots=True)
@@ -111,6 +113,7 @@ class Decision:
     router_error: str | None = None
     pinned: bool | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    replayed: bool = False
 
 
 def trace_id_from(headers: Mapping[str, str]) -> str:
@@ -228,7 +231,7 @@ class Gateway:
         requested = self.catalog.resolve(body.values.get("model"))
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
-        decision = await self._select(info, requested, inline, messages)
+        decision = await self._select(info, requested, inline, messages, tool_names(body.values))
         provider = decision.dispatch
         assert provider is not None
         if not compatible(provider, info.api):
@@ -259,6 +262,7 @@ class Gateway:
             route=decision.route,
             router_error=decision.router_error,
             pinned=decision.pinned,
+            replayed=decision.replayed,
         )
 
     async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
@@ -279,7 +283,7 @@ class Gateway:
             requested = self.catalog.lookup(model_value)
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
-        decision = await self._select(info, requested, inline, messages)
+        decision = await self._select(info, requested, inline, messages, tool_names(body.values))
         return self._decision_response(decision, trace_id, info)
 
     def _decision_response(self, d: Decision, trace_id: str, info: RequestInfo) -> Immediate:
@@ -299,9 +303,12 @@ class Gateway:
         requested: Provider | None,
         inline: tuple[RoutePreference, ...] | None,
         messages: list[Any],
+        tools: list[str],
     ) -> Decision:
         """Affinity lookup, then routing, then pin the outcome (first writer wins)."""
         key = info.affinity_key if self.cache is not None else None
+        if key is None and self.cache is not None and self.config.route_on_user_only:
+            return await self._select_by_turn(info, requested, inline, messages, tools)
         if key is not None and info.kind == "proxy":
             assert self.cache is not None
             hit = await self.cache.get(key)
@@ -334,6 +341,41 @@ class Gateway:
         # Another replica pinned this session first: follow its decision.
         provider = self.catalog.lookup(winner.model)
         return Decision([winner.model], winner.route, provider or decision.dispatch, pinned=True)
+
+    async def _select_by_turn(
+        self,
+        info: RequestInfo,
+        requested: Provider | None,
+        inline: tuple[RoutePreference, ...] | None,
+        messages: list[Any],
+        tools: list[str],
+    ) -> Decision:
+        """route_on_user_only without X-Model-Affinity: route user turns; replay the last
+        decision of the same conversation for tool results and other non-user turns."""
+        prefs = inline if inline is not None else self.config.preferences
+        if not prefs or not messages:
+            return await self._route(info, requested, inline, messages)
+        assert self.cache is not None
+        tenant_header = self.config.session_cache.tenant_header
+        key = implicit_key(
+            info.headers.get(tenant_header) if tenant_header else None,
+            requested.name if requested is not None else "",
+            "\n".join(m.content for m in messages if m.role in ("system", "developer")),
+            tools,
+            next((m.content for m in messages if m.role == "user"), ""),
+        )
+        if not is_user_turn(messages[-1]):
+            hit = await self.cache.get(key, near=False)
+            provider = self.catalog.lookup(hit.model) if hit is not None else None
+            if hit is not None and provider is not None:
+                if info.kind == "decision" or (
+                    info.api is not None and compatible(provider, info.api)
+                ):
+                    return Decision([provider.name], hit.route, provider, replayed=True)
+        decision = await self._route(info, requested, inline, messages)
+        chosen = decision.dispatch.name if decision.dispatch is not None else decision.models[0]
+        await self.cache.put(key, PinnedDecision(chosen, decision.route))
+        return decision
 
     async def _route(
         self,

@@ -15,6 +15,7 @@ class Metrics:
         self.routes: Counter[tuple[str, str]] = Counter()  # (route, model)
         self.router_errors = 0
         self.pinned = 0
+        self.replayed = 0
         self.decision_seconds = 0.0
 
     def count_immediate(self, status: int, kind: str | None = None) -> None:
@@ -28,6 +29,8 @@ class Metrics:
             self.router_errors += 1
         if up.pinned:
             self.pinned += 1
+        if up.replayed:
+            self.replayed += 1
 
     def render(self, cache_health: dict[str, Any] | None) -> str:
         lines = [
@@ -45,6 +48,8 @@ class Metrics:
             f"plano_extproc_router_errors_total {self.router_errors}",
             "# TYPE plano_extproc_pinned_requests_total counter",
             f"plano_extproc_pinned_requests_total {self.pinned}",
+            "# TYPE plano_extproc_router_skips_total counter",
+            f'plano_extproc_router_skips_total{{reason="not_user_turn"}} {self.replayed}',
             "# TYPE plano_extproc_decision_seconds_total counter",
             f"plano_extproc_decision_seconds_total {self.decision_seconds:.6f}",
         ]

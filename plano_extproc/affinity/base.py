@@ -22,11 +22,19 @@ class PinnedDecision:
 class SessionCache(Protocol):
     async def start(self) -> None: ...
 
-    async def get(self, key: str) -> PinnedDecision | None: ...
+    async def get(self, key: str, *, near: bool = True) -> PinnedDecision | None:
+        """The value under ``key``; ``near=False`` skips any process-local copy (needed for
+        values that ``put`` may replace on another replica)."""
+        ...
 
     async def put_if_absent(self, key: str, value: PinnedDecision) -> PinnedDecision:
         """Store ``value`` unless the key exists; return the value that is now pinned
         (the first writer's), or ``value`` itself when the backend is unavailable."""
+        ...
+
+    async def put(self, key: str, value: PinnedDecision) -> None:
+        """Store or replace ``value`` with a fresh TTL (route_on_user_only bindings, which
+        follow every routed user turn, unlike first-writer-wins pins)."""
         ...
 
     def health(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ control-character values would bloat Redis, and control characters would corrupt
 
 from __future__ import annotations
 
+import hashlib
+import json
 import unicodedata
 
 AFFINITY_HEADER = "x-model-affinity"
@@ -54,3 +56,14 @@ def cache_key(affinity_id: str, tenant: str | None = None) -> str:
         validate_affinity_id(tenant, what="tenant")
         return f"{tenant}:{affinity_id}"
     return affinity_id
+
+
+def implicit_key(
+    tenant: str | None, lane: str, system: str, tools: list[str], first_user: str
+) -> str:
+    """Session key for route_on_user_only without ``X-Model-Affinity``: the parts of a
+    conversation that stay fixed while an agent loops (tenant, requested model, system
+    prompt, tool names, first user message)."""
+    material = json.dumps([tenant or "", lane, system, tools, first_user], ensure_ascii=False)
+    digest = hashlib.sha256(b"plano-extproc-implicit-v1\0" + material.encode()).hexdigest()
+    return f"implicit:{digest[:32]}"

@@ -89,7 +89,7 @@ class MemorySessionCache:
         self._entries.move_to_end(key)
         return value
 
-    async def get(self, key: str) -> PinnedDecision | None:
+    async def get(self, key: str, *, near: bool = True) -> PinnedDecision | None:
         value = self._lookup(key)
         if value is None:
             self._misses += 1
@@ -107,6 +107,13 @@ class MemorySessionCache:
             self._entries.popitem(last=False)
             self._evictions += 1
         return value
+
+    async def put(self, key: str, value: PinnedDecision) -> None:
+        self._entries[key] = (value, self._clock())
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+            self._evictions += 1
 
     def sweep(self) -> int:
         """Drop every expired entry now; return how many were removed."""

@@ -227,17 +227,18 @@ class RedisSessionCache:
 
     # -- operations --------------------------------------------------------------------
 
-    async def get(self, key: str) -> PinnedDecision | None:
+    async def get(self, key: str, *, near: bool = True) -> PinnedDecision | None:
         rkey = self._prefix + key
-        near = self._near_get(rkey)
-        if near is not None:
-            return near
+        if near:
+            local = self._near_get(rkey)
+            if local is not None:
+                return local
         if not self._healthy:
             self._skipped += 1
             return None
         try:
             async with asyncio.timeout(self._call_timeout):
-                if self._near_seconds > 0:
+                if near and self._near_seconds > 0:
                     async with self._client.pipeline(transaction=False) as pipe:
                         pipe.get(rkey)
                         pipe.pttl(rkey)
@@ -291,6 +292,19 @@ class RedisSessionCache:
             log.warning("session cache: malformed value under %s left in place", rkey)
             return value
         return winner
+
+    async def put(self, key: str, value: PinnedDecision) -> None:
+        if not self._healthy:
+            self._skipped += 1
+            return
+        rkey = self._prefix + key
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                await self._client.set(rkey, encode_decision(value), ex=self._ttl)
+        except Exception as exc:
+            self._fail(exc, "put")
+            return
+        self._near.pop(rkey, None)  # never serve a replaceable value from the near cache
 
     async def _set_nx_then_get(self, rkey: str, payload: str) -> bytes | str | None:
         """Fallback without scripting: atomic SET NX; on loss read the winner."""

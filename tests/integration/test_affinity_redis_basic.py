@@ -148,3 +148,25 @@ async def test_password_and_db_index_honoured() -> None:
             assert await wrong.get("k") is None
         finally:
             await wrong.close()
+
+
+async def test_put_replaces_with_a_fresh_ttl_and_bypasses_the_near_cache(
+    redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    # Two replicas with near caches: a binding replaced on one must be seen by the other.
+    one = RedisSessionCache(redis_server.url, ttl_seconds=600, near_cache_seconds=30)
+    two = RedisSessionCache(redis_server.url, ttl_seconds=600, near_cache_seconds=30)
+    await one.start()
+    await two.start()
+    try:
+        await one.put("implicit:abc", A)
+        assert await two.get("implicit:abc", near=False) == A
+        redis_admin.expire("plano:affinity:implicit:abc", 100)
+        await one.put("implicit:abc", B)
+        assert 590 <= redis_admin.ttl("plano:affinity:implicit:abc") <= 600
+        assert await two.get("implicit:abc", near=False) == B
+        await two.put("implicit:abc", A)
+        assert await one.get("implicit:abc", near=False) == A
+    finally:
+        await one.close()
+        await two.close()

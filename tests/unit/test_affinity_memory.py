@@ -151,3 +151,16 @@ async def test_health() -> None:
     assert h["backend"] == "memory"
     assert h["healthy"] is True
     assert (h["entries"], h["capacity"], h["hits"], h["misses"]) == (1, 5, 1, 1)
+
+
+async def test_put_replaces_and_restarts_the_ttl() -> None:
+    clock = FakeClock()
+    cache = MemorySessionCache(ttl_seconds=10, clock=clock)
+    await cache.put_if_absent("k", A)
+    clock.now += 8
+    await cache.put("k", B)  # replaces, unlike put_if_absent
+    assert await cache.get("k") == B
+    clock.now += 8  # 16 s after the first write, 8 after the replacement
+    assert await cache.get("k", near=False) == B
+    clock.now += 3
+    assert await cache.get("k") is None

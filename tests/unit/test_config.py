@@ -852,10 +852,9 @@ def test_session_numbers_must_be_positive(key: str, value: int) -> None:
     assert p.startswith(f"routing.{key}: ")
 
 
-def test_route_on_user_only_warns_that_it_is_ignored() -> None:
-    c = cfg(PROVIDERS + "routing:\n  route_on_user_only: true\n")
-    assert any(w.startswith("routing.route_on_user_only: not supported") for w in c.warnings)
-    assert not cfg(PROVIDERS + "routing:\n  route_on_user_only: false\n").warnings
+def test_route_on_user_only_is_read() -> None:
+    assert cfg(PROVIDERS + "routing:\n  route_on_user_only: true\n").route_on_user_only is True
+    assert cfg(PROVIDERS).route_on_user_only is False
 
 
 def test_routing_budget_warns() -> None:
