@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh router,test
 .venv/bin/ruff check plano_extproc tests bench
+.venv/bin/ruff format --check plano_extproc tests bench
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

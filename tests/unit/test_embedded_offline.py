@@ -82,8 +82,10 @@ async def test_async_route_runs_concurrently_off_loop() -> None:
             await asyncio.sleep(0)
 
     results = await asyncio.gather(
-        *(r.route([ChatMessage("user", f"{long_prompt} {i}")], prefs, request_id=str(i))
-          for i in range(4)),
+        *(
+            r.route([ChatMessage("user", f"{long_prompt} {i}")], prefs, request_id=str(i))
+            for i in range(4)
+        ),
         ticker(),
     )
     assert ticks == 5
@@ -133,8 +135,12 @@ NO_NET_SCRIPT = textwrap.dedent(
 def test_load_and_inference_use_no_network() -> None:
     """Runs in a fresh process with no network namespace (unshare -rn) when possible, and
     with every socket connect / DNS lookup patched to fail either way."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     cmd = [sys.executable, "-c", NO_NET_SCRIPT]
     unshare = shutil.which("unshare")
     if unshare and subprocess.run([unshare, "-rn", "true"], capture_output=True).returncode == 0:
@@ -166,8 +172,12 @@ def test_peak_rss_of_load_and_routing_stays_under_budget() -> None:
     """Peak RSS of a fresh process that loads the model, prepares routes and routes
     short and long prompts: well under the 300 MB server budget (measured ~165 MB)."""
     out = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_SCRIPT], cwd=ROOT, capture_output=True, text=True,
-        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-c", PEAK_RSS_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) < 250

@@ -38,7 +38,10 @@ def test_split_phrases_on_commas_and_or() -> None:
         "localizing content",
     ]
     assert split_phrases("stories; poems and song lyrics (short).") == [
-        "stories", "poems", "song lyrics", "short",
+        "stories",
+        "poems",
+        "song lyrics",
+        "short",
     ]
     assert split_phrases("a, A, , or") == []
 
@@ -64,7 +67,8 @@ def test_short_text_is_one_window() -> None:
 def test_focus_spans_are_first_and_last_sentences() -> None:
     text = "Here is my draft. It is long-ish and rambling.\nPlease translate it into German."
     assert [text[lo:hi] for lo, hi in focus_spans(text)] == [
-        "Here is my draft.", "Please translate it into German.",
+        "Here is my draft.",
+        "Please translate it into German.",
     ]
     assert focus_spans("Write a haiku about rain.") == ()
     # Sentences under three words do not count.
@@ -74,14 +78,19 @@ def test_focus_spans_are_first_and_last_sentences() -> None:
 def test_request_texts_reword_phrases_as_requests() -> None:
     pref = RoutePreference("r", "debugging errors, or fixing bugs", examples=("Why?",))
     assert request_texts(pref) == [
-        "debugging errors, or fixing bugs", "debugging errors", "fixing bugs", "Why?",
-        "I need help debugging errors.", "I need help fixing bugs.",
+        "debugging errors, or fixing bugs",
+        "debugging errors",
+        "fixing bugs",
+        "Why?",
+        "I need help debugging errors.",
+        "I need help fixing bugs.",
     ]
 
 
 def test_action_stems_include_gerunds_and_action_nouns() -> None:
     pref = RoutePreference(
-        "r", "complex reasoning tasks, multi-step analysis, or detailed explanations",
+        "r",
+        "complex reasoning tasks, multi-step analysis, or detailed explanations",
         examples=("Compare the costs.",),
     )
     heads = action_stems(pref)
@@ -212,8 +221,11 @@ PREFS = [RoutePreference("A", "zzq"), RoutePreference("B", "yyq")]
 
 def test_latest_user_turn_decides_earlier_turns_count_less() -> None:
     router = _fake_router(threshold=0.0, margin=0.0, turn_weights=(1.0, 0.5))
-    msgs = [ChatMessage("user", "ask a"), ChatMessage("assistant", "ask a"),
-            ChatMessage("user", "ask b")]
+    msgs = [
+        ChatMessage("user", "ask a"),
+        ChatMessage("assistant", "ask a"),
+        ChatMessage("user", "ask b"),
+    ]
     d = router.decide(msgs, PREFS)
     assert d.route == "B"
     only_a = router.decide([ChatMessage("user", "ask a")], PREFS).scores
