@@ -137,6 +137,20 @@ class RawRouting(_Strict):
     router: RawRouter | None = None
 
 
+class RawSpanAttributes(_Strict):
+    header_prefixes: list[str] | None = None
+    static: dict[str, str] | None = None
+
+
+class RawTracing(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    random_sampling: int = Field(default=0, ge=0, le=100)
+    trace_arch_internal: bool | None = None
+    opentracing_grpc_endpoint: str | None = None
+    span_attributes: RawSpanAttributes | None = None
+    exporters: list[Any] | None = None
+
+
 class RawOverrides(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     llm_routing_model: str | None = None
@@ -168,7 +182,7 @@ class RawConfig(_Strict):
     overrides: RawOverrides | None = None
     # Accepted for compatibility with Plano configs; not used by this gateway.
     prompt_caching: Any = None
-    tracing: Any = None
+    tracing: RawTracing | None = None
     agents: Any = None
     filters: Any = None
     endpoints: Any = None
@@ -297,6 +311,16 @@ class MetricsSourceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Envoy's OpenTelemetry tracer, from Plano's ``tracing`` block (off when sampling is 0)."""
+
+    sampling_percent: int
+    host: str  # OTLP/gRPC collector
+    port: int
+    static_tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     version: str
     listener: ListenerConfig
@@ -310,6 +334,7 @@ class Config:
     warnings: tuple[str, ...] = field(default=())
     metrics_sources: tuple[MetricsSourceConfig, ...] = ()
     route_on_user_only: bool = False
+    tracing: TracingConfig | None = None
 
     @property
     def default_provider(self) -> Provider | None:
@@ -432,7 +457,7 @@ def parse_config(
                 msg = "required key is missing"
             problems.append(f"{loc}: {msg}")
         raise ConfigError([*problems]) from None
-    cfg = _normalise(raw, problems, key_envs)
+    cfg = _normalise(raw, problems, key_envs, os.environ if env is None else env)
     if problems or cfg is None:
         raise ConfigError(problems)
     return cfg
@@ -572,7 +597,10 @@ def _access_key_envs(data: dict[str, Any]) -> list[str | None]:
 
 
 def _normalise(
-    raw: RawConfig, problems: list[str], key_envs: list[str | None] | None = None
+    raw: RawConfig,
+    problems: list[str],
+    key_envs: list[str | None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Config | None:
     warnings: list[str] = []
     if raw.model_providers is not None and raw.llm_providers is not None:
@@ -641,6 +669,7 @@ def _normalise(
 
     prefs = _preferences(raw, key, providers, lookup, problems, warnings)
     metrics_sources = _metrics_sources(raw, problems)
+    tracing = _tracing(raw.tracing, env or {}, problems, warnings)
 
     routing = raw.routing or RawRouting()
     cache_raw = routing.session_cache or RawSessionCache()
@@ -691,6 +720,47 @@ def _normalise(
         warnings=tuple(warnings),
         metrics_sources=tuple(metrics_sources),
         route_on_user_only=routing.route_on_user_only,
+        tracing=tracing,
+    )
+
+
+DEFAULT_OTLP_ENDPOINT = "http://localhost:4317"
+
+
+def _tracing(
+    raw: RawTracing | None, env: Mapping[str, str], problems: list[str], warnings: list[str]
+) -> TracingConfig | None:
+    if raw is None or raw.random_sampling == 0:
+        return None
+    endpoint = (
+        raw.opentracing_grpc_endpoint
+        or env.get("OTEL_TRACING_GRPC_ENDPOINT")
+        or DEFAULT_OTLP_ENDPOINT
+    )
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port or 4317
+    except ValueError:
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or not port:
+        problems.append(
+            f"tracing.opentracing_grpc_endpoint: {endpoint!r} must be http://host:port with no "
+            "path (the OTLP/gRPC collector)"
+        )
+        return None
+    attrs = raw.span_attributes or RawSpanAttributes()
+    if attrs.header_prefixes:
+        warnings.append(
+            "tracing.span_attributes.header_prefixes: not supported by plano-extproc (Envoy "
+            "tags exact headers only); ignored"
+        )
+    if raw.exporters:
+        warnings.append("tracing.exporters: not supported by plano-extproc; ignored")
+    return TracingConfig(
+        sampling_percent=raw.random_sampling,
+        host=parts.hostname,
+        port=port,
+        static_tags=dict(attrs.static or {}),
     )
 
 

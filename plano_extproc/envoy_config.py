@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from plano_extproc.config import Config, Provider
+from plano_extproc.config import Config, Provider, TracingConfig
 from plano_extproc.rewrite import ROUTE_HEADER
 
 EXTPROC_CLUSTER = "plano_extproc"
@@ -111,6 +111,60 @@ def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
                 }
             ],
         },
+    }
+
+
+OTEL_CLUSTER = "plano_otel_collector"
+TRACE_METADATA = "plano"  # dynamic-metadata namespace the ext_proc fills for span tags
+
+
+def _otel_cluster(tracing: TracingConfig) -> dict[str, Any]:
+    ip = _is_ip(tracing.host)
+    cluster: dict[str, Any] = {
+        "name": OTEL_CLUSTER,
+        "type": "STATIC" if ip else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": OTEL_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(tracing.host, tracing.port)}}]}
+            ],
+        },
+    }
+    if not ip:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def _tracing(tracing: TracingConfig) -> dict[str, Any]:
+    def from_metadata(tag: str, key: str) -> dict[str, Any]:
+        return {
+            "tag": tag,
+            "metadata": {
+                "kind": {"request": {}},
+                "metadata_key": {"key": TRACE_METADATA, "path": [{"key": key}]},
+            },
+        }
+
+    tags = [{"tag": k, "literal": {"value": v}} for k, v in tracing.static_tags.items()]
+    tags += [from_metadata("plano.route.name", "route"), from_metadata("llm.model", "model")]
+    return {
+        "random_sampling": {"value": float(tracing.sampling_percent)},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": _T + "config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "2s"},
+                "service_name": "plano-extproc",
+            },
+        },
+        "custom_tags": tags,
     }
 
 
@@ -258,6 +312,14 @@ def render_bootstrap(
             },
         ],
     }
+    if config.tracing is not None:
+        hcm["tracing"] = _tracing(config.tracing)
+        ext_proc = next(
+            f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"
+        )
+        ext_proc["typed_config"]["metadata_options"] = {
+            "receiving_namespaces": {"untyped": [TRACE_METADATA]}
+        }
     if access_log:
         hcm["access_log"] = [
             {
@@ -277,6 +339,8 @@ def render_bootstrap(
         ]
     clusters = [_extproc_cluster(extproc)]
     clusters += [_provider_cluster(p, config) for p in _one_per_cluster(config)]
+    if config.tracing is not None:
+        clusters.append(_otel_cluster(config.tracing))
     return {
         "admin": {"address": _address("127.0.0.1", admin_port)},
         "overload_manager": {

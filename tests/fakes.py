@@ -394,3 +394,57 @@ class FakeMetrics(FakeServer):
         return web.json_response(
             {"status": "success", "data": {"resultType": "vector", "result": result}}
         )
+
+
+class FakeCollector:
+    """An OTLP/gRPC trace collector on 127.0.0.1 that keeps every exported span."""
+
+    METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.spans: list[Any] = []  # (resource attributes dict, Span)
+        self._lt = _LoopThread.get()
+        self._server: Any = None
+
+    def start(self) -> FakeCollector:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+
+        async def export(request: Any, context: Any) -> Any:
+            for rs in request.resource_spans:
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                # xds-protos bundles an older OTLP schema: field 2 is named
+                # instrumentation_library_spans there (scope_spans today, same wire format).
+                groups = getattr(rs, "scope_spans", None) or rs.instrumentation_library_spans
+                for group in groups:
+                    self.spans.extend((resource, span) for span in group.spans)
+            return ts.ExportTraceServiceResponse()
+
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    export,
+                    request_deserializer=ts.ExportTraceServiceRequest.FromString,
+                    response_serializer=ts.ExportTraceServiceResponse.SerializeToString,
+                )
+            },
+        )
+
+        async def go() -> None:
+            self._server = grpc.aio.server()
+            self._server.add_generic_rpc_handlers((handler,))
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+            await self._server.start()
+
+        self._lt.run(go())
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._lt.run(self._server.stop(None))
+            self._server = None
+
+    def spans_of(self, trace_id_hex: str) -> list[tuple[dict[str, str], Any]]:
+        return [(r, s) for r, s in list(self.spans) if s.trace_id.hex() == trace_id_hex]

@@ -19,6 +19,7 @@ from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from plano_extproc.envoy_config import TRACE_METADATA
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.metrics import Metrics
 
@@ -57,8 +58,13 @@ def immediate_response(imm: Immediate) -> pb.ProcessingResponse:
     return out
 
 
-def upstream_response(up: Upstream) -> pb.ProcessingResponse:
+def upstream_response(up: Upstream, trace_tags: bool = False) -> pb.ProcessingResponse:
     out = pb.ProcessingResponse()
+    if trace_tags:  # read by the tracer's custom tags (envoy_config: TRACE_METADATA)
+        tags = out.dynamic_metadata.fields[TRACE_METADATA].struct_value.fields
+        tags["model"].string_value = up.provider.name
+        if up.route is not None:
+            tags["route"].string_value = up.route
     common = out.request_body.response
     common.header_mutation.SetInParent()
     _add_headers(common.header_mutation, up.headers.set)
@@ -134,7 +140,7 @@ class ExtProcStream:
         self.metrics.count_routed(result, time.perf_counter() - started)
         # Nothing else to process (response phases are SKIP): ending the stream now frees
         # it at once instead of holding it open until the upstream answers.
-        return Reply(upstream_response(result), True)
+        return Reply(upstream_response(result, self.gateway.config.tracing is not None), True)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

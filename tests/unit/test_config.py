@@ -1029,3 +1029,32 @@ def test_readme_config_reference_is_a_valid_config() -> None:
     cfg = parse_config(block.group(1), env=env)
     assert [s.type for s in cfg.metrics_sources] == ["cost", "latency"]
     assert cfg.preferences[0].prefer == "cheapest"
+
+
+def test_tracing_off_unless_sampled() -> None:
+    assert cfg(PROVIDERS).tracing is None
+    assert cfg(PROVIDERS + "tracing: {random_sampling: 0}\n").tracing is None
+
+
+def test_tracing_endpoint_default_env_and_tags() -> None:
+    body = PROVIDERS + (
+        "tracing:\n  random_sampling: 25\n"
+        "  span_attributes: {static: {team: ml}, header_prefixes: [x-katanemo-]}\n"
+    )
+    c = cfg(body)
+    assert c.tracing is not None
+    assert (c.tracing.sampling_percent, c.tracing.host, c.tracing.port) == (25, "localhost", 4317)
+    assert dict(c.tracing.static_tags) == {"team": "ml"}
+    assert any(w.startswith("tracing.span_attributes.header_prefixes") for w in c.warnings)
+    c = cfg(body, env={"OTEL_TRACING_GRPC_ENDPOINT": "http://otel-collector:4317"})
+    assert c.tracing is not None and c.tracing.host == "otel-collector"
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["https://collector:4317", "http://collector:4317/v1/traces", "collector:4317"]
+)
+def test_tracing_endpoint_must_be_plain_http_host_port(endpoint: str) -> None:
+    p = one_problem(
+        PROVIDERS + f"tracing: {{random_sampling: 10, opentracing_grpc_endpoint: '{endpoint}'}}\n"
+    )
+    assert p.startswith("tracing.opentracing_grpc_endpoint: ")

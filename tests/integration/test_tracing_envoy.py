@@ -1,0 +1,80 @@
+"""Plano's ``tracing`` block: Envoy's OpenTelemetry tracer exports spans to an OTLP collector,
+tagged with the route and model the ext_proc chose, continuing the client's trace."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import orchestrator_block, seed_config
+from tests.fakes import FakeCollector, FakeOrchestrator, FakeProvider
+from tests.gateway_proc import GatewayProcess
+
+pytestmark = pytest.mark.integration
+
+CODE = "Write a Python function that implements binary search"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[FakeCollector]:
+    fake = FakeCollector().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(
+    tmp_path_factory: pytest.TempPathFactory,
+    openai_fake: FakeProvider,
+    anthropic_fake: FakeProvider,
+    orchestrator_fake: FakeOrchestrator,
+    collector: FakeCollector,
+) -> Iterator[GatewayProcess]:
+    provider, router = orchestrator_block(orchestrator_fake.base_url, timeout_ms=1000)
+    cfg = seed_config(
+        openai_fake.base_url, anthropic_fake.base_url, extra_providers=provider, router=router
+    )
+    cfg += f"""
+tracing:
+  random_sampling: 100
+  opentracing_grpc_endpoint: http://127.0.0.1:{collector.port}
+  span_attributes:
+    static: {{deployment.environment: test}}
+"""
+    with GatewayProcess(cfg, tmp_path_factory.mktemp("trace")) as g:
+        yield g
+
+
+def test_spans_carry_route_model_and_the_clients_trace(
+    gw: GatewayProcess, collector: FakeCollector, anthropic_fake: FakeProvider
+) -> None:
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CODE}]},
+        headers={"traceparent": f"00-{TRACE}-b7ad6b7169203331-01", "authorization": "Bearer c"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    # The provider sees the same trace, continued by Envoy.
+    assert anthropic_fake.last().headers["traceparent"].split("-")[1] == TRACE
+    deadline = time.monotonic() + 20  # Envoy's OTLP exporter flushes every 5 s
+    while time.monotonic() < deadline and not any(
+        "plano.route.name" in {a.key for a in s.attributes} for _, s in collector.spans_of(TRACE)
+    ):
+        time.sleep(0.2)
+    spans = collector.spans_of(TRACE)
+    assert spans, f"no span of trace {TRACE} reached the collector"
+    resources = {r.get("service.name") for r, _ in spans}
+    assert resources == {"plano-extproc"}
+    ingress = next(s for _, s in spans if "plano.route.name" in {a.key for a in s.attributes})
+    attrs = {a.key: a.value.string_value for a in ingress.attributes}
+    assert attrs["plano.route.name"] == "code_generation"
+    assert attrs["llm.model"] == "anthropic/claude-sonnet-4-20250514"
+    assert attrs["deployment.environment"] == "test"
+    assert ingress.parent_span_id.hex() == "b7ad6b7169203331"
+    # The ext_proc call itself is a span of the same trace.
+    assert any("ExternalProcessor" in s.name for _, s in spans), [s.name for _, s in spans]
