@@ -216,6 +216,16 @@ class H2Connection(asyncio.Protocol):
         self.streams.clear()
         self.server.notify_idle()
 
+    def pause_writing(self) -> None:
+        # Envoy is not reading our replies: stop reading its requests until it catches up,
+        # so buffered replies cannot grow without bound.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return

@@ -826,3 +826,19 @@ def test_decoded_header_blocks_are_reused_only_while_the_table_is_unchanged() ->
     assert conn._decode(b"\x20") == []
     with pytest.raises(Exception, match="HPACK"):
         conn._decode(again)
+
+
+async def test_write_backpressure_pauses_reading(h2: Harness) -> None:
+    c = await ready(h2)
+    try:
+        [conn] = list(h2.server.connections)
+        assert conn.transport is not None and conn.transport.is_reading()
+        conn.pause_writing()  # what asyncio calls above the transport's high-water mark
+        assert not conn.transport.is_reading()
+        conn.resume_writing()
+        assert conn.transport.is_reading()
+        await c.ping()  # still serving
+        f = await c.read_frame()
+        assert f.type == PING
+    finally:
+        await c.close()
