@@ -40,13 +40,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from plano_extproc.envoy_config import render_bootstrap, render_yaml
+    from plano_extproc.envoy_config import BootstrapError, render_bootstrap, render_yaml
 
     cfg = _load(args.config)
     eps = [("127.0.0.1", args.grpc_port + i) for i in range(args.workers)]
-    sys.stdout.write(
-        render_yaml(render_bootstrap(cfg, extproc=eps, admin_port=args.envoy_admin_port))
-    )
+    try:
+        bootstrap = render_bootstrap(cfg, extproc=eps, admin_port=args.envoy_admin_port)
+    except BootstrapError as e:
+        print(f"plano-extproc: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render_yaml(bootstrap))
     return 0
 
 

@@ -330,7 +330,7 @@ class Config:
     router: RouterConfig
     session_cache: SessionCacheConfig
     connect_timeout_seconds: float = 5.0
-    tls_ca_path: str = "/etc/ssl/certs/ca-certificates.crt"
+    tls_ca_path: str | None = None  # None: the system bundle (envoy_config.ca_bundle)
     warnings: tuple[str, ...] = field(default=())
     metrics_sources: tuple[MetricsSourceConfig, ...] = ()
     route_on_user_only: bool = False
@@ -716,7 +716,7 @@ def _normalise(
         router=router,
         session_cache=session,
         connect_timeout_seconds=connect_timeout,
-        tls_ca_path=overrides.upstream_tls_ca_path or "/etc/ssl/certs/ca-certificates.crt",
+        tls_ca_path=overrides.upstream_tls_ca_path or None,
         warnings=tuple(warnings),
         metrics_sources=tuple(metrics_sources),
         route_on_user_only=routing.route_on_user_only,

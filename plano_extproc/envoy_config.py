@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from typing import Any
 
 import yaml
@@ -39,6 +40,38 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class BootstrapError(ValueError):
+    """The config cannot be turned into a working Envoy bootstrap on this machine."""
+
+
+# Where distributions keep the system CA bundle (used when the configured path is the default).
+_CA_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine (ca-certificates)
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL, CentOS
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/ssl/cert.pem",  # macOS, Alpine, BSDs
+)
+
+
+def ca_bundle(config: Config) -> str:
+    """The CA file Envoy verifies provider certificates with; never silently none."""
+    if config.tls_ca_path is not None:
+        if not os.path.isfile(config.tls_ca_path):
+            raise BootstrapError(
+                f"overrides.upstream_tls_ca_path: {config.tls_ca_path} is not a file; Envoy "
+                "needs a PEM CA bundle to verify the providers' TLS certificates"
+            )
+        return config.tls_ca_path
+    defaults = ssl.get_default_verify_paths()
+    for path in (*_CA_BUNDLES, defaults.cafile, defaults.openssl_cafile):
+        if path and os.path.isfile(path):
+            return path
+    raise BootstrapError(
+        "no system CA bundle found (looked in " + ", ".join(_CA_BUNDLES) + "); install "
+        "ca-certificates or set overrides.upstream_tls_ca_path to a PEM CA bundle"
+    )
 
 
 def _one_per_cluster(config: Config) -> list[Provider]:
@@ -73,10 +106,14 @@ def _provider_cluster(p: Provider, config: Config) -> dict[str, Any]:
                 },
             },
         }
-        if os.path.exists(config.tls_ca_path):
-            tls["common_tls_context"]["validation_context"] = {
-                "trusted_ca": {"filename": config.tls_ca_path}
-            }
+        sni = str(tls["sni"])
+        # Chain AND name: a certificate from any public CA for another host must not do.
+        tls["common_tls_context"]["validation_context"] = {
+            "trusted_ca": {"filename": ca_bundle(config)},
+            "match_typed_subject_alt_names": [
+                {"san_type": "IP_ADDRESS" if _is_ip(sni) else "DNS", "matcher": {"exact": sni}}
+            ],
+        }
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": tls,

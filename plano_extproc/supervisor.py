@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plano_extproc.config import Config
-from plano_extproc.envoy_config import render_bootstrap, render_yaml
+from plano_extproc.envoy_config import BootstrapError, render_bootstrap, render_yaml
 
 _PR_SET_PDEATHSIG = 1
 
@@ -271,14 +271,17 @@ def run_up(
             log_level=log_level,
             transport=transport,
         )
-        bootstrap = render_bootstrap(
-            config,
-            extproc=eps,
-            admin_port=envoy_admin_port,
-            listen_address=listen_address,
-            listen_port=listen_port,
-            access_log=access_log,
-        )
+        try:
+            bootstrap = render_bootstrap(
+                config,
+                extproc=eps,
+                admin_port=envoy_admin_port,
+                listen_address=listen_address,
+                listen_port=listen_port,
+                access_log=access_log,
+            )
+        except BootstrapError as e:
+            raise SystemExit(f"plano-extproc: {e}") from None
         tmp = tempfile.NamedTemporaryFile("w", prefix="plano-envoy-", suffix=".yaml", delete=False)
         with tmp:
             tmp.write(render_yaml(bootstrap))

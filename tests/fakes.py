@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -64,10 +65,12 @@ class FakeServer:
         self.requests: list[Recorded] = []
         self._runner: web.AppRunner | None = None
         self._lt = _LoopThread.get()
+        self.ssl_context: ssl.SSLContext | None = None  # set before start() to serve HTTPS
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def app(self) -> web.Application:
         raise NotImplementedError
@@ -76,7 +79,8 @@ class FakeServer:
         async def go() -> None:
             self._runner = web.AppRunner(self.app(), access_log=None)
             await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
+            await site.start()
 
         self._lt.run(go())
         return self

@@ -1,0 +1,66 @@
+"""Provider TLS in the rendered bootstrap: always a CA bundle, always a name check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plano_extproc.cli import main
+from plano_extproc.config import parse_config
+from plano_extproc.envoy_config import BootstrapError, ca_bundle, render_bootstrap
+
+BASE = """
+version: v0.4.0
+listeners: [{name: m, type: model, port: 12000}]
+routing: {router: {type: none}}
+model_providers:
+  - {model: openai/gpt-4o, access_key: k, default: true}
+  - {model: ollama/llama3, base_url: "https://10.0.0.7:11434"}
+  - {model: openai/gpt-4o-mini, access_key: k, base_url: "https://10.0.0.8/v1", http_host: gw.corp}
+"""
+
+
+def tls_of(text: str, cluster_host: str) -> dict:  # type: ignore[type-arg]
+    boot = render_bootstrap(parse_config(text), extproc=[("127.0.0.1", 9091)])
+    [cluster] = [c for c in boot["static_resources"]["clusters"] if cluster_host in c["name"]]
+    return dict(cluster["transport_socket"]["typed_config"])
+
+
+def test_names_and_ips_are_checked_against_the_sni() -> None:
+    dns = tls_of(BASE, "api_openai_com")["common_tls_context"]["validation_context"]
+    assert dns["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}
+    ]
+    ip = tls_of(BASE, "10_0_0_7")
+    assert ip["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.7"}}
+    ]
+    vhost = tls_of(BASE, "10_0_0_8")
+    assert vhost["sni"] == "gw.corp"
+    san = vhost["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+    assert san == [{"san_type": "DNS", "matcher": {"exact": "gw.corp"}}]
+
+
+def test_configured_ca_bundle_is_used(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    text = BASE + f"overrides: {{upstream_tls_ca_path: {ca}}}\n"
+    vc = tls_of(text, "api_openai_com")["common_tls_context"]["validation_context"]
+    assert vc["trusted_ca"] == {"filename": str(ca)}
+
+
+def test_missing_configured_ca_bundle_is_an_error_not_silent_trust(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = BASE + f"overrides: {{upstream_tls_ca_path: {tmp_path / 'nope.pem'}}}\n"
+    with pytest.raises(BootstrapError, match=r"overrides\.upstream_tls_ca_path: .*nope\.pem"):
+        ca_bundle(parse_config(text))
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert main(["envoy-config", str(path)]) == 1
+    assert "overrides.upstream_tls_ca_path" in capsys.readouterr().err
+
+
+def test_system_bundle_is_found_when_none_is_configured() -> None:
+    assert Path(ca_bundle(parse_config(BASE))).is_file()
