@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
@@ -222,8 +223,10 @@ class OrchestratorRouter:
         timeout_ms: int = 3000,
         context_length: int = 8192,
         headers: dict[str, str] | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = url
+        self.ca_file = ca_file  # overrides.upstream_tls_ca_path: trust it here too
         self.model_id = model_id
         self.prompt = prompt
         self.timeout = timeout_ms / 1000.0
@@ -233,8 +236,11 @@ class OrchestratorRouter:
 
     async def start(self) -> None:
         if self._session is None:
+            tls: ssl.SSLContext | bool = True
+            if self.ca_file is not None:
+                tls = ssl.create_default_context(cafile=self.ca_file)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30, ssl=tls),
             )
 
     async def close(self) -> None:

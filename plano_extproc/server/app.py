@@ -71,6 +71,7 @@ def build_router(config: Config) -> Router:
             timeout_ms=rc.timeout_ms,
             context_length=rc.context_length,
             headers=headers,
+            ca_file=config.tls_ca_path,
         )
     try:
         from plano_extproc.routing.embedded import EmbeddedRouter

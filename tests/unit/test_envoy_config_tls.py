@@ -64,3 +64,41 @@ def test_missing_configured_ca_bundle_is_an_error_not_silent_trust(
 
 def test_system_bundle_is_found_when_none_is_configured() -> None:
     assert Path(ca_bundle(parse_config(BASE))).is_file()
+
+
+async def test_orchestrator_router_trusts_the_configured_ca(tmp_path: Path) -> None:
+    """The router LLM behind a private CA works when the config names that CA."""
+    from plano_extproc.routing.base import ChatMessage, RoutePreference
+    from plano_extproc.server.app import build_router
+    from tests.fakes import FakeOrchestrator
+    from tests.tls_certs import CertificateAuthority
+
+    ca = CertificateAuthority.create(tmp_path)
+    orch = FakeOrchestrator(decide=lambda _prompt: "code")
+    orch.ssl_context = ca.server_context(tmp_path, "localhost")
+    orch.start()
+    prefs = [RoutePreference(name="code", description="writing code", models=("openai/gpt-4o",))]
+    try:
+        for ca_line, expect_error in ((f"upstream_tls_ca_path: {ca.pem_path}", False), ("", True)):
+            cfg = parse_config(f"""
+version: v0.4.0
+listeners: [{{name: m, type: model, port: 12000}}]
+model_providers:
+  - {{model: openai/gpt-4o, access_key: k, default: true}}
+  - {{model: ollama/Plano-Orchestrator, base_url: "https://localhost:{orch.port}/v1"}}
+routing:
+  router: {{type: orchestrator, model: ollama/Plano-Orchestrator, timeout_ms: 2000}}
+overrides: {{{ca_line}}}
+""")
+            router = build_router(cfg)
+            await router.start()
+            try:
+                result = await router.route([ChatMessage("user", "hi")], prefs, request_id="t")
+            finally:
+                await router.close()
+            if expect_error:  # the system store does not know our throwaway CA
+                assert result.route is None and result.error
+            else:
+                assert (result.route, result.error) == ("code", None)
+    finally:
+        orch.stop()
