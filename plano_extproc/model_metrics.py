@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -153,8 +154,9 @@ class SourceState:
 class ModelMetrics:
     """Holds the latest numbers per source and refreshes them in the background."""
 
-    def __init__(self, sources: Sequence[MetricsSourceConfig]) -> None:
+    def __init__(self, sources: Sequence[MetricsSourceConfig], ca_file: str | None = None) -> None:
         self.sources: dict[str, SourceState] = {s.type: SourceState(s, {}) for s in sources}
+        self.ca_file = ca_file  # overrides.upstream_tls_ca_path, as for providers
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -171,8 +173,12 @@ class ModelMetrics:
         """First fetch of every source (a failure is logged, not fatal), then refreshers."""
         if not self.sources:
             return
+        tls: ssl.SSLContext | bool = True
+        if self.ca_file is not None:
+            tls = ssl.create_default_context(cafile=self.ca_file)
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
+            timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS),
+            connector=aiohttp.TCPConnector(ssl=tls),
         )
         await asyncio.gather(*(self.refresh(s) for s in self.sources.values()))
         for state in self.sources.values():

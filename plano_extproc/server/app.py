@@ -130,7 +130,7 @@ async def start(
     if prepare is not None and config.preferences:
         await asyncio.to_thread(prepare, config.preferences)
     await cache.start()
-    metrics = ModelMetrics(config.metrics_sources)
+    metrics = ModelMetrics(config.metrics_sources, config.tls_ca_path)
     await metrics.start()
     if not config.preferences:
         log.warning("no routing_preferences configured: routes are inactive, models pass as sent")
