@@ -16,6 +16,7 @@ def build_session_cache(
     ttl_seconds: int,
     max_entries: int,
     near_cache_seconds: float = 30.0,
+    ca_file: str | None = None,
 ) -> SessionCache:
     """Return an unstarted cache; the caller awaits ``start()``.
 
@@ -29,7 +30,7 @@ def build_session_cache(
         if not url:
             raise ValueError("session cache type 'redis' requires a url (redis:// or rediss://)")
         return RedisSessionCache(
-            url, ttl_seconds=ttl_seconds, near_cache_seconds=near_cache_seconds
+            url, ttl_seconds=ttl_seconds, near_cache_seconds=near_cache_seconds, ca_file=ca_file
         )
     raise ValueError(
         f"unknown session cache type {kind!r}; expected one of {', '.join(SESSION_CACHE_KINDS)}"

@@ -126,6 +126,7 @@ class RedisSessionCache:
         key_prefix: str = REDIS_PREFIX,
         near_cache_seconds: float = 30.0,
         near_cache_entries: int = 10000,
+        ca_file: str | None = None,
     ) -> None:
         """Build the client; raises ``ValueError`` for an unusable URL (a config error).
 
@@ -144,6 +145,10 @@ class RedisSessionCache:
         self._call_timeout = connect_timeout + 2 * op_timeout
         self._retry_interval = retry_interval
         self._prefix = key_prefix
+        tls: dict[str, Any] = {}
+        if url.startswith("rediss://") and ca_file and "ssl_ca_certs=" not in url:
+            # overrides.upstream_tls_ca_path: one CA setting for every TLS peer.
+            tls["ssl_ca_certs"] = ca_file
         # No client-side retries: the breaker handles failures, and redis-py's default
         # (3 retries with exponential backoff) would add seconds to a request.
         self._pool = BlockingConnectionPool.from_url(
@@ -154,6 +159,7 @@ class RedisSessionCache:
             socket_timeout=op_timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            **tls,
         )
         self._client = Redis(connection_pool=self._pool)
         self._script = self._client.register_script(_PUT_IF_ABSENT_LUA)

@@ -94,6 +94,7 @@ def build_cache(config: Config) -> SessionCache:
         ttl_seconds=sc.ttl_seconds,
         max_entries=sc.max_entries,
         near_cache_seconds=sc.near_cache_seconds,
+        ca_file=config.tls_ca_path,
     )
 
 
