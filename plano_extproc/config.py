@@ -697,6 +697,11 @@ def _normalise(
     )
     if routing.routing_budget is not None:
         warnings.append("routing.routing_budget: not supported by plano-extproc yet; ignored")
+    # Plano features outside routing: accepted so a Plano config loads unchanged, but say so,
+    # since a user may rely on them (rate limits, guards) and nothing here enforces them.
+    for key in _IGNORED_FEATURES:
+        if getattr(raw, key) not in (None, [], {}):
+            warnings.append(f"{key}: not supported by plano-extproc; ignored")
 
     overrides = raw.overrides or RawOverrides()
     router = _router(routing.router, overrides, providers, lookup, problems)
@@ -762,6 +767,19 @@ def _tracing(
         port=port,
         static_tags=dict(attrs.static or {}),
     )
+
+
+_IGNORED_FEATURES = (
+    "prompt_caching",
+    "agents",
+    "filters",
+    "endpoints",
+    "prompt_targets",
+    "system_prompt",
+    "prompt_guards",
+    "ratelimits",
+    "state_storage",
+)
 
 
 def _metrics_sources(raw: RawConfig, problems: list[str]) -> list[MetricsSourceConfig]:

@@ -1058,3 +1058,17 @@ def test_tracing_endpoint_must_be_plain_http_host_port(endpoint: str) -> None:
         PROVIDERS + f"tracing: {{random_sampling: 10, opentracing_grpc_endpoint: '{endpoint}'}}\n"
     )
     assert p.startswith("tracing.opentracing_grpc_endpoint: ")
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "ratelimits:\n  - {model: openai/gpt-4o, selector: {key: x-user}, limit: {tokens: 100}}\n",
+        "prompt_guards: {input_guards: {jailbreak: {on_exception: {message: no}}}}\n",
+        "prompt_targets:\n  - {name: weather, description: get weather}\n",
+    ],
+)
+def test_plano_features_outside_routing_load_with_a_warning(snippet: str) -> None:
+    key = snippet.split(":", 1)[0]
+    c = cfg(PROVIDERS + snippet)
+    assert f"{key}: not supported by plano-extproc; ignored" in c.warnings
