@@ -28,6 +28,8 @@ def _logging(level: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    # Warnings are printed below, once, as part of the report (not also as log lines).
+    logging.getLogger("plano_extproc.config").setLevel(logging.ERROR)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

@@ -1072,3 +1072,16 @@ def test_plano_features_outside_routing_load_with_a_warning(snippet: str) -> Non
     key = snippet.split(":", 1)[0]
     c = cfg(PROVIDERS + snippet)
     assert f"{key}: not supported by plano-extproc; ignored" in c.warnings
+
+
+def test_validate_prints_each_warning_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from plano_extproc.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"version: v0.4.0\n{LISTENER}{PROVIDERS}prompt_guards: {{x: 1}}\n")
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "ok"
+    assert out.err.count("prompt_guards: not supported") == 1
