@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -840,5 +841,49 @@ async def test_write_backpressure_pauses_reading(h2: Harness) -> None:
         await c.ping()  # still serving
         f = await c.read_frame()
         assert f.type == PING
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_frames_cut_at_arbitrary_byte_boundaries(h2: Harness, seed: int) -> None:
+    """Many streams' frames, interleaved and sent in random small pieces, reassemble."""
+    rng = random.Random(seed)
+    c = await ready(h2)
+    try:
+        body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+        sids = [1 + 2 * i for i in range(8)]
+        wire = b""
+        for sid in sids:  # all request headers first: eight streams open at once
+            block = c.header_block(request_fields())
+            head = grpc_message(headers_msg("POST", "/v1/chat/completions"))
+            wire += frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, 0, sid, head)
+        pos = 0
+        while pos < len(wire):  # cut anywhere, including inside frame headers
+            step = rng.randint(1, 23)
+            await c.send(wire[pos : pos + step])
+            pos += step
+        firsts = {}
+        while len(firsts) < len(sids):
+            f = await c.read_frame()
+            if f.type == DATA:
+                [msg] = parse_grpc(f.payload)
+                firsts[f.sid] = msg.WhichOneof("response")
+        assert firsts == dict.fromkeys(sids, "request_headers")
+        wire = b"".join(frame(DATA, 0, sid, grpc_message(body_msg(body))) for sid in sids)
+        pos = 0
+        while pos < len(wire):
+            step = rng.randint(1, 23)
+            await c.send(wire[pos : pos + step])
+            pos += step
+        done: dict[int, str] = {}
+        while len(done) < len(sids):
+            f = await c.read_frame()
+            if f.type == DATA:
+                [msg] = parse_grpc(f.payload)
+                hdrs = set_headers(msg)
+                done[f.sid] = hdrs["x-plano-upstream"]
+        assert set(done) == set(sids)
+        assert len(set(done.values())) == 1
     finally:
         await c.close()
