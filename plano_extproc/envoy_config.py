@@ -152,7 +152,9 @@ def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
 
 
 OTEL_CLUSTER = "plano_otel_collector"
-TRACE_METADATA = "plano"  # dynamic-metadata namespace the ext_proc fills for span tags
+DECISION_METADATA = "plano"  # dynamic-metadata namespace the ext_proc fills with its decision
+MODEL_HEADER = "x-plano-model"  # response headers telling the client what served it
+ROUTE_RESPONSE_HEADER = "x-plano-route"
 
 
 def _otel_cluster(tracing: TracingConfig) -> dict[str, Any]:
@@ -185,7 +187,7 @@ def _tracing(tracing: TracingConfig) -> dict[str, Any]:
             "tag": tag,
             "metadata": {
                 "kind": {"request": {}},
-                "metadata_key": {"key": TRACE_METADATA, "path": [{"key": key}]},
+                "metadata_key": {"key": DECISION_METADATA, "path": [{"key": key}]},
             },
         }
 
@@ -260,6 +262,17 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
                 },
                 "route": action,
                 "request_headers_to_remove": [ROUTE_HEADER],
+                "response_headers_to_add": [
+                    {
+                        "header": {
+                            "key": name,
+                            "value": f"%DYNAMIC_METADATA({DECISION_METADATA}:{key})%",
+                        },
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        "keep_empty_value": False,
+                    }
+                    for name, key in ((MODEL_HEADER, "model"), (ROUTE_RESPONSE_HEADER, "route"))
+                ],
             }
         )
     routes.append(
@@ -332,6 +345,8 @@ def render_bootstrap(
                     },
                     "failure_mode_allow": False,
                     "allow_mode_override": True,
+                    # The decision the ext_proc reports (response headers, span tags).
+                    "metadata_options": {"receiving_namespaces": {"untyped": [DECISION_METADATA]}},
                     "message_timeout": message_timeout,
                     "processing_mode": {
                         "request_header_mode": "SEND",
@@ -351,12 +366,6 @@ def render_bootstrap(
     }
     if config.tracing is not None:
         hcm["tracing"] = _tracing(config.tracing)
-        ext_proc = next(
-            f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"
-        )
-        ext_proc["typed_config"]["metadata_options"] = {
-            "receiving_namespaces": {"untyped": [TRACE_METADATA]}
-        }
     if access_log:
         hcm["access_log"] = [
             {

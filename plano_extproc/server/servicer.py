@@ -19,7 +19,7 @@ from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from plano_extproc.envoy_config import TRACE_METADATA
+from plano_extproc.envoy_config import DECISION_METADATA
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.metrics import Metrics
 
@@ -58,13 +58,14 @@ def immediate_response(imm: Immediate) -> pb.ProcessingResponse:
     return out
 
 
-def upstream_response(up: Upstream, trace_tags: bool = False) -> pb.ProcessingResponse:
+def upstream_response(up: Upstream) -> pb.ProcessingResponse:
     out = pb.ProcessingResponse()
-    if trace_tags:  # read by the tracer's custom tags (envoy_config: TRACE_METADATA)
-        tags = out.dynamic_metadata.fields[TRACE_METADATA].struct_value.fields
-        tags["model"].string_value = up.provider.name
-        if up.route is not None:
-            tags["route"].string_value = up.route
+    # The decision as dynamic metadata: Envoy turns it into x-plano-* response headers and
+    # span tags without another ext_proc round trip (envoy_config: DECISION_METADATA).
+    decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
+    decision["model"].string_value = up.provider.name
+    if up.route is not None:
+        decision["route"].string_value = up.route
     common = out.request_body.response
     common.header_mutation.SetInParent()
     _add_headers(common.header_mutation, up.headers.set)
@@ -140,7 +141,7 @@ class ExtProcStream:
         self.metrics.count_routed(result, time.perf_counter() - started)
         # Nothing else to process (response phases are SKIP): ending the stream now frees
         # it at once instead of holding it open until the upstream answers.
-        return Reply(upstream_response(result, self.gateway.config.tracing is not None), True)
+        return Reply(upstream_response(result), True)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

@@ -126,7 +126,7 @@ def test_istio_patch_matches_the_rendered_ext_proc_filter() -> None:
     assert filters[0]["typed_config"] == chain[0]["typed_config"]
     rendered = chain[1]
     istio = filters[1]["typed_config"]
-    for key in ("processing_mode", "failure_mode_allow", "allow_mode_override"):
+    for key in ("processing_mode", "failure_mode_allow", "allow_mode_override", "metadata_options"):
         assert istio[key] == rendered["typed_config"][key], key
     assert istio["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster["name"]
     [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]

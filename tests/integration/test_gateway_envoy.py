@@ -368,6 +368,19 @@ def test_decision_trace_id_from_traceparent(gw: GatewayProcess) -> None:
     assert resp.json()["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+def test_response_headers_name_the_model_and_route(gw: GatewayProcess) -> None:
+    routed = oai(gw).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": REASONING_PROMPT}]
+    )
+    assert routed.headers["x-plano-model"] == "openai/gpt-4o"
+    assert routed.headers["x-plano-route"] == "complex_reasoning"
+    plain = oai(gw).chat.completions.with_raw_response.create(
+        model="fast-model", messages=[{"role": "user", "content": PLAIN_PROMPT}]
+    )
+    assert plain.headers["x-plano-model"] == "openai/gpt-4o-mini"
+    assert "x-plano-route" not in plain.headers  # no route matched
+
+
 def test_worker_serves_the_requested_transport(gw: GatewayProcess) -> None:
     # Guards the parametrisation: each run of this module really uses its transport.
     expected = gw.extra_args[gw.extra_args.index("--transport") + 1]
