@@ -82,38 +82,55 @@ def _one_per_cluster(config: Config) -> list[Provider]:
     return list(first.values())
 
 
+def _load_assignment(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    hosts = [{"endpoint": {"address": _address(h, port)}} for h, port in endpoints]
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": hosts}]}
+
+
+def _discovery(host: str, dns_type: str) -> dict[str, Any]:
+    """A literal IP needs no resolver; a name is resolved (IPv4 first)."""
+    if _is_ip(host):
+        return {"type": "STATIC"}
+    return {"type": dns_type, "dns_lookup_family": "V4_PREFERRED"}
+
+
+def _http2(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": options},
+        }
+    }
+
+
 def _provider_cluster(p: Provider, config: Config) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": p.cluster,
-        "type": "STATIC" if _is_ip(p.host) else "LOGICAL_DNS",
+        **_discovery(p.host, "LOGICAL_DNS"),
         "connect_timeout": _duration(config.connect_timeout_seconds),
         "lb_policy": "ROUND_ROBIN",
-        "load_assignment": {
-            "cluster_name": p.cluster,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(p.host, p.port)}}]}],
-        },
+        "load_assignment": _load_assignment(p.cluster, [(p.host, p.port)]),
     }
-    if not _is_ip(p.host):
-        cluster["dns_lookup_family"] = "V4_PREFERRED"
     if p.tls:
+        sni = p.http_host or p.host
         tls: dict[str, Any] = {
             "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": p.http_host or p.host,
+            "sni": sni,
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",
                     "tls_maximum_protocol_version": "TLSv1_3",
                 },
+                # Chain AND name: a certificate from any public CA for another host must not do.
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_bundle(config)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "IP_ADDRESS" if _is_ip(sni) else "DNS",
+                         "matcher": {"exact": sni}}
+                    ],
+                },
             },
-        }
-        sni = str(tls["sni"])
-        # Chain AND name: a certificate from any public CA for another host must not do.
-        tls["common_tls_context"]["validation_context"] = {
-            "trusted_ca": {"filename": ca_bundle(config)},
-            "match_typed_subject_alt_names": [
-                {"san_type": "IP_ADDRESS" if _is_ip(sni) else "DNS", "matcher": {"exact": sni}}
-            ],
-        }
+        }  # fmt: skip
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": tls,
@@ -127,27 +144,13 @@ def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
         "type": "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {
-                    "http2_protocol_options": {
-                        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
-                        "max_concurrent_streams": 1024,
-                    }
-                },
+        "typed_extension_protocol_options": _http2(
+            {
+                "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                "max_concurrent_streams": 1024,
             }
-        },
-        "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": _address(h, port)}} for h, port in endpoints
-                    ]
-                }
-            ],
-        },
+        ),
+        "load_assignment": _load_assignment(EXTPROC_CLUSTER, endpoints),
     }
 
 
@@ -158,27 +161,13 @@ ROUTE_RESPONSE_HEADER = "x-plano-route"
 
 
 def _otel_cluster(tracing: TracingConfig) -> dict[str, Any]:
-    ip = _is_ip(tracing.host)
-    cluster: dict[str, Any] = {
+    return {
         "name": OTEL_CLUSTER,
-        "type": "STATIC" if ip else "STRICT_DNS",
+        **_discovery(tracing.host, "STRICT_DNS"),
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": OTEL_CLUSTER,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _address(tracing.host, tracing.port)}}]}
-            ],
-        },
+        "typed_extension_protocol_options": _http2({}),
+        "load_assignment": _load_assignment(OTEL_CLUSTER, [(tracing.host, tracing.port)]),
     }
-    if not ip:
-        cluster["dns_lookup_family"] = "V4_PREFERRED"
-    return cluster
 
 
 def _tracing(tracing: TracingConfig) -> dict[str, Any]:
