@@ -231,7 +231,7 @@ class Gateway:
         requested = self.catalog.resolve(body.values.get("model"))
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
-        decision = await self._select(info, requested, inline, messages, tool_names(body.values))
+        decision = await self._select(info, requested, inline, messages, body.values)
         provider = decision.dispatch
         assert provider is not None
         if not compatible(provider, info.api):
@@ -283,7 +283,7 @@ class Gateway:
             requested = self.catalog.lookup(model_value)
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
-        decision = await self._select(info, requested, inline, messages, tool_names(body.values))
+        decision = await self._select(info, requested, inline, messages, body.values)
         return self._decision_response(decision, trace_id, info)
 
     def _decision_response(self, d: Decision, trace_id: str, info: RequestInfo) -> Immediate:
@@ -303,12 +303,12 @@ class Gateway:
         requested: Provider | None,
         inline: tuple[RoutePreference, ...] | None,
         messages: list[Any],
-        tools: list[str],
+        body: dict[str, Any],
     ) -> Decision:
         """Affinity lookup, then routing, then pin the outcome (first writer wins)."""
         key = info.affinity_key if self.cache is not None else None
         if key is None and self.cache is not None and self.config.route_on_user_only:
-            return await self._select_by_turn(info, requested, inline, messages, tools)
+            return await self._select_by_turn(info, requested, inline, messages, body)
         if key is not None and info.kind == "proxy":
             assert self.cache is not None
             hit = await self.cache.get(key)
@@ -348,7 +348,7 @@ class Gateway:
         requested: Provider | None,
         inline: tuple[RoutePreference, ...] | None,
         messages: list[Any],
-        tools: list[str],
+        body: dict[str, Any],
     ) -> Decision:
         """route_on_user_only without X-Model-Affinity: route user turns; replay the last
         decision of the same conversation for tool results and other non-user turns."""
@@ -361,7 +361,7 @@ class Gateway:
             info.headers.get(tenant_header) if tenant_header else None,
             requested.name if requested is not None else "",
             "\n".join(m.content for m in messages if m.role in ("system", "developer")),
-            tools,
+            tool_names(body),
             next((m.content for m in messages if m.role == "user"), ""),
         )
         if not is_user_turn(messages[-1]):
