@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import hpack
 import pytest
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from plano_extproc.affinity.memory import MemorySessionCache
@@ -29,6 +28,7 @@ from plano_extproc.metrics import Metrics
 from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
 from plano_extproc.server.h2 import MAX_MESSAGE, H2Connection, H2Server
 from plano_extproc.server.servicer import ExtProcStream
+from tests.extproc_messages import body_msg, headers_msg, set_headers
 
 TIMEOUT = 5.0
 PROCESS_PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -259,25 +259,6 @@ class H2Client:
 
 
 # --------------------------------------------------------------------------- ext_proc messages
-
-
-def headers_msg(method: str, path: str, eos: bool = False) -> pb.ProcessingRequest:
-    items = [(":method", method), (":path", path), (":authority", "gw"), (":scheme", "http")]
-    return pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(
-            headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in items]),
-            end_of_stream=eos,
-        )
-    )
-
-
-def body_msg(body: bytes) -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
-
-
-def set_headers(resp: pb.ProcessingResponse) -> dict[str, str]:
-    mutation = resp.request_body.response.header_mutation
-    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
 
 
 # --------------------------------------------------------------------------- server fixture

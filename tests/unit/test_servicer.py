@@ -24,6 +24,7 @@ from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import GRPC_OPTIONS
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
+from tests.extproc_messages import body_msg, headers_msg, set_headers
 
 CONFIG = """
 version: v0.4.0
@@ -57,25 +58,6 @@ async def stub(request: pytest.FixtureRequest) -> AsyncIterator[pb_grpc.External
     yield pb_grpc.ExternalProcessorStub(channel)
     await channel.close()
     await server.stop(None)
-
-
-def headers_msg(method: str, path: str, eos: bool = False, **extra: str) -> pb.ProcessingRequest:
-    items = [(":method", method), (":path", path), (":authority", "gw"), *extra.items()]
-    return pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(
-            headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in items]),
-            end_of_stream=eos,
-        )
-    )
-
-
-def body_msg(body: bytes) -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
-
-
-def set_headers(resp: pb.ProcessingResponse) -> dict[str, str]:
-    mutation = resp.request_body.response.header_mutation
-    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
 
 
 async def test_proxy_exchange(stub: pb_grpc.ExternalProcessorStub) -> None:
