@@ -85,10 +85,16 @@ routing:
 """
 
 
-def orchestrator_block(
-    orch_url: str, *, timeout_ms: int = 1000, prompt: str = ""
-) -> tuple[str, str]:
-    """(extra provider YAML, routing.router YAML) for the fake router LLM."""
+def orchestrated_seed_config(
+    openai_url: str,
+    anthropic_url: str,
+    orch_url: str,
+    *,
+    timeout_ms: int = 1000,
+    routing_extra: str = "",
+) -> str:
+    """The seed demo's config routed by the orchestrator router, served by the fake router
+    LLM at ``orch_url`` (declared as the provider ollama/Plano-Orchestrator)."""
     provider = f"""  - model: ollama/Plano-Orchestrator
     base_url: {orch_url}/v1
 """
@@ -96,6 +102,11 @@ def orchestrator_block(
     type: orchestrator
     model: ollama/Plano-Orchestrator
     timeout_ms: {timeout_ms}
-{f"    prompt: {prompt}" if prompt else ""}
 """
-    return provider, router
+    return seed_config(
+        openai_url,
+        anthropic_url,
+        extra_providers=provider,
+        router=router,
+        routing_extra=routing_extra,
+    )

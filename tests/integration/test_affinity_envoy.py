@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import orchestrator_block, seed_config
+from tests.conftest import orchestrated_seed_config
 from tests.fakes import FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
 from tests.redis_server import RedisServer, find_redis_server, free_port
@@ -32,13 +32,8 @@ def _config(
     orch: FakeOrchestrator,
     routing_extra: str = "",
 ) -> str:
-    provider, router = orchestrator_block(orch.base_url, timeout_ms=1000)
-    return seed_config(
-        openai_fake.base_url,
-        anthropic_fake.base_url,
-        extra_providers=provider,
-        router=router,
-        routing_extra=routing_extra,
+    return orchestrated_seed_config(
+        openai_fake.base_url, anthropic_fake.base_url, orch.base_url, routing_extra=routing_extra
     )
 
 

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import orchestrator_block, seed_config
+from tests.conftest import orchestrated_seed_config
 from tests.fakes import FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
 
@@ -36,9 +36,8 @@ def gw(
     anthropic_fake: FakeProvider,
     orchestrator_fake: FakeOrchestrator,
 ) -> Iterator[GatewayProcess]:
-    provider, router = orchestrator_block(orchestrator_fake.base_url, timeout_ms=500)
-    cfg = seed_config(
-        openai_fake.base_url, anthropic_fake.base_url, extra_providers=provider, router=router
+    cfg = orchestrated_seed_config(
+        openai_fake.base_url, anthropic_fake.base_url, orchestrator_fake.base_url, timeout_ms=500
     )
     transport = ["--transport", request.param]
     with GatewayProcess(cfg, tmp_path_factory.mktemp("gw"), extra_args=transport) as g:
@@ -427,9 +426,9 @@ def test_router_down(
 ) -> None:
     from tests.fakes import free_port
 
-    provider, router = orchestrator_block(f"http://127.0.0.1:{free_port()}", timeout_ms=500)
-    cfg = seed_config(
-        openai_fake.base_url, anthropic_fake.base_url, extra_providers=provider, router=router
+    down = f"http://127.0.0.1:{free_port()}"
+    cfg = orchestrated_seed_config(
+        openai_fake.base_url, anthropic_fake.base_url, down, timeout_ms=500
     )
     with GatewayProcess(cfg, tmp_path) as g:
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": CODE_PROMPT}]}

@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import orchestrator_block, seed_config
+from tests.conftest import orchestrated_seed_config
 from tests.fakes import FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
 
@@ -24,12 +24,10 @@ def gw(
     anthropic_fake: FakeProvider,
     orchestrator_fake: FakeOrchestrator,
 ) -> Iterator[GatewayProcess]:
-    provider, router = orchestrator_block(orchestrator_fake.base_url, timeout_ms=1000)
-    cfg = seed_config(
+    cfg = orchestrated_seed_config(
         openai_fake.base_url,
         anthropic_fake.base_url,
-        extra_providers=provider,
-        router=router,
+        orchestrator_fake.base_url,
         routing_extra="  route_on_user_only: true",
     )
     with GatewayProcess(cfg, tmp_path_factory.mktemp("rouo")) as g:

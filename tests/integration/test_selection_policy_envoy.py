@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import orchestrator_block, seed_config
+from tests.conftest import orchestrated_seed_config
 from tests.fakes import FakeMetrics, FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
 
@@ -34,9 +34,8 @@ def gw(
     orchestrator_fake: FakeOrchestrator,
     metrics_fake: FakeMetrics,
 ) -> Iterator[GatewayProcess]:
-    provider, router = orchestrator_block(orchestrator_fake.base_url, timeout_ms=1000)
-    cfg = seed_config(
-        openai_fake.base_url, anthropic_fake.base_url, extra_providers=provider, router=router
+    cfg = orchestrated_seed_config(
+        openai_fake.base_url, anthropic_fake.base_url, orchestrator_fake.base_url
     )
     routes = f"    models: [{CLAUDE}, openai/gpt-4o]\n"
     assert routes in cfg
