@@ -108,3 +108,19 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def assert_envoy_accepts(bootstrap: dict[str, object], tmp_path: Path) -> None:
+    """``envoy --mode validate`` on a rendered bootstrap: Envoy itself accepts the config."""
+    from plano_extproc.envoy_config import render_yaml
+    from plano_extproc.supervisor import envoy_binary
+
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_yaml(bootstrap))
+    res = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ import yaml
 
 from plano_extproc.cli import build_parser
 from plano_extproc.config import load_config, parse_config
-from plano_extproc.envoy_config import render_bootstrap, render_yaml
-from plano_extproc.supervisor import envoy_binary
+from plano_extproc.envoy_config import render_bootstrap
+from tests.gateway_proc import assert_envoy_accepts
 
 pytestmark = pytest.mark.integration
 
@@ -97,15 +96,7 @@ def test_k8s_commands_parse_and_agree_on_ports(tmp_path: Path) -> None:
 
     # What the init container writes is a valid Envoy bootstrap.
     eps = [("127.0.0.1", render.grpc_port + i) for i in range(render.workers)]
-    path = tmp_path / "envoy.yaml"
-    path.write_text(render_yaml(render_bootstrap(cfg, extproc=eps)))
-    res = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert_envoy_accepts(render_bootstrap(cfg, extproc=eps), tmp_path)
 
 
 def test_istio_patch_matches_the_rendered_ext_proc_filter() -> None:

@@ -14,10 +14,9 @@ import pytest
 
 from plano_extproc.config import load_config
 from plano_extproc.envoy_config import render_bootstrap, render_yaml
-from plano_extproc.supervisor import envoy_binary
 from tests.conftest import seed_config
 from tests.fakes import FakeProvider
-from tests.gateway_proc import ROOT, GatewayProcess
+from tests.gateway_proc import ROOT, GatewayProcess, assert_envoy_accepts
 
 pytestmark = pytest.mark.integration
 
@@ -161,16 +160,8 @@ def test_validate_ok(tmp_path: Path) -> None:
 )
 def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, path: str) -> None:
     cfg = load_config(ROOT / path, env={"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"})
-    rendered = tmp_path / "envoy.yaml"
     bootstrap = render_bootstrap(cfg, extproc=[("127.0.0.1", 9091), ("127.0.0.1", 9092)])
-    rendered.write_text(render_yaml(bootstrap))
-    res = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(rendered)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert_envoy_accepts(bootstrap, tmp_path)
 
 
 def test_checked_in_envoy_example_matches_renderer() -> None:
