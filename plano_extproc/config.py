@@ -292,6 +292,9 @@ class ListenerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
+# selection_policy.prefer -> the model_metrics_sources type it ranks by.
+PREFER_METRIC = {"cheapest": "cost", "fastest": "latency"}
+
 COST_SOURCE_URLS = {
     "digitalocean": "https://api.digitalocean.com/v2/gen-ai/models/catalog",
     "models.dev": "https://models.dev/api.json",
@@ -860,7 +863,7 @@ def _preferences(
             else:
                 models.append(prov.name)
         prefer = (rp.selection_policy.prefer if rp.selection_policy else None) or "none"
-        need = {"cheapest": "cost", "fastest": "latency"}.get(prefer)
+        need = PREFER_METRIC.get(prefer)
         if need and need not in metric_types:
             problems.append(
                 f"{at}.selection_policy.prefer: {prefer!r} needs a model_metrics_sources entry "

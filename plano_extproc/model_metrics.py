@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from plano_extproc.config import MetricsSourceConfig
+from plano_extproc.config import PREFER_METRIC, MetricsSourceConfig
 
 log = logging.getLogger("plano_extproc.model_metrics")
 
@@ -161,7 +161,7 @@ class ModelMetrics:
         self._tasks: list[asyncio.Task[None]] = []
 
     def ranked(self, models: Sequence[str], prefer: str, ids: Mapping[str, str]) -> list[str]:
-        state = self.sources.get({"cheapest": "cost", "fastest": "latency"}.get(prefer, ""))
+        state = self.sources.get(PREFER_METRIC.get(prefer, ""))
         if state is None:
             return list(models)
         return rank(models, state.data, ids)

@@ -102,10 +102,7 @@ class MemorySessionCache:
         existing = self._lookup(key)
         if existing is not None:
             return existing
-        self._entries[key] = (value, self._clock())
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
-            self._evictions += 1
+        await self.put(key, value)
         return value
 
     async def put(self, key: str, value: PinnedDecision) -> None:
