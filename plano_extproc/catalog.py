@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from plano_extproc.config import Config, Provider
 from plano_extproc.errors import bad_request
-from plano_extproc.providers import canonical_provider
+from plano_extproc.identifiers import check_model_id
+from plano_extproc.providers import bare_model_provider, canonical_provider
 
 
 class Catalog:
@@ -40,7 +41,13 @@ class Catalog:
                 return hit
             wild = self._wildcards.get(canonical_provider(prefix))
             if wild is not None and model_id and model_id != "*":
-                return wild.with_model_id(model_id)
+                return wild.with_model_id(check_model_id(model_id, name))
+            return None
+        # A bare name ("gpt-4.1") through its family's wildcard (openai/*), as Plano resolves it.
+        family = bare_model_provider(name)
+        wild = self._wildcards.get(family) if family is not None else None
+        if wild is not None:
+            return wild.with_model_id(check_model_id(name, name))
         return None
 
     def resolve(self, requested: object) -> Provider:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import unquote_plus
+
+from plano_extproc.identifiers import path_segment
 
 
 class ClientApi(StrEnum):
@@ -162,6 +165,11 @@ def default_prefix_for(interface: str) -> str:
     return after_scheme[slash:] if slash >= 0 else ""
 
 
+def _is_api_version(param: str) -> bool:
+    name = unquote_plus(param.split("=", 1)[0]).strip().lower()
+    return name == "api-version"
+
+
 def upstream_path(interface: str, prefix: str, api: ClientApi, model_id: str, query: str) -> str:
     """Build the upstream ``:path`` for a request already known to be natively supported.
 
@@ -169,9 +177,56 @@ def upstream_path(interface: str, prefix: str, api: ClientApi, model_id: str, qu
     query string is kept for everyone else.
     """
     if interface == "azure_openai":
-        path = f"{prefix}/openai/deployments/{model_id}{CLIENT_API_SUFFIX[api]}"
-        params = [p for p in query.split("&") if p and not p.startswith("api-version=")]
+        # The id is one escaped segment (a wildcard id is client text), and api-version is the
+        # gateway's: the client's copy is dropped however it spells the name.
+        path = f"{prefix}/openai/deployments/{path_segment(model_id)}{CLIENT_API_SUFFIX[api]}"
+        params = [p for p in query.split("&") if p and not _is_api_version(p)]
         params.insert(0, f"api-version={AZURE_API_VERSION}")
         return path + "?" + "&".join(params)
     path = prefix + CLIENT_API_SUFFIX[api]
     return f"{path}?{query}" if query else path
+
+
+# Bare model names ("gpt-4.1", no provider prefix) resolve through the wildcard of the provider
+# whose family they belong to, as Plano resolves them through its model list. Longest prefix wins.
+_BARE_FAMILIES: tuple[tuple[str, str], ...] = tuple(
+    sorted(
+        (
+            ("gpt-", "openai"),
+            ("chatgpt-", "openai"),
+            ("o1", "openai"),
+            ("o3", "openai"),
+            ("o4", "openai"),
+            ("codex-", "openai"),
+            ("text-embedding-", "openai"),
+            ("claude-", "anthropic"),
+            ("gemini-", "gemini"),
+            ("gemma-", "gemini"),
+            ("grok-", "xai"),
+            ("mistral-", "mistral"),
+            ("magistral-", "mistral"),
+            ("ministral-", "mistral"),
+            ("codestral-", "mistral"),
+            ("devstral-", "mistral"),
+            ("pixtral-", "mistral"),
+            ("deepseek-", "deepseek"),
+            ("kimi-", "moonshotai"),
+            ("moonshot-", "moonshotai"),
+            ("glm-", "zhipu"),
+            ("qwen", "qwen"),
+            ("mimo-", "xiaomi"),
+        ),
+        key=lambda fp: -len(fp[0]),
+    )
+)
+
+
+def bare_model_provider(name: str) -> str | None:
+    """The provider a bare model name belongs to by its family prefix, or None."""
+    lowered = name.lower()
+    for prefix, provider in _BARE_FAMILIES:
+        if lowered.startswith(prefix):
+            if prefix in ("o1", "o3", "o4") and lowered[2:3] not in ("", "-"):
+                continue  # o1, o3-mini, o4-mini; not "o3something"
+            return provider
+    return None

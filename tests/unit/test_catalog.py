@@ -125,9 +125,46 @@ def test_wildcard_reached_through_prefix_alias() -> None:
     assert (p.interface, p.model_id) == ("gemini", "gemini-1.5-pro")
 
 
-def test_bare_id_is_not_matched_by_wildcards(cat: Catalog) -> None:
-    with pytest.raises(GatewayError):
-        cat.resolve("claude-3-5-haiku")
+def test_bare_name_resolves_through_its_family_wildcard(cat: Catalog) -> None:
+    # As in Plano: "claude-3-5-haiku" with anthropic/* configured is anthropic/claude-3-5-haiku.
+    p = cat.resolve("claude-3-5-haiku")
+    assert (p.name, p.interface, p.model_id) == (
+        "anthropic/claude-3-5-haiku",
+        "anthropic",
+        "claude-3-5-haiku",
+    )
+
+
+@pytest.mark.parametrize("bare", ["gpt-5", "llama3.1", "o3something"])
+def test_bare_name_without_a_family_wildcard_is_400(cat: Catalog, bare: str) -> None:
+    # openai has no wildcard here; llama has no family; o3something is not an o3 model.
+    with pytest.raises(GatewayError) as ei:
+        cat.resolve(bare)
+    assert ei.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "groq/x\r\nX-Smuggled: 1",
+        "groq/x\nX-Smuggled: 1",
+        "groq/a b",
+        "groq/\u00e9t\u00e9",
+        "groq/lone\ud83d",
+        "groq/" + "a" * 257,
+        "claude-x\r\nX: 1",
+    ],
+)
+def test_wildcard_model_ids_are_validated(cat: Catalog, hostile: str) -> None:
+    with pytest.raises(GatewayError) as ei:
+        cat.resolve(hostile)
+    assert ei.value.status == 400
+    assert "\r" not in ei.value.message and "\n" not in ei.value.message
+
+
+def test_wildcard_model_id_keeps_real_world_shapes(cat: Catalog) -> None:
+    for mid in ("meta-llama/Llama-3.1-8B-Instruct", "llama3.1:8b", "@cf/meta/llama-3", "a" * 256):
+        assert cat.resolve(f"groq/{mid}").model_id == mid
 
 
 def test_missing_model_uses_default(cat: Catalog) -> None:

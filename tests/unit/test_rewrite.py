@@ -144,6 +144,8 @@ AZURE = "    base_url: https://res.openai.azure.com\n"
         ("foo=1&api-version=2024-02-01&bar=2", f"?api-version={AZURE_API_VERSION}&foo=1&bar=2"),
         ("foo=1", f"?api-version={AZURE_API_VERSION}&foo=1"),
         ("&&foo=1&", f"?api-version={AZURE_API_VERSION}&foo=1"),
+        # the client cannot choose the version by spelling the name differently
+        ("API-Version=1&a=b&api%2Dversion=3&Api-Version", f"?api-version={AZURE_API_VERSION}&a=b"),
     ],
 )
 def test_azure_deployment_path_and_api_version(query: str, suffix: str) -> None:
@@ -192,6 +194,39 @@ def test_upstream_headers_for_wildcard_use_the_requested_model() -> None:
     p = Catalog(parse_config(text, env={})).resolve("azure_openai/gpt-4.1")
     d = as_dict(upstream_headers(p, CHAT, "", {}))
     assert d[":path"].startswith("/openai/deployments/gpt-4.1/chat/completions?")
+
+
+@pytest.mark.parametrize(
+    ("model_id", "segment"),
+    [
+        ("../../../other?x=1#", "..%2F..%2F..%2Fother%3Fx%3D1%23"),
+        ("a/b", "a%2Fb"),
+        ("dep&api-version=1", "dep%26api-version%3D1"),
+        ("%41", "%2541"),
+    ],
+)
+def test_azure_wildcard_ids_are_one_escaped_path_segment(model_id: str, segment: str) -> None:
+    text = (
+        "version: v0.4.0\nlisteners:\n  - {name: m, type: model}\n"
+        "model_providers:\n  - model: azure_openai/*\n    access_key: k\n" + AZURE
+    )
+    p = Catalog(parse_config(text, env={})).resolve(f"azure_openai/{model_id}")
+    path = as_dict(upstream_headers(p, CHAT, "", {}))[":path"]
+    assert path == (
+        f"/openai/deployments/{segment}/chat/completions?api-version={AZURE_API_VERSION}"
+    )
+
+
+@pytest.mark.parametrize("model_id", ["..", ".", "%2e%2E"])
+def test_azure_dot_segment_ids_are_refused(model_id: str) -> None:
+    text = (
+        "version: v0.4.0\nlisteners:\n  - {name: m, type: model}\n"
+        "model_providers:\n  - model: azure_openai/*\n    access_key: k\n" + AZURE
+    )
+    p = Catalog(parse_config(text, env={})).resolve(f"azure_openai/{model_id}")
+    with pytest.raises(GatewayError) as ei:
+        upstream_headers(p, CHAT, "", {})
+    assert ei.value.status == 400
 
 
 # --------------------------------------------------------------------------- auth
