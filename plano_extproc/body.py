@@ -8,14 +8,22 @@ once with the stdlib C scanner, remember where each member sits in the text, and
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from plano_extproc.errors import bad_request
 
-_decoder = json.JSONDecoder()
+
+def _no_constants(name: str) -> Any:
+    # Python's json reads NaN / Infinity; RFC 8259 does not, and providers disagree on them.
+    raise ValueError(f"{name} is not a JSON number (NaN and Infinity are not allowed)")
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constants)
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 _WS = " \t\n\r"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -67,6 +75,10 @@ class JsonBody:
                     if i >= len(text) or text[i] != ":":
                         raise ValueError(f"expected ':' at char {i}")
                     i = _skip(text, i + 1)
+                    if key in values:
+                        # Providers disagree on which copy wins (first, last, error): a
+                        # duplicate would let the client smuggle past what we checked.
+                        raise ValueError(f"member {key!r} appears more than once")
                     value, vend = _decoder.raw_decode(text, i)
                     values[key] = value
                     members.append((key, _Member(key_start, i, vend)))
@@ -86,6 +98,11 @@ class JsonBody:
             else:
                 msg = str(e)
             raise bad_request(f"request body is not valid JSON: {msg}") from None
+        if "\\ud" in text or "\\uD" in text:
+            # An escape of a lone UTF-16 surrogate (a JavaScript client cutting a string inside
+            # an emoji) decodes to text that cannot be encoded: U+FFFD for our own reading;
+            # the provider still gets the client's bytes.
+            values = _replace_surrogates(values)
         return cls(text, values, members)
 
     def edited(
@@ -121,6 +138,16 @@ class JsonBody:
             rest_empty = text[brace + 1 :].strip(_WS).startswith("}")
             text = text[: brace + 1] + added + ("" if rest_empty else ", ") + text[brace + 1 :]
         return text.encode("utf-8")
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value) if _LONE_SURROGATE.search(value) else value
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _dump(value: Any) -> str:
