@@ -79,13 +79,14 @@ class RawPrefInline(_Strict):
 class RawProvider(_Strict):
     model: str
     name: str | None = None
-    access_key: str | None = None
+    # Secrets stay out of repr() by construction (logs, tracebacks, debuggers).
+    access_key: str | None = Field(default=None, repr=False)
     default: bool = False
     base_url: str | None = None
     provider_interface: str | None = None
     passthrough_auth: bool = False
     http_host: str | None = None
-    headers: dict[str, str] | None = None
+    headers: dict[str, str] | None = Field(default=None, repr=False)
     routing_preferences: list[RawPrefInline] | None = None
 
 
@@ -108,7 +109,7 @@ class RawRoutingPreference(_Strict):
 
 class RawSessionCache(_Strict):
     type: Literal["memory", "redis"] = "memory"
-    url: str | None = None
+    url: str | None = Field(default=None, repr=False)  # may carry the Redis password
     tenant_header: str | None = None
     # plano-extproc extension: keep known Redis pins in memory until their expiry (0 = off).
     near_cache_seconds: float = Field(default=30.0, ge=0.0, le=3600.0)
@@ -216,9 +217,9 @@ class Provider:
     host: str
     port: int
     path_prefix: str
-    access_key: str | None
+    access_key: str | None = field(repr=False)  # never in repr(): logs and tracebacks show it
     passthrough_auth: bool
-    headers: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, str], ...] = field(repr=False)  # may carry credentials too
     is_default: bool
     wildcard: bool
     http_host: str | None = None  # Host header override (base_url still gives the address)
@@ -263,7 +264,7 @@ class Provider:
 @dataclass(frozen=True, slots=True)
 class SessionCacheConfig:
     type: Literal["memory", "redis"] = "memory"
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)  # may carry the Redis password
     tenant_header: str | None = None
     ttl_seconds: int = 600
     max_entries: int = 10000
@@ -281,6 +282,9 @@ class RouterConfig:
     margin: float | None = None
     threads: int = 2
     explicit: bool = False  # the user chose the type (vs. the default)
+    # The router LLM's endpoint when it is not a declared provider: Plano's hosted one (see
+    # HOSTED_ROUTER_URL_ENV). Never listed in /v1/models and never a client-requestable model.
+    hosted: Provider | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,6 +617,11 @@ def _normalise(
         )
     key = "model_providers" if raw.model_providers is not None else "llm_providers"
     raw_providers = raw.model_providers or raw.llm_providers or []
+    if not raw_providers:
+        problems.append(
+            f"{key}: declare at least one provider (e.g. - model: openai/gpt-4o-mini with "
+            "access_key: $OPENAI_API_KEY); a gateway without models cannot serve anything"
+        )
     listener = _listener(raw, problems)
 
     providers: list[Provider] = []
@@ -684,7 +693,8 @@ def _normalise(
             )
         elif urlsplit(cache_raw.url).scheme not in ("redis", "rediss"):
             problems.append(
-                f"routing.session_cache.url: {cache_raw.url!r} must start with redis:// or rediss://"
+                "routing.session_cache.url: must start with redis:// or rediss:// (got "
+                f"{urlsplit(cache_raw.url).scheme or 'no'} scheme)"
             )
     max_entries = routing.session_max_entries
     if max_entries > 10000:
@@ -707,7 +717,9 @@ def _normalise(
             warnings.append(f"{key}: not supported by plano-extproc; ignored")
 
     overrides = raw.overrides or RawOverrides()
-    router = _router(routing.router, overrides, providers, lookup, problems)
+    router = _router(
+        routing.router, overrides, providers, lookup, problems, warnings, env or os.environ
+    )
     connect_timeout = _parse_duration(
         overrides.upstream_connect_timeout, "overrides.upstream_connect_timeout", problems, 5.0
     )
@@ -907,17 +919,59 @@ def _preferences(
     return out
 
 
+HOSTED_ROUTER_URL = "https://archfc.katanemo.dev/v1"
+HOSTED_ROUTER_URL_ENV = "PLANO_EXTPROC_HOSTED_ROUTER_URL"  # a mirror, or a test's fake
+
+
+def _hosted_router(
+    model_id: str, env: Mapping[str, str], problems: list[str], warnings: list[str]
+) -> Provider | None:
+    url = env.get(HOSTED_ROUTER_URL_ENV) or HOSTED_ROUTER_URL
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port < 0:
+        problems.append(f"{HOSTED_ROUTER_URL_ENV}: {url!r} must be an http(s) URL with a host")
+        return None
+    warnings.append(
+        f"overrides.llm_routing_model: {model_id!r} is not declared in model_providers, so the "
+        f"router LLM is Plano's hosted endpoint {url} (as Plano does; set "
+        f"{HOSTED_ROUTER_URL_ENV} to use another, or declare the model with its base_url)"
+    )
+    return Provider(
+        name=f"plano/{model_id}",
+        model=f"plano/{model_id}",
+        model_id=model_id,
+        interface="plano",
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port,
+        path_prefix=parts.path.rstrip("/"),
+        access_key=None,
+        passthrough_auth=False,
+        headers=(),
+        is_default=False,
+        wildcard=False,
+        custom_endpoint=True,
+    )
+
+
 def _router(
     raw: RawRouter | None,
     overrides: RawOverrides,
     providers: list[Provider],
     lookup: Mapping[str, Provider],
     problems: list[str],
+    warnings: list[str],
+    env: Mapping[str, str],
 ) -> RouterConfig:
     model = (raw.model if raw else None) or overrides.llm_routing_model
     kind = raw.type if raw and raw.type else ("orchestrator" if model else "embedded")
     explicit = bool(raw and raw.type) or bool(model)
     resolved: str | None = None
+    hosted: Provider | None = None
     if kind == "orchestrator":
         if not model:
             problems.append(
@@ -927,16 +981,18 @@ def _router(
             )
         else:
             prov = lookup.get(model) or lookup.get(model.split("/", 1)[-1])
-            if prov is None:
-                where = (
-                    "routing.router.model" if raw and raw.model else "overrides.llm_routing_model"
-                )
-                problems.append(
-                    f"{where}: {model!r} must match a model in model_providers (declare the "
-                    "router LLM as a provider with its base_url, e.g. ollama/Plano-Orchestrator)"
-                )
-            else:
+            if prov is not None:
                 resolved = prov.name
+            elif not (raw and raw.model):
+                # Plano adds its hosted router for an undeclared overrides.llm_routing_model.
+                hosted = _hosted_router(model.split("/", 1)[-1], env, problems, warnings)
+                resolved = hosted.name if hosted is not None else None
+            else:
+                problems.append(
+                    f"routing.router.model: {model!r} must match a model in model_providers "
+                    "(declare the router LLM as a provider with its base_url, e.g. "
+                    "ollama/Plano-Orchestrator)"
+                )
     prompt = raw.prompt if raw and raw.prompt else None
     if prompt is None:
         prompt = (
@@ -945,6 +1001,7 @@ def _router(
             else ("plano_orchestrator_v1")
         )
     return RouterConfig(
+        hosted=hosted,
         type=kind,
         model=resolved,
         prompt=prompt,

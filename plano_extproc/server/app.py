@@ -57,7 +57,7 @@ def build_router(config: Config) -> Router:
         from plano_extproc.routing.orchestrator import OrchestratorRouter
 
         assert rc.model is not None
-        prov = Catalog(config).lookup(rc.model)
+        prov = rc.hosted or Catalog(config).lookup(rc.model)
         assert prov is not None
         url = f"{prov.scheme}://{prov.host}:{prov.port}{prov.path_prefix}/chat/completions"
         headers = {"authorization": f"Bearer {prov.access_key}"} if prov.access_key else {}

@@ -899,10 +899,61 @@ def test_llm_routing_model_provider_prefix_is_stripped() -> None:
     assert cfg(body).router.model == "ollama/Plano-Orchestrator"
 
 
-def test_llm_routing_model_must_be_declared() -> None:
-    p = one_problem(PROVIDERS + "overrides:\n  llm_routing_model: Plano-Orchestrator\n")
-    assert p.startswith("overrides.llm_routing_model: ")
-    assert "'Plano-Orchestrator' must match a model in model_providers" in p
+def test_undeclared_llm_routing_model_uses_the_hosted_router_like_plano() -> None:
+    # Two of Plano's own demo configs name Plano-Orchestrator without declaring it.
+    c = cfg(PROVIDERS + PREFS + "overrides:\n  llm_routing_model: plano/Plano-Orchestrator\n")
+    r = c.router
+    assert (r.type, r.model, r.prompt) == (
+        "orchestrator",
+        "plano/Plano-Orchestrator",
+        "plano_orchestrator_v1",
+    )
+    assert r.hosted is not None
+    assert (r.hosted.scheme, r.hosted.host, r.hosted.port, r.hosted.path_prefix) == (
+        "https",
+        "archfc.katanemo.dev",
+        443,
+        "/v1",
+    )
+    assert (r.hosted.model_id, r.hosted.access_key) == ("Plano-Orchestrator", None)
+    # internal: not a model clients can ask for, not in /v1/models, no Envoy cluster
+    assert "plano/Plano-Orchestrator" not in {p.name for p in c.providers}
+    assert any("hosted endpoint https://archfc.katanemo.dev/v1" in w for w in c.warnings)
+
+
+def test_hosted_router_url_can_be_overridden() -> None:
+    env = {"PLANO_EXTPROC_HOSTED_ROUTER_URL": "http://127.0.0.1:9/v1"}
+    body = PROVIDERS + "overrides:\n  llm_routing_model: Arch-Router\n"
+    r = cfg(body, env=env).router
+    assert r.hosted is not None
+    assert (r.hosted.host, r.hosted.port, r.prompt) == ("127.0.0.1", 9, "arch_router_v1")
+    p = one_problem(body, env={"PLANO_EXTPROC_HOSTED_ROUTER_URL": "ftp://x"})
+    assert p.startswith("PLANO_EXTPROC_HOSTED_ROUTER_URL: ")
+
+
+def test_empty_model_providers_is_an_error() -> None:
+    for key in ("model_providers", "llm_providers"):
+        p = one_problem(f"{key}: []\n")
+        assert p.startswith(f"{key}: declare at least one provider")
+
+
+def test_secrets_never_appear_in_repr() -> None:
+    body = (
+        "model_providers:\n  - model: openai/gpt-4o\n    access_key: sk-SECRET-1\n"
+        "    headers: {X-Org-Key: SECRET-2}\n"
+        "routing:\n  session_cache: {type: redis, url: 'redis://:SECRET-3@h:6379/0'}\n"
+    )
+    c = cfg(body)
+    for obj in (c, c.providers[0], c.session_cache):
+        assert "SECRET" not in repr(obj)
+    import yaml
+
+    from plano_extproc.config import RawConfig
+
+    raw = RawConfig.model_validate(yaml.safe_load(f"version: v0.4.0\n{LISTENER}{body}"))
+    assert "SECRET" not in repr(raw)
+    # the values are still there for the code that needs them
+    assert c.providers[0].access_key == "sk-SECRET-1"
 
 
 def test_router_block_model_must_be_declared() -> None:
