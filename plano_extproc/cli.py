@@ -6,14 +6,16 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 
+from plano_extproc.catalog import Catalog
 from plano_extproc.config import Config, ConfigError, load_config
 
 
-def _load(path: str) -> Config:
+def _load(path: str, *, keys_optional: bool = False) -> Config:
     try:
-        return load_config(path)
+        return load_config(path, keys_optional=keys_optional)
     except ConfigError as e:
         print(f"{path}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -108,7 +110,19 @@ def cmd_route(args: argparse.Namespace) -> int:
     from plano_extproc.server.app import StartupError, build_router
 
     _logging("warning")
-    cfg = _load(args.config)
+    # Routing calls no model provider, so their keys need not be set; the router LLM's does.
+    cfg = _load(args.config, keys_optional=True)
+    router_provider = None
+    if cfg.router.type == "orchestrator" and cfg.router.model is not None:
+        router_provider = cfg.router.hosted or Catalog(cfg).lookup(cfg.router.model)
+    if router_provider is not None and router_provider.access_key_env:
+        if not router_provider.access_key and router_provider.access_key_env not in os.environ:
+            print(
+                f"the router LLM {router_provider.name} needs its key: export "
+                f"{router_provider.access_key_env}=<key>",
+                file=sys.stderr,
+            )
+            return 1
     if not cfg.preferences:
         print("no routing_preferences in the config: nothing to route", file=sys.stderr)
         return 1
@@ -134,6 +148,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             out["router_error"] = result.error
         if args.explain:
             out["scores"] = {k: round(v, 4) for k, v in result.scores.items()}
+            if result.no_match is not None:
+                # The score a route must beat (by the margin) to be chosen over "no match".
+                out["no_match_score"] = round(result.no_match, 4)
         return out
 
     try:

@@ -422,17 +422,28 @@ def _parse_duration(value: str | None, path: str, problems: list[str], default: 
     return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None, *, keys_optional: bool = False
+) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{path}: cannot read config: {e.strerror or e}"]) from e
-    return parse_config(text, env=env, source=str(path))
+    return parse_config(text, env=env, source=str(path), keys_optional=keys_optional)
+
+
+_UNSET_KEY = re.compile(r"^(?:model_providers|llm_providers)\[\d+\]\.access_key: environment")
 
 
 def parse_config(
-    text: str, env: Mapping[str, str] | None = None, source: str = "<config>"
+    text: str,
+    env: Mapping[str, str] | None = None,
+    source: str = "<config>",
+    *,
+    keys_optional: bool = False,
 ) -> Config:
+    """``keys_optional``: unset access-key variables leave the key empty instead of failing
+    (commands that call no provider, such as ``route``)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -442,6 +453,8 @@ def parse_config(
     problems: list[str] = []
     key_envs = _access_key_envs(data)
     data = _walk_substitute(data, "", os.environ if env is None else env, problems)
+    if keys_optional:
+        problems = [p for p in problems if not _UNSET_KEY.match(p)]
     try:
         raw = RawConfig.model_validate(data)
     except ValidationError as e:
@@ -567,12 +580,19 @@ def _provider(
     if wildcard and rp.routing_preferences:
         problems.append(f"{at}.routing_preferences: a wildcard provider cannot carry preferences")
     key_value = rp.access_key or None
-    if rp.passthrough_auth and key_value:
+    # ChatGPT's backend takes the user's own ChatGPT sign-in token, never a shared key: Plano
+    # forwards the client's credentials for it, and so do we (with Codex's originator header).
+    passthrough = rp.passthrough_auth or interface == "chatgpt"
+    if passthrough and key_value:
         warnings.append(
             f"{at}: passthrough_auth is set, so access_key is ignored (the client's key is used)"
+            if rp.passthrough_auth
+            else f"{at}: chatgpt uses each client's own ChatGPT credentials; access_key is ignored"
         )
         key_value = None
     headers = tuple((k.lower(), v) for k, v in (rp.headers or {}).items())
+    if interface == "chatgpt" and "originator" not in dict(headers):
+        headers += (("originator", "codex_cli_rs"),)
     return Provider(
         name=rp.name or rp.model,
         model=rp.model,
@@ -583,7 +603,7 @@ def _provider(
         port=port,
         path_prefix=prefix_path,
         access_key=key_value,
-        passthrough_auth=rp.passthrough_auth,
+        passthrough_auth=passthrough,
         headers=headers,
         is_default=rp.default,
         wildcard=wildcard,

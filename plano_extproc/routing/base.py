@@ -40,6 +40,7 @@ class RouterResult:
     route: str | None
     error: str | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    no_match: float | None = None  # the embedded router's "none of these" score, for --explain
 
 
 class Router(Protocol):

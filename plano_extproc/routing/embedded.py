@@ -553,7 +553,9 @@ class EmbeddedRouter:
     ) -> RouterResult:
         """Same decision as ``route``, synchronously (CLI, eval)."""
         decision = self.decide(messages, preferences)
-        return RouterResult(route=decision.route, scores=decision.scores)
+        return RouterResult(
+            route=decision.route, scores=decision.scores, no_match=decision.no_match
+        )
 
     async def route(
         self,

@@ -86,18 +86,28 @@ def test_ready_reports_embedded_router(egw: GatewayProcess) -> None:
     assert ready["routes"] == ["complex_reasoning", "code_generation"]
 
 
-def test_route_cli_explain() -> None:
+def test_route_cli_explain(tmp_path: Path) -> None:
+    # Plain $VAR keys, none of them set: `route` calls no provider, so it must not need them.
+    cfg = tmp_path / "strict-keys.yaml"
+    text = (ROOT / "examples/quickstart.yaml").read_text()
+    cfg.write_text(
+        text.replace("${OPENAI_API_KEY:-}", "$OPENAI_API_KEY").replace(
+            "${ANTHROPIC_API_KEY:-}", "$ANTHROPIC_API_KEY"
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     res = subprocess.run(
         [
             sys.executable,
             "-m",
             "plano_extproc",
             "route",
-            str(ROOT / "examples/quickstart.yaml"),
+            str(cfg),
             "Write a Python function that implements binary search",
             "--explain",
         ],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -106,6 +116,18 @@ def test_route_cli_explain() -> None:
     out = json.loads(res.stdout)
     assert out["route"] == "code_generation" and out["models"] == CLAUDE
     assert {"code_generation", "complex_reasoning"} <= set(out["scores"])
+    # The score the winner had to beat is shown, so the output can be read.
+    assert 0 <= out["no_match_score"] < out["scores"]["code_generation"]
+    # `up` still insists on the keys.
+    up = subprocess.run(
+        [sys.executable, "-m", "plano_extproc", "validate", str(cfg)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert up.returncode == 1 and "OPENAI_API_KEY is not set" in up.stderr
 
 
 def test_missing_router_extra_fails_at_start_with_fix(tmp_path: Path) -> None:

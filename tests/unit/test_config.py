@@ -931,6 +931,14 @@ def test_hosted_router_url_can_be_overridden() -> None:
     assert p.startswith("PLANO_EXTPROC_HOSTED_ROUTER_URL: ")
 
 
+def test_chatgpt_forwards_the_clients_own_credentials() -> None:
+    c = cfg("model_providers:\n  - model: chatgpt/*\n  - model: chatgpt/gpt-5\n    access_key: k\n")
+    for p in c.providers:
+        assert (p.passthrough_auth, p.access_key) == (True, None)
+        assert ("originator", "codex_cli_rs") in p.headers
+    assert any("chatgpt uses each client's own ChatGPT credentials" in w for w in c.warnings)
+
+
 def test_empty_model_providers_is_an_error() -> None:
     for key in ("model_providers", "llm_providers"):
         p = one_problem(f"{key}: []\n")
