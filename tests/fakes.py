@@ -33,6 +33,7 @@ class Recorded:
     query: str
     headers: dict[str, str]
     body: bytes
+    raw_path: str = ""  # as sent, percent-escapes kept (``path`` is decoded)
 
     @property
     def json(self) -> Any:
@@ -98,6 +99,7 @@ class FakeServer:
             request.query_string,
             {k.lower(): v for k, v in request.headers.items()},
             body,
+            request.raw_path.split("?", 1)[0],
         )
         self.requests.append(rec)
         return rec
