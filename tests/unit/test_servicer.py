@@ -194,3 +194,29 @@ async def test_non_utf8_affinity_id_is_rejected(stub: pb_grpc.ExternalProcessorS
     resp = await call.read()
     assert resp.immediate_response.status.code == 400
     assert "UTF-8" in json.loads(resp.immediate_response.body)["error"]["message"]
+
+
+def test_header_path_cannot_carry_control_characters() -> None:
+    # Names are validated at the edge; this is the second line: whatever reaches the Envoy
+    # messages that become headers (x-plano-model/route via metadata, header mutations) has
+    # its control characters percent-encoded, so no CR/LF can split the response.
+    from dataclasses import replace
+
+    from plano_extproc.envoy_config import DECISION_METADATA
+    from plano_extproc.gateway import Upstream
+    from plano_extproc.rewrite import HeaderPlan
+    from plano_extproc.server.servicer import upstream_response
+
+    cfg = parse_config(
+        "version: v0.4.0\nlisteners:\n  - {name: m, type: model}\n"
+        "model_providers:\n  - model: openai/gpt-4o\n    access_key: k\n",
+        env={},
+    )
+    provider = replace(cfg.providers[0], name="openai/x\r\nX-Smuggled: 1")
+    plan = HeaderPlan(set=[("x-custom", "a\r\nb\x00c\x7f")])
+    msg = upstream_response(Upstream(provider, plan, None, route="r\nX-Route: 1"))
+    meta = msg.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
+    assert meta["model"].string_value == "openai/x%0D%0AX-Smuggled: 1"
+    assert meta["route"].string_value == "r%0AX-Route: 1"
+    mutation = msg.request_body.response.header_mutation.set_headers[0].header
+    assert mutation.raw_value == b"a%0D%0Ab%00c%7F"
