@@ -10,8 +10,26 @@ reply. ``--transport grpcio`` keeps the grpc.aio server for comparison and as a 
 Scope: the server side of RFC 9113 over cleartext with prior knowledge (what Envoy's gRPC
 client speaks): SETTINGS, PING, GOAWAY, RST_STREAM, flow control in both directions,
 HEADERS/CONTINUATION through the ``hpack`` decoder, padding, gRPC length-prefixed messages and
-``grpc-status`` trailers. Not supported: TLS, server push, message compression (a compressed
-message is answered with UNIMPLEMENTED).
+``grpc-status`` trailers, plus the unary ``grpc.health.v1.Health/Check`` (always SERVING while
+the process accepts streams) for Envoy's gRPC health checker. Not supported: TLS, server push,
+message compression (a compressed message is answered with UNIMPLEMENTED).
+
+Limits, because any local process can connect (each one ends the connection with GOAWAY):
+
+- a header block is at most ``MAX_HEADER_BLOCK`` bytes in at most ``MAX_HEADER_FRAMES``
+  frames (ENHANCE_YOUR_CALM); fragments are appended to one buffer, never re-summed;
+- receive windows are real: each stream gets ``STREAM_WINDOW``, and a message larger than
+  that gets the rest of its declared size granted at once from a per-connection pool of
+  ``GRANT_BUDGET`` bytes (whole-message grants cannot deadlock). Window is returned only when
+  a message has been handed to the stream logic, so at most ``CONNECTION_BUDGET`` bytes
+  (about 128 MiB) are buffered per connection; DATA beyond a window is FLOW_CONTROL_ERROR;
+- at most ``MAX_CONCURRENT_STREAMS`` open streams (more are REFUSED_STREAM);
+- frames that cost work but carry no request (PING, SETTINGS, WINDOW_UPDATE, PRIORITY,
+  unknown types, empty DATA/CONTINUATION, refused streams, RST_STREAM of a stream we were
+  still working on, more RST_STREAMs than streams opened) draw from a token bucket of
+  ``FLOOD_BURST`` refilled at ``FLOOD_RATE`` per second (ENHANCE_YOUR_CALM when empty).
+  Envoy's normal traffic (a PING every 30 s, one RST_STREAM per finished stream) never
+  touches it.
 """
 
 from __future__ import annotations
@@ -19,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -34,6 +53,11 @@ from plano_extproc.server.servicer import ExtProcStream, Reply
 log = logging.getLogger("plano_extproc.server.h2")
 
 PROCESS_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+# Services the health check answers SERVING for ("" is the whole server).
+HEALTH_SERVICES = (b"", b"envoy.service.ext_proc.v3.ExternalProcessor")
+HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+MAX_HEALTH_REQUEST = 1024
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Frame types and flags (RFC 9113 section 6).
@@ -44,19 +68,32 @@ END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 
 # Error codes (RFC 9113 section 7).
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR = 0x9
 ENHANCE_YOUR_CALM = 0xB
 
 # gRPC status codes used here.
-GRPC_OK, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_INTERNAL = 0, 8, 12, 13
+GRPC_OK, GRPC_NOT_FOUND, GRPC_RESOURCE_EXHAUSTED = 0, 5, 8
+GRPC_UNIMPLEMENTED, GRPC_INTERNAL = 12, 13
 
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
 MAX_FRAME = 1 << 20  # largest frame we accept (advertised)
 MAX_CONCURRENT_STREAMS = 1024
-MAX_HEADER_BLOCK = 64 << 10
+MAX_HEADER_BLOCK = 64 << 10  # bytes of one HPACK block (Envoy's default header limit is 60 KiB)
+MAX_HEADER_FRAMES = 16  # HEADERS + CONTINUATION frames of one block (Envoy sends one)
 MAX_MESSAGE = 64 << 20  # same receive limit as the grpc.aio transport
+# Receive flow control: what one connection may make us buffer.
+STREAM_WINDOW = DEFAULT_WINDOW  # per stream, before a large message asks for more
+GRANT_BUDGET = MAX_MESSAGE  # shared by the streams whose message exceeds their window
+CONNECTION_BUDGET = MAX_CONCURRENT_STREAMS * STREAM_WINDOW + GRANT_BUDGET  # ~128 MiB
+CONNECTION_UPDATE = 1 << 20  # consumed bytes returned to the connection window in batches
+CONNECTION_WINDOW = CONNECTION_BUDGET + CONNECTION_UPDATE  # never the tighter window
+LINGER = 1.0  # seconds a connection ended with an error GOAWAY keeps draining its input
+# Frames that cost work without carrying a request: a token bucket per connection.
+FLOOD_BURST = 1000
+FLOOD_RATE = 100.0  # tokens per second
 
 _FRAME = struct.Struct(">BHBBI")  # 24-bit length split as 8 + 16 bits, type, flags, stream id
 _SETTING = struct.Struct(">HI")
@@ -85,17 +122,21 @@ def _hpack_literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
 
 
-# Our SETTINGS and the connection window raised to the maximum, sent after the client preface.
+# Our SETTINGS and the connection window raised to its budget, sent after the client preface.
 SERVER_PREFACE = _frame(
     SETTINGS,
     0,
     0,
     b"".join(
         _SETTING.pack(k, v)
-        for k, v in ((3, MAX_CONCURRENT_STREAMS), (4, MAX_WINDOW), (5, MAX_FRAME),
-                     (6, MAX_HEADER_BLOCK))
+        for k, v in (
+            (3, MAX_CONCURRENT_STREAMS),
+            (4, STREAM_WINDOW),
+            (5, MAX_FRAME),
+            (6, MAX_HEADER_BLOCK),
+        )
     ),
-) + _frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))  # fmt: skip
+) + _frame(WINDOW_UPDATE, 0, 0, (CONNECTION_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))
 
 # ":status: 200" is static entry 8; content-type is static name 31, sent as a literal.
 RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + _hpack_int(16, 7) + b"application/grpc"
@@ -141,25 +182,29 @@ class _ConnectionError(Exception):
 class _Stream:
     __slots__ = (
         "busy",
+        "extra",
         "headers_sent",
+        "held",
         "inbuf",
         "local_closed",
         "logic",
+        "need",
         "out",
         "pending",
-        "recv_unacked",
         "remote_closed",
         "send_window",
         "sid",
         "task",
         "trailers",
+        "window",
     )
 
-    def __init__(self, sid: int, logic: ExtProcStream, send_window: int) -> None:
+    def __init__(self, sid: int, logic: ExtProcStream | None, send_window: int) -> None:
         self.sid = sid
-        self.logic = logic
+        self.logic = logic  # None: a health check
         self.inbuf = bytearray()
-        self.pending: deque[pb.ProcessingRequest] = deque()
+        # Parsed messages waiting for the logic, with their size on the wire.
+        self.pending: deque[tuple[pb.ProcessingRequest, int]] = deque()
         self.busy = False
         self.task: asyncio.Task[None] | None = None
         self.send_window = send_window
@@ -168,7 +213,10 @@ class _Stream:
         self.headers_sent = False
         self.remote_closed = False
         self.local_closed = False
-        self.recv_unacked = 0
+        self.window = STREAM_WINDOW  # receive window we advertised and Envoy has not used
+        self.held = 0  # received bytes not yet handed to the logic (inbuf + pending)
+        self.need = 0  # bytes still to come for the message being received
+        self.extra = 0  # our share of the connection's GRANT_BUDGET
 
 
 class H2Connection(asyncio.Protocol):
@@ -190,11 +238,23 @@ class H2Connection(asyncio.Protocol):
         self.send_window = DEFAULT_WINDOW  # the peer's connection window for our DATA
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_MAX_FRAME
-        self.recv_unacked = 0
+        self.recv_window = CONNECTION_WINDOW  # what Envoy may still send on the connection
+        self.recv_unacked = 0  # consumed bytes not yet returned with WINDOW_UPDATE
+        self.grant_free = GRANT_BUDGET
+        self.waiting: dict[int, _Stream] = {}  # streams whose message waits for a grant
+        self._granting = False
         self.table_size_update = False
         self.goaway_sent = False
         self.closed = False
-        self._hb: tuple[int, int, list[bytes]] | None = None  # header block in progress
+        self.calm = float(FLOOD_BURST)  # flood token bucket
+        self.calm_at = time.monotonic()
+        self.free_resets = 0  # RST_STREAMs of finished streams that cost nothing
+        self.settings_acks = 1  # ACKs we expect (one per SETTINGS we sent)
+        # Header block in progress: stream (0 = none), HEADERS flags, fragments, frame count.
+        self._hb_sid = 0
+        self._hb_flags = 0
+        self._hb_buf = bytearray()
+        self._hb_frames = 0
         self._batching = False
         self._out: list[bytes] = []
 
@@ -214,6 +274,7 @@ class H2Connection(asyncio.Protocol):
             if s.task is not None:
                 s.task.cancel()
         self.streams.clear()
+        self.waiting.clear()
         self.server.notify_idle()
 
     def pause_writing(self) -> None:
@@ -257,6 +318,7 @@ class H2Connection(asyncio.Protocol):
                 pos = end
                 self._on_frame(ftype, flags, sid & 0x7FFFFFFF, payload)
             del buf[:pos]
+            self._return_connection_window()
         except _ConnectionError as e:
             log.warning("ext_proc HTTP/2 connection error %d: %s", e.code, e)
             self._goaway(e.code, str(e))
@@ -269,8 +331,18 @@ class H2Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ frames in
 
+    def _charge(self, what: str) -> None:
+        """Take one token for a frame that made us work without carrying a request."""
+        self.calm -= 1.0
+        if self.calm < 0.0:
+            now = time.monotonic()
+            self.calm = min(float(FLOOD_BURST), self.calm + (now - self.calm_at) * FLOOD_RATE)
+            self.calm_at = now
+            if self.calm < 0.0:
+                raise _ConnectionError(ENHANCE_YOUR_CALM, f"too many {what} frames")
+
     def _on_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
-        if self._hb is not None and ftype != CONTINUATION:
+        if self._hb_sid and ftype != CONTINUATION:
             raise _ConnectionError(PROTOCOL_ERROR, "header block interrupted")
         if ftype == DATA:
             self._on_data(flags, sid, payload)
@@ -287,20 +359,51 @@ class H2Connection(asyncio.Protocol):
                 raise _ConnectionError(PROTOCOL_ERROR, "PING on a stream")
             if len(payload) != 8:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "PING payload is not 8 bytes")
+            self._charge("PING")  # we never send PINGs, so an ACK is as unasked-for
             if not flags & ACK:
                 self._emit(_frame(PING, ACK, 0, payload))
         elif ftype == RST_STREAM:
-            if sid == 0 or len(payload) != 4:
-                raise _ConnectionError(PROTOCOL_ERROR, "bad RST_STREAM")
-            s = self.streams.pop(sid, None)
-            if s is not None and s.task is not None:
-                s.task.cancel()
-            self.server.notify_idle()
+            self._on_rst_stream(sid, payload)
+        elif ftype == PRIORITY:
+            if sid == 0:
+                raise _ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            self._charge("PRIORITY")
+            if len(payload) != 5:
+                s = self.streams.get(sid)
+                if s is not None:
+                    self._reset(s, FRAME_SIZE_ERROR)
+                else:
+                    self._emit(_frame(RST_STREAM, 0, sid, FRAME_SIZE_ERROR.to_bytes(4, "big")))
         elif ftype == GOAWAY:
-            pass  # Envoy opens no new streams here; the ones in flight still finish
+            if sid != 0:
+                raise _ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
+            self._charge("GOAWAY")  # Envoy opens no new streams; the ones in flight finish
         elif ftype == PUSH_PROMISE:
             raise _ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        # PRIORITY and unknown frame types are ignored (RFC 9113 sections 5.3.2 and 5.5).
+        else:
+            self._charge("unknown")  # ignored (RFC 9113 section 5.5)
+
+    def _on_rst_stream(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "RST_STREAM payload is not 4 bytes")
+        if sid > self.last_sid:
+            raise _ConnectionError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        s = self.streams.pop(sid, None)
+        if s is None:
+            # Envoy resets each stream once it is over: one per stream opened is free.
+            if self.free_resets > 0:
+                self.free_resets -= 1
+            else:
+                self._charge("RST_STREAM")
+            return
+        if not s.headers_sent or s.busy:
+            self._charge("RST_STREAM")  # reset while we worked on it ("rapid reset")
+        if s.task is not None:
+            s.task.cancel()
+        self._release(s)
+        self.server.notify_idle()
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:
@@ -314,49 +417,73 @@ class H2Connection(asyncio.Protocol):
         if sid == 0:
             raise _ConnectionError(PROTOCOL_ERROR, "DATA on stream 0")
         flow = len(payload)
-        self.recv_unacked += flow
-        if self.recv_unacked > MAX_WINDOW // 2:
-            self._emit(_frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
-            self.recv_unacked = 0
+        if flow > self.recv_window:
+            raise _ConnectionError(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        self.recv_window -= flow
         payload = self._unpad(flags, payload)
+        size = len(payload)
+        if not size and not flags & END_STREAM:
+            self._charge("empty DATA")
         s = self.streams.get(sid)
-        if s is None or s.remote_closed:
+        if s is None:
             if sid > self.last_sid:
                 raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            return  # a stream we already finished or reset
-        s.recv_unacked += flow
-        if s.recv_unacked > MAX_WINDOW // 2:
-            self._emit(_frame(WINDOW_UPDATE, 0, sid, s.recv_unacked.to_bytes(4, "big")))
-            s.recv_unacked = 0
+            self.recv_unacked += flow  # a stream we already finished or reset
+            return
+        if flow > s.window:
+            raise _ConnectionError(FLOW_CONTROL_ERROR, f"DATA beyond the window of stream {sid}")
+        s.window -= flow
+        if s.remote_closed:
+            self.recv_unacked += flow
+            self._reset(s, STREAM_CLOSED)
+            return
+        self.recv_unacked += flow - size  # padding is consumed at once
         if not s.local_closed and s.trailers is None:
+            s.held += size
             s.inbuf += payload
+            if flags & END_STREAM:
+                s.remote_closed = True
             self._read_messages(s)
-        if flags & END_STREAM:
-            s.remote_closed = True
-            self._pump(s)
+        else:
+            self.recv_unacked += size
+            if flags & END_STREAM:
+                s.remote_closed = True
+                self._pump(s)
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise _ConnectionError(PROTOCOL_ERROR, "HEADERS on stream 0")
         payload = self._unpad(flags, payload)
         if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "HEADERS priority block truncated")
             payload = payload[5:]
         if flags & END_HEADERS:
             self._on_header_block(sid, flags, payload)
-        else:
-            self._hb = (sid, flags, [payload])
+            return
+        if len(payload) > MAX_HEADER_BLOCK:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+        if not payload:
+            self._charge("empty HEADERS")
+        self._hb_sid, self._hb_flags, self._hb_frames = sid, flags, 1
+        self._hb_buf = bytearray(payload)
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
-        if self._hb is None or self._hb[0] != sid:
+        if not self._hb_sid or self._hb_sid != sid:
             raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
-        parts = self._hb[2]
-        parts.append(payload)
-        if sum(map(len, parts)) > MAX_HEADER_BLOCK:
+        self._hb_frames += 1
+        if self._hb_frames > MAX_HEADER_FRAMES:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, "header block in too many frames")
+        buf = self._hb_buf
+        buf += payload  # appended in place: the block is never re-joined or re-measured
+        if len(buf) > MAX_HEADER_BLOCK:
             raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
-            start_flags = self._hb[1]
-            self._hb = None
-            self._on_header_block(sid, start_flags, b"".join(parts))
+            self._hb_sid = 0
+            self._hb_buf = bytearray()
+            self._on_header_block(sid, self._hb_flags, bytes(buf))
+        elif not payload:
+            self._charge("empty CONTINUATION")
 
     def _on_header_block(self, sid: int, flags: int, block: bytes) -> None:
         if len(block) > MAX_HEADER_BLOCK:
@@ -368,6 +495,9 @@ class H2Connection(asyncio.Protocol):
             if not flags & END_STREAM:
                 raise _ConnectionError(PROTOCOL_ERROR, "second HEADERS without END_STREAM")
             if s is not None:
+                if s.remote_closed:
+                    self._reset(s, STREAM_CLOSED)
+                    return
                 s.remote_closed = True
                 self._pump(s)
             return
@@ -375,13 +505,17 @@ class H2Connection(asyncio.Protocol):
             raise _ConnectionError(PROTOCOL_ERROR, f"even stream id {sid} from a client")
         self.last_sid = sid
         if self.goaway_sent or len(self.streams) >= MAX_CONCURRENT_STREAMS:
+            self._charge("refused HEADERS")
             self._emit(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
             return
-        s = _Stream(sid, self.server.new_stream(), self.peer_initial_window)
-        self.streams[sid] = s
+        if self.free_resets < MAX_CONCURRENT_STREAMS:
+            self.free_resets += 1
         fields = dict(headers)
         path = fields.get(b":path", b"")
-        if fields.get(b":method") != b"POST" or path != PROCESS_PATH:
+        health = path == HEALTH_PATH
+        s = _Stream(sid, None if health else self.server.new_stream(), self.peer_initial_window)
+        self.streams[sid] = s
+        if fields.get(b":method") != b"POST" or (path != PROCESS_PATH and not health):
             self._finish(s, GRPC_UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")
         elif not fields.get(b"content-type", b"").startswith(b"application/grpc"):
             self._finish(s, GRPC_UNIMPLEMENTED, "content-type must be application/grpc")
@@ -408,6 +542,7 @@ class H2Connection(asyncio.Protocol):
         if len(payload) != 4:
             raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE payload is not 4 bytes")
         inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        self._charge("WINDOW_UPDATE")  # each DATA frame we send gives a token back
         if sid == 0:
             if inc == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
@@ -416,6 +551,8 @@ class H2Connection(asyncio.Protocol):
                 raise _ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
             self._flush_blocked()
             return
+        if sid > self.last_sid:
+            raise _ConnectionError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
         s = self.streams.get(sid)
         if s is None:
             return
@@ -431,9 +568,14 @@ class H2Connection(asyncio.Protocol):
         if flags & ACK:
             if payload:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if self.settings_acks > 0:
+                self.settings_acks -= 1
+            else:
+                self._charge("SETTINGS ACK")
             return
         if len(payload) % 6:
             raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        self._charge("SETTINGS")
         grow = False
         for off in range(0, len(payload), 6):
             ident, value = _SETTING.unpack_from(payload, off)
@@ -462,35 +604,128 @@ class H2Connection(asyncio.Protocol):
             if s.out or s.trailers is not None:
                 self._flush_stream(s)
 
+    # ------------------------------------------------------------------ receive windows
+
+    def _settle(self, s: _Stream) -> None:
+        """Size the stream's receive window after its buffered bytes or message changed.
+
+        The window is raised to ``STREAM_WINDOW`` once half of it is used up (not while the
+        logic works on a message: Envoy's last message needs no more window), and at once to
+        the whole rest of a message that does not fit (from ``GRANT_BUDGET``, or the stream
+        waits for a grant until other streams' messages are consumed).
+        """
+        allowance = s.window + s.held
+        want = s.held + s.need
+        if want < STREAM_WINDOW:
+            want = STREAM_WINDOW
+        grow = want - allowance
+        if (
+            grow > 0
+            and (s.window < s.need or (grow >= STREAM_WINDOW // 2 and not s.busy))
+            and not s.remote_closed
+            and not s.local_closed
+            and s.trailers is None
+        ):
+            extra = want - STREAM_WINDOW
+            delta = extra - s.extra
+            if delta > self.grant_free:
+                if s.window < s.need:
+                    self.waiting[s.sid] = s
+                return
+            self.waiting.pop(s.sid, None)
+            self.grant_free -= delta
+            s.extra = extra
+            s.window += grow
+            self._emit(_frame(WINDOW_UPDATE, 0, s.sid, grow.to_bytes(4, "big")))
+            return
+        extra = allowance - STREAM_WINDOW if allowance > STREAM_WINDOW else 0
+        if extra < s.extra:
+            self.grant_free += s.extra - extra
+            s.extra = extra
+            if self.waiting:
+                self._grant_waiting()
+
+    def _grant_waiting(self) -> None:
+        """Grant window to streams waiting for it, oldest first, while the budget allows."""
+        if self._granting:
+            return
+        self._granting = True
+        try:
+            for s in list(self.waiting.values()):
+                self._settle(s)
+                if s.sid in self.waiting:
+                    break
+        finally:
+            self._granting = False
+
+    def _release(self, s: _Stream) -> None:
+        """The stream is gone: its buffered bytes and its grant go back to the connection."""
+        self.recv_unacked += s.held
+        s.held = s.window = s.need = 0
+        s.inbuf.clear()
+        s.pending.clear()
+        self.waiting.pop(s.sid, None)
+        if s.extra:
+            self.grant_free += s.extra
+            s.extra = 0
+            if self.waiting:
+                self._grant_waiting()
+
+    def _return_connection_window(self) -> None:
+        if self.recv_unacked >= CONNECTION_UPDATE and not self.closed:
+            n, self.recv_unacked = self.recv_unacked, 0
+            self.recv_window += n
+            self._emit(_frame(WINDOW_UPDATE, 0, 0, n.to_bytes(4, "big")))
+
     # ------------------------------------------------------------------ gRPC messages
 
     def _read_messages(self, s: _Stream) -> None:
         inbuf = s.inbuf
         while len(inbuf) >= 5 and not s.local_closed:
             size = int.from_bytes(inbuf[1:5], "big")
-            if size > MAX_MESSAGE:
+            limit = MAX_MESSAGE if s.logic is not None else MAX_HEALTH_REQUEST
+            if size > limit:
                 self._finish(s, GRPC_RESOURCE_EXHAUSTED, f"message of {size} bytes is too large")
                 return
             if len(inbuf) < 5 + size:
-                return
+                s.need = 5 + size - len(inbuf)
+                break
             if inbuf[0]:
                 self._finish(s, GRPC_UNIMPLEMENTED, "compressed messages are not supported")
                 return
             raw = bytes(inbuf[5 : 5 + size])
             del inbuf[: 5 + size]
+            if s.logic is None:
+                self._health(s, raw)
+                return
             try:
-                s.pending.append(pb.ProcessingRequest.FromString(raw))
+                s.pending.append((pb.ProcessingRequest.FromString(raw), 5 + size))
             except DecodeError:
                 self._finish(s, GRPC_INTERNAL, "cannot parse the ProcessingRequest")
                 return
+        else:
+            s.need = 5 - len(inbuf) if inbuf else 0
         self._pump(s)
+
+    def _health(self, s: _Stream, raw: bytes) -> None:
+        """Answer ``grpc.health.v1.Health/Check``: HealthCheckRequest{service = 1}."""
+        service = b""
+        if raw[:1] == b"\x0a" and len(raw) >= 2 and raw[1] < 0x80:
+            service = raw[2 : 2 + raw[1]]
+        if service not in HEALTH_SERVICES:
+            self._finish(s, GRPC_NOT_FOUND, f"unknown service {service.decode('latin-1')}")
+            return
+        self._send_message(s, HEALTH_SERVING, True)
 
     def _pump(self, s: _Stream) -> None:
         """Run queued messages through the stream logic, one at a time, in order."""
         # A final reply may still wait for flow-control window (trailers queued): nothing
         # after it is processed, as with grpc.aio where the handler has returned.
         while not s.busy and s.pending and not s.local_closed and s.trailers is None:
-            req = s.pending.popleft()
+            req, size = s.pending.popleft()
+            s.held -= size  # handed over: Envoy may send that much again
+            self.recv_unacked += size
+            assert s.logic is not None
             try:
                 result = s.logic.step(req)
             except Exception:
@@ -509,8 +744,14 @@ class H2Connection(asyncio.Protocol):
             and not s.local_closed
             and s.trailers is None
         ):
-            # Envoy half-closed the stream with nothing left to answer: end it cleanly.
-            self._finish(s, GRPC_OK)
+            # Envoy half-closed the stream with nothing left to answer: end it cleanly (a
+            # health check that ended without its request message is a client error).
+            if s.logic is not None:
+                self._finish(s, GRPC_OK)
+            else:
+                self._finish(s, GRPC_INTERNAL, "health check without a request message")
+        elif self.streams.get(s.sid) is s:
+            self._settle(s)
 
     async def _await_reply(self, s: _Stream, pending: Coroutine[Any, Any, Reply]) -> None:
         try:
@@ -528,6 +769,7 @@ class H2Connection(asyncio.Protocol):
             else:
                 self._reply(s, reply)
                 self._pump(s)
+            self._return_connection_window()
         finally:
             self._batching = False
             self._flush_out()
@@ -551,22 +793,33 @@ class H2Connection(asyncio.Protocol):
         return _frame(HEADERS, END_HEADERS | flags, sid, block)
 
     def _reply(self, s: _Stream, reply: Reply) -> None:
-        msg = reply.message.SerializeToString()
+        self._send_message(s, reply.message.SerializeToString(), reply.last)
+
+    def _send_message(self, s: _Stream, msg: bytes, last: bool) -> None:
         head = b"" if s.headers_sent else self._header_frame(s.sid, RESPONSE_HEADERS, 0)
         s.headers_sent = True
         s.out += len(msg).to_bytes(5, "big")  # flag byte 0 (uncompressed) + 32-bit length
         s.out += msg
-        if reply.last:
+        if last:
             s.trailers = TRAILERS_OK
+            self._drop_input(s)
         if head:
             self._emit(head)
         self._flush_stream(s)
+
+    def _drop_input(self, s: _Stream) -> None:
+        """Nothing more will be read on this stream: free what it buffered."""
+        if s.held:
+            self.recv_unacked += s.held
+            s.held = 0
+            s.inbuf.clear()
+            s.pending.clear()
 
     def _finish(self, s: _Stream, code: int, message: str = "") -> None:
         """End the stream with a gRPC status (after any DATA still queued)."""
         if s.local_closed or s.trailers is not None:
             return
-        s.pending.clear()
+        self._drop_input(s)
         if s.task is not None:
             s.task.cancel()
             s.task, s.busy = None, False
@@ -594,6 +847,8 @@ class H2Connection(asyncio.Protocol):
                 del out[:n]
             self.send_window -= n
             s.send_window -= n
+            if self.calm < FLOOD_BURST:
+                self.calm += 1.0  # one WINDOW_UPDATE per DATA frame we send is fair
             self._emit(_frame(DATA, 0, s.sid, chunk))
         if s.trailers is not None and not s.local_closed:
             block, s.trailers = s.trailers, None
@@ -605,12 +860,14 @@ class H2Connection(asyncio.Protocol):
         # Our side is closed; anything Envoy still sends on this stream is ignored.
         if self.streams.get(s.sid) is s:
             del self.streams[s.sid]
+            self._release(s)
         self.server.notify_idle()
 
     def _reset(self, s: _Stream, code: int) -> None:
         if s.task is not None:
             s.task.cancel()
-        self.streams.pop(s.sid, None)
+        if self.streams.pop(s.sid, None) is s:
+            self._release(s)
         self._emit(_frame(RST_STREAM, 0, s.sid, code.to_bytes(4, "big")))
         self.server.notify_idle()
 
@@ -623,7 +880,29 @@ class H2Connection(asyncio.Protocol):
         if code != NO_ERROR:
             self._flush_out()
             self.closed = True
-            self.transport.close()
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close after an error so that the GOAWAY arrives: send FIN now, discard what the
+        peer still sends, close for good after ``LINGER`` seconds. Closing at once with
+        unread input makes the kernel send RST, which can destroy the GOAWAY in flight."""
+        transport = self.transport
+        assert transport is not None
+        self.buf.clear()
+        self._hb_buf = bytearray()
+        for s in self.streams.values():
+            if s.task is not None:
+                s.task.cancel()
+        self.streams.clear()
+        self.waiting.clear()
+        self.server.notify_idle()
+        try:
+            transport.resume_reading()  # keep draining even if writes were backed up
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
 
     def _reject_non_h2(self) -> None:
         assert self.transport is not None

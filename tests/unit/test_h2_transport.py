@@ -26,7 +26,13 @@ from plano_extproc.config import parse_config
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
 from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
-from plano_extproc.server.h2 import MAX_MESSAGE, H2Connection, H2Server
+from plano_extproc.server.h2 import (
+    CONNECTION_WINDOW,
+    MAX_MESSAGE,
+    STREAM_WINDOW,
+    H2Connection,
+    H2Server,
+)
 from plano_extproc.server.servicer import ExtProcStream
 from tests.extproc_messages import body_msg, headers_msg, set_headers
 
@@ -335,13 +341,13 @@ async def ready(h2: Harness, settings: dict[int, int] | None = None) -> H2Client
 
 async def test_settings_window_update_and_ping(client: H2Client) -> None:
     await client.send(PREFACE + frame(SETTINGS, 0, 0, settings_payload({0x2: 0})))
-    # The server's first frame is its SETTINGS, then the connection window raised to the
-    # maximum, then the ACK of ours.
+    # The server's first frame is its SETTINGS, then the connection window raised to its
+    # budget, then the ACK of ours.
     first = await client.read_frame()
     assert (first.type, first.flags, first.sid) == (SETTINGS, 0, 0)
     assert parse_settings(first.payload) == {
         SETTINGS_MAX_CONCURRENT_STREAMS: 1024,
-        SETTINGS_INITIAL_WINDOW_SIZE: MAX_WINDOW,
+        SETTINGS_INITIAL_WINDOW_SIZE: 65535,
         SETTINGS_MAX_FRAME_SIZE: 1 << 20,
         SETTINGS_MAX_HEADER_LIST_SIZE: 64 << 10,
     }
@@ -401,14 +407,14 @@ async def test_full_exchange_over_raw_frames(h2: Harness) -> None:
 async def test_unknown_path_is_trailers_only_unimplemented(h2: Harness) -> None:
     c = await ready(h2)
     try:
-        await c.send_headers(1, request_fields("/grpc.health.v1.Health/Check"))
+        await c.send_headers(1, request_fields("/grpc.reflection.v1.ServerReflection/Info"))
         f = await c.read_frame()
         assert (f.type, f.flags, f.sid) == (HEADERS, END_HEADERS | END_STREAM, 1)
         assert f.headers == {
             ":status": "200",
             "content-type": "application/grpc",
             "grpc-status": "12",
-            "grpc-message": "unknown method /grpc.health.v1.Health/Check",
+            "grpc-message": "unknown method /grpc.reflection.v1.ServerReflection/Info",
         }
         # Messages the client still sends on that stream are ignored.
         await c.send_message(1, headers_msg("GET", "/v1/models", eos=True), end_stream=True)
@@ -764,11 +770,13 @@ async def test_initial_connection_window_and_large_upload(h2: Harness) -> None:
     try:
         server_settings, window_update = await c.handshake()
         assert (window_update.type, window_update.sid) == (WINDOW_UPDATE, 0)
-        assert int.from_bytes(window_update.payload, "big") == MAX_WINDOW - DEFAULT_WINDOW
-        assert parse_settings(server_settings.payload)[SETTINGS_INITIAL_WINDOW_SIZE] == MAX_WINDOW
+        assert int.from_bytes(window_update.payload, "big") == CONNECTION_WINDOW - DEFAULT_WINDOW
+        assert (
+            parse_settings(server_settings.payload)[SETTINGS_INITIAL_WINDOW_SIZE] == STREAM_WINDOW
+        )
 
-        # Well over the default 65535-byte windows in one stream and on the connection, sent
-        # without waiting for any WINDOW_UPDATE: the server reads it all and stays usable.
+        # A message over the stream window: its first frame carries the declared size, and
+        # the server grants the whole rest of the message at once in one WINDOW_UPDATE.
         body = json.dumps(
             {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 150_000}]}
         ).encode()
@@ -776,14 +784,22 @@ async def test_initial_connection_window_and_large_upload(h2: Harness) -> None:
             await c.send_headers(sid)
             await c.send_message(sid, headers_msg("POST", "/v1/chat/completions"))
             raw = grpc_message(body_msg(body))
-            for off in range(0, len(raw), DEFAULT_MAX_FRAME):
+            window = STREAM_WINDOW - len(grpc_message(headers_msg("POST", "/v1/chat/completions")))
+            await c.send_frame(DATA, 0, sid, raw[:DEFAULT_MAX_FRAME])
+            window -= DEFAULT_MAX_FRAME
+            grant = None
+            while grant is None:
+                f = await c.read_frame()
+                if f.type == WINDOW_UPDATE and f.sid == sid:
+                    grant = int.from_bytes(f.payload, "big")
+            assert window + grant == len(raw) - DEFAULT_MAX_FRAME  # exactly the rest
+            for off in range(DEFAULT_MAX_FRAME, len(raw), DEFAULT_MAX_FRAME):
                 await c.send_frame(DATA, 0, sid, raw[off : off + DEFAULT_MAX_FRAME])
             await c.send_frame(DATA, END_STREAM, sid)
-            res = await c.read_stream(sid)
+            res = await c.read_stream(sid, started=True)
             assert res.trailers == {"grpc-status": "0"}
             kinds = [m.WhichOneof("response") for m in res.messages()]
-            assert kinds == ["request_headers", "request_body"]
-            # No WINDOW_UPDATE needed yet: the windows advertised at start are far larger.
+            assert kinds == ["request_body"]
             assert res.others == []
         await c.ping()
         f = await c.read_frame()
