@@ -7,8 +7,11 @@ once with the stdlib C scanner, remember where each member sits in the text, and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import weakref
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,10 @@ def _no_constants(name: str) -> Any:
 _decoder = json.JSONDecoder(parse_constant=_no_constants)
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 _WS = " \t\n\r"
+# Bodies from this size on are parsed cooperatively (parse_async), yielding every STEP_CHARS.
+LARGE_BODY = 512 * 1024
+STEP_CHARS = 256 * 1024
+_RELEASE_SLICE = 2000  # array elements freed per event-loop turn
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -47,63 +54,70 @@ class JsonBody:
 
     @classmethod
     def parse(cls, raw: bytes) -> JsonBody:
-        if not raw.strip():
-            raise bad_request("request body is empty; send a JSON object")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise bad_request(f"request body is not valid UTF-8 (byte {e.start})") from None
+        text = _decode(raw)
         values: dict[str, Any] = {}
-        # Every occurrence in text order: a duplicated key must be removed everywhere.
         members: list[tuple[str, _Member]] = []
-        try:
-            i = _skip(text, 0)
-            if i >= len(text) or text[i] != "{":
-                _decoder.raw_decode(text, i)  # a JSONDecodeError here means "not JSON at all"
-                kind = _kind_at(text, i)
-                raise bad_request(f"request body must be a JSON object, got {kind}")
-            i = _skip(text, i + 1)
-            if i < len(text) and text[i] == "}":
-                end = i + 1
-            else:
-                while True:
-                    if i >= len(text) or text[i] != '"':
-                        raise ValueError(f"expected a member name at char {i}")
-                    key_start = i
-                    key, i = _scanstring(text, i + 1, True)
-                    i = _skip(text, i)
-                    if i >= len(text) or text[i] != ":":
-                        raise ValueError(f"expected ':' at char {i}")
-                    i = _skip(text, i + 1)
-                    if key in values:
-                        # Providers disagree on which copy wins (first, last, error): a
-                        # duplicate would let the client smuggle past what we checked.
-                        raise ValueError(f"member {key!r} appears more than once")
-                    value, vend = _decoder.raw_decode(text, i)
-                    values[key] = value
-                    members.append((key, _Member(key_start, i, vend)))
-                    i = _skip(text, vend)
-                    if i < len(text) and text[i] == ",":
-                        i = _skip(text, i + 1)
-                        continue
-                    if i < len(text) and text[i] == "}":
-                        end = i + 1
-                        break
-                    raise ValueError(f"expected ',' or '}}' at char {i}")
-            if _skip(text, end) != len(text):
-                raise ValueError(f"extra data after the JSON object at char {end}")
-        except (ValueError, RecursionError) as e:
-            if isinstance(e, json.JSONDecodeError):
-                msg = f"{e.msg} at line {e.lineno} column {e.colno}"
-            else:
-                msg = str(e)
-            raise bad_request(f"request body is not valid JSON: {msg}") from None
-        if "\\ud" in text or "\\uD" in text:
+        for _ in _scan(text, values, members, None):
+            pass
+        return cls._parsed(text, values, members, _surrogate_escape(text, 0, len(text)))
+
+    @classmethod
+    async def parse_async(cls, raw: bytes) -> JsonBody:
+        """``parse`` that lets the event loop run every ``STEP_CHARS`` of a large body.
+
+        The C scanner holds the GIL, so a thread would not free the loop (measured in
+        docs/benchmarks.md); instead array members (``messages``, ``input``, ``tools``) are
+        decoded one element at a time, and other requests run between elements.
+        """
+        if len(raw) < LARGE_BODY:
+            return cls.parse(raw)
+        # One large parse at a time per loop: N of them taking turns would stall everyone
+        # else N steps at a time; serialised, small requests wait one step at most.
+        async with _large_parse_lock():
+            return await cls._parse_steps(raw)
+
+    @classmethod
+    async def _parse_steps(cls, raw: bytes) -> JsonBody:
+        text = _decode(raw)
+        await asyncio.sleep(0)
+        values: dict[str, Any] = {}
+        members: list[tuple[str, _Member]] = []
+        surrogates = False
+        checked = 0
+        for reached in _scan(text, values, members, STEP_CHARS):
+            # Searching 30 MB at once takes ~45 ms: the scan is spread over the steps too.
+            surrogates = surrogates or _surrogate_escape(text, checked, reached)
+            checked = reached
+            await asyncio.sleep(0)
+        surrogates = surrogates or _surrogate_escape(text, checked, len(text))
+        return cls._parsed(text, values, members, surrogates)
+
+    @classmethod
+    def _parsed(
+        cls,
+        text: str,
+        values: dict[str, Any],
+        members: list[tuple[str, _Member]],
+        surrogates: bool,
+    ) -> JsonBody:
+        if surrogates:
             # An escape of a lone UTF-16 surrogate (a JavaScript client cutting a string inside
             # an emoji) decodes to text that cannot be encoded: U+FFFD for our own reading;
             # the provider still gets the client's bytes.
             values = _replace_surrogates(values)
         return cls(text, values, members)
+
+    async def release(self) -> None:
+        """Free a large body's values a slice at a time: dropping millions of objects at once
+        stalls the loop as long as building them did (measured: bench/large_bodies.py)."""
+        if len(self.text) < LARGE_BODY:
+            return
+        for value in self.values.values():
+            if isinstance(value, list):
+                while value:
+                    del value[-_RELEASE_SLICE:]
+                    await asyncio.sleep(0)
+        self.values = {}
 
     def edited(
         self, *, remove: tuple[str, ...] = (), set_values: dict[str, Any] | None = None
@@ -148,6 +162,116 @@ def _replace_surrogates(value: Any) -> Any:
     if isinstance(value, dict):
         return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
     return value
+
+
+def _decode(raw: bytes) -> str:
+    if not raw.strip():
+        raise bad_request("request body is empty; send a JSON object")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"request body is not valid UTF-8 (byte {e.start})") from None
+
+
+_LARGE_PARSE_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _large_parse_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _LARGE_PARSE_LOCKS.get(loop)
+    if lock is None:
+        lock = _LARGE_PARSE_LOCKS[loop] = asyncio.Lock()
+    return lock
+
+
+def _surrogate_escape(text: str, start: int, end: int) -> bool:
+    """Is there a ``\\uD8xx``-``\\uDFxx`` escape in ``text[start:end]`` (or straddling it)?"""
+    start = max(0, start - 5)
+    return text.find("\\ud", start, end) >= 0 or text.find("\\uD", start, end) >= 0
+
+
+def _scan(
+    text: str, values: dict[str, Any], members: list[tuple[str, _Member]], step: int | None
+) -> Iterator[int]:
+    """Fill ``values`` and ``members`` from the top-level object in ``text``.
+
+    With ``step``, arrays are decoded element by element and the generator yields the
+    position reached after every ``step`` characters, so an async caller can let other work
+    run.
+    """
+    mark = 0
+    try:
+        i = _skip(text, 0)
+        if i >= len(text) or text[i] != "{":
+            _decoder.raw_decode(text, i)  # a JSONDecodeError here means "not JSON at all"
+            kind = _kind_at(text, i)
+            raise bad_request(f"request body must be a JSON object, got {kind}")
+        i = _skip(text, i + 1)
+        if i < len(text) and text[i] == "}":
+            end = i + 1
+        else:
+            while True:
+                if i >= len(text) or text[i] != '"':
+                    raise ValueError(f"expected a member name at char {i}")
+                key_start = i
+                key, i = _scanstring(text, i + 1, True)
+                i = _skip(text, i)
+                if i >= len(text) or text[i] != ":":
+                    raise ValueError(f"expected ':' at char {i}")
+                i = _skip(text, i + 1)
+                if key in values:
+                    # Providers disagree on which copy wins (first, last, error): a
+                    # duplicate would let the client smuggle past what we checked.
+                    raise ValueError(f"member {key!r} appears more than once")
+                if step is not None and i < len(text) and text[i] == "[":
+                    value, vend = yield from _array(text, i, step)
+                else:
+                    value, vend = _decoder.raw_decode(text, i)
+                values[key] = value
+                members.append((key, _Member(key_start, i, vend)))
+                if step is not None and vend - mark >= step:
+                    mark = vend
+                    yield vend
+                i = _skip(text, vend)
+                if i < len(text) and text[i] == ",":
+                    i = _skip(text, i + 1)
+                    continue
+                if i < len(text) and text[i] == "}":
+                    end = i + 1
+                    break
+                raise ValueError(f"expected ',' or '}}' at char {i}")
+        if _skip(text, end) != len(text):
+            raise ValueError(f"extra data after the JSON object at char {end}")
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, json.JSONDecodeError):
+            msg = f"{e.msg} at line {e.lineno} column {e.colno}"
+        else:
+            msg = str(e)
+        raise bad_request(f"request body is not valid JSON: {msg}") from None
+
+
+def _array(text: str, i: int, step: int) -> Generator[int, None, tuple[list[Any], int]]:
+    """One JSON array starting at ``text[i]``, yielding every ``step`` characters."""
+    out: list[Any] = []
+    i = _skip(text, i + 1)
+    if i < len(text) and text[i] == "]":
+        return out, i + 1
+    mark = i
+    while True:
+        value, i = _decoder.raw_decode(text, i)
+        out.append(value)
+        if i - mark >= step:
+            mark = i
+            yield i
+        i = _skip(text, i)
+        if i < len(text) and text[i] == ",":
+            i = _skip(text, i + 1)
+            continue
+        if i < len(text) and text[i] == "]":
+            return out, i + 1
+        raise ValueError(f"expected ',' or ']' at char {i}")
 
 
 def _dump(value: Any) -> str:

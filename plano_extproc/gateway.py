@@ -227,7 +227,7 @@ class Gateway:
 
     async def _proxy(self, info: RequestInfo, raw: bytes) -> Upstream | Immediate:
         assert info.api is not None
-        body = JsonBody.parse(raw)
+        body = await JsonBody.parse_async(raw)
         requested = self.catalog.resolve(body.values.get("model"))
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
@@ -249,6 +249,7 @@ class Gateway:
         if remove or set_values:
             new_body = body.edited(remove=remove, set_values=set_values)
             plan.set.append(("content-length", str(len(new_body))))
+        await body.release()  # large bodies: freed a slice per loop turn, not all at once
         log.debug(
             "request_id=%s dispatch model=%s route=%s",
             info.request_id,
@@ -274,7 +275,7 @@ class Gateway:
                 return self._decision_response(
                     Decision([hit.model], hit.route, None, pinned=True), trace_id, info
                 )
-        body = JsonBody.parse(raw)
+        body = await JsonBody.parse_async(raw)
         requested = None
         model_value = body.values.get("model")
         if model_value is not None and not isinstance(model_value, str):
@@ -284,6 +285,7 @@ class Gateway:
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
         decision = await self._select(info, requested, inline, messages, body.values)
+        await body.release()
         return self._decision_response(decision, trace_id, info)
 
     def _decision_response(self, d: Decision, trace_id: str, info: RequestInfo) -> Immediate:

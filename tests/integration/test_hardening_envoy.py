@@ -254,3 +254,15 @@ def test_undeclared_plano_orchestrator_uses_the_hosted_router(
     assert r.json()["route"] == "code_generation"
     assert orchestrator_fake.last().json["model"] == "Plano-Orchestrator"
     assert "plano/Plano-Orchestrator" not in {m["id"] for m in models["data"]}
+
+
+def test_large_bodies_are_parsed_cooperatively_and_forwarded_intact(
+    gw: GatewayProcess, openai_fake: FakeProvider
+) -> None:
+    # ~12 MB of chat history: parsed a step at a time (JsonBody.parse_async), then the model
+    # rewritten in place; the rest reaches the provider byte-for-byte.
+    history = [{"role": "user", "content": f"turn {i} " + "y" * 100} for i in range(100_000)]
+    raw = json.dumps({"model": "fast-model", "messages": history, "temperature": 0.5}).encode()
+    r = chat(gw, raw)
+    assert r.status_code == 200, r.text
+    assert openai_fake.last().body == raw.replace(b'"fast-model"', b'"gpt-4o-mini"', 1)

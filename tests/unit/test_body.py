@@ -343,3 +343,91 @@ def test_property_untouched_members_keep_their_exact_spelling() -> None:
         '{"f": 1.0e10, "g": -0.0, "h": 1E400, "u": "\\u00e9", "nested": {"k" : [ 1 , 2 ] },'
         ' "model": "y"}'
     )
+
+
+# --------------------------------------------------------------------------- large bodies
+
+
+def _large_body(n: int) -> bytes:
+    msgs = [{"role": "user", "content": f"message {i} " + "x" * 200} for i in range(n)]
+    return json.dumps({"model": "m", "messages": msgs, "routing_policy": [1], "z": "end"}).encode()
+
+
+async def test_parse_async_equals_parse_on_large_bodies() -> None:
+    raw = _large_body(20_000)  # ~4.5 MB, far above LARGE_BODY
+    sync, lazy = JsonBody.parse(raw), await JsonBody.parse_async(raw)
+    assert lazy.values == sync.values
+    assert lazy.edited(remove=("routing_policy",), set_values={"model": "n"}) == sync.edited(
+        remove=("routing_policy",), set_values={"model": "n"}
+    )
+
+
+async def test_parse_async_lets_other_tasks_run_while_it_parses() -> None:
+    import asyncio
+
+    from plano_extproc.body import LARGE_BODY, STEP_CHARS
+
+    raw = _large_body(20_000)
+    assert len(raw) > LARGE_BODY
+    ticks = 0
+    done = False
+
+    async def other_request() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_request())
+    await asyncio.sleep(0)
+    start = ticks
+    await JsonBody.parse_async(raw)
+    during = ticks - start
+    done = True
+    await task
+    # The other task ran once per STEP_CHARS of the body (bounded work per loop turn), where a
+    # blocking parse lets it run not at all.
+    assert during >= len(raw) // STEP_CHARS - 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"messages": [1, 2,]}',
+        b'{"messages": [1 2]}',
+        b'{"messages": [1, NaN]}',
+        b'{"messages": [1], "messages": [2]}',
+        b'{"messages": [',
+    ],
+)
+async def test_parse_async_rejects_what_parse_rejects(raw: bytes) -> None:
+    import plano_extproc.body as body_mod
+
+    padded = raw[:-1] + b" " * body_mod.LARGE_BODY + raw[-1:] if raw.endswith(b"}") else raw
+    with pytest.raises(GatewayError) as sync_err:
+        JsonBody.parse(padded)
+    with pytest.raises(GatewayError) as async_err:
+        await JsonBody.parse_async(padded)
+    assert async_err.value.status == sync_err.value.status == 400
+
+
+async def test_parse_async_finds_lone_surrogates_anywhere_in_a_large_body() -> None:
+    msgs = [{"role": "user", "content": "x" * 300} for _ in range(5000)]
+    text = json.dumps({"model": "m", "messages": msgs})
+    # the escape in the middle of the history, where a chunked search could miss it
+    at = len(text) // 2
+    at = text.index('"x', at) + 1
+    raw = (text[:at] + "\\ud83d" + text[at:]).encode()
+    body = await JsonBody.parse_async(raw)
+    assert any("\ufffd" in m["content"] for m in body.values["messages"])
+    assert body.edited() == raw
+
+
+async def test_release_empties_a_large_body_and_leaves_small_ones() -> None:
+    big = await JsonBody.parse_async(_large_body(5_000))
+    messages = big.values["messages"]
+    await big.release()
+    assert messages == [] and big.values == {}
+    small = JsonBody.parse(b'{"messages": [1, 2]}')
+    await small.release()
+    assert small.values == {"messages": [1, 2]}
