@@ -248,16 +248,18 @@ class Gateway:
 
     @classmethod
     def start(cls, config_path: str, workers: int, envoy_concurrency: int, workdir: Path,
-              name: str, transport: str = "h2") -> Gateway:  # fmt: skip
+              name: str, transport: str = "h2", tree: Path | None = None) -> Gateway:  # fmt: skip
+        """``tree``: run the plano_extproc of another source tree (an A/B baseline)."""
         port, admin = free_port(), free_port()
         out = workdir / f"{name}.out"
+        env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "plano_extproc", "up", config_path, "--address", "127.0.0.1",
              "--port", str(port), "--envoy-admin-port", str(admin), "--workers", str(workers),
              "--envoy-concurrency", str(envoy_concurrency), "--grpc-port", "0",
              "--transport", transport],
             stdout=out.open("wb"), stderr=(workdir / f"{name}.err").open("wb"),
-            start_new_session=True,
+            start_new_session=True, cwd=tree, env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 180
         while b"plano-extproc up:" not in out.read_bytes():
@@ -507,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         help="ext_proc transports to compare (default h2,grpcio; rows are labelled)",
     )
     ap.add_argument("--quick", action="store_true", help="3 s runs, 1 run each (smoke test)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree (e.g. a git worktree of an older commit): its gateway gets rows of "
+        "its own, measured interleaved with this tree's (A/B in one run)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.runs = 3, 1
@@ -547,15 +555,20 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         preflight("direct", scenarios[0].url, body)
         gateways = []
-        for transport in args.transports.split(","):
+        trees: list[tuple[str, Path | None]] = [("", None)]
+        if args.baseline is not None:
+            trees.append((", baseline", args.baseline.resolve()))
+        for transport, (label, tree) in (
+            (t, tr) for t in args.transports.split(",") for tr in trees
+        ):
             gw = Gateway.start(str(cfg_none), args.workers, args.envoy_concurrency, work,
-                               f"gw-none-{transport}", transport)  # fmt: skip
+                               f"gw-none-{transport}{label[2:]}", transport, tree)  # fmt: skip
             started.append(gw)
             gateways.append(gw)
             base = f"http://127.0.0.1:{gw.port}"
             for kind, path in (("proxy", "/v1/chat/completions"),
                                ("decision", "/routing/v1/chat/completions")):  # fmt: skip
-                s = Scenario(f"{kind} (router none, {transport})", base + path, script,
+                s = Scenario(f"{kind} (router none, {transport}{label})", base + path, script,
                              gw.worker_pids, gw.envoy_pids)  # fmt: skip
                 preflight(kind, s.url, body)
                 scenarios.append(s)
