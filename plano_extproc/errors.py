@@ -1,4 +1,9 @@
-"""One JSON error envelope for every error the gateway itself answers."""
+"""The JSON error envelope for every error the gateway itself answers, in the client's format.
+
+OpenAI clients (Chat Completions, Responses, the decision endpoints) get
+``{"error": {"type", "message"}}``; Anthropic Messages clients get Anthropic's
+``{"type": "error", "error": {"type", "message"}}``, which their SDKs parse.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,13 @@ class GatewayError(Exception):
         self.type = type_
         self.message = message
 
-    def body(self) -> bytes:
-        return error_body(self.type, self.message)
+    def body(self, anthropic: bool = False) -> bytes:
+        return error_body(self.type, self.message, anthropic)
 
 
-def error_body(type_: str, message: str) -> bytes:
-    return json.dumps({"error": {"type": type_, "message": message}}).encode()
+def error_body(type_: str, message: str, anthropic: bool = False) -> bytes:
+    error = {"type": type_, "message": message}
+    return json.dumps({"type": "error", "error": error} if anthropic else {"error": error}).encode()
 
 
 def bad_request(message: str) -> GatewayError:

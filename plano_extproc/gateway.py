@@ -88,8 +88,9 @@ class Immediate:
     details: str = "plano_extproc"
 
     @classmethod
-    def error(cls, err: GatewayError) -> Immediate:
-        return cls(err.status, err.body(), details=f"plano_{err.type}")
+    def error(cls, err: GatewayError, api: ClientApi | None = None) -> Immediate:
+        body = err.body(anthropic=api is ClientApi.MESSAGES)
+        return cls(err.status, body, details=f"plano_{err.type}")
 
 
 @dataclass(slots=True)
@@ -167,7 +168,7 @@ class Gateway:
         try:
             return self._on_headers(info)
         except GatewayError as e:
-            return Immediate.error(e)
+            return Immediate.error(e, info.api if info.kind == "proxy" else None)
 
     def _on_headers(self, info: RequestInfo) -> Immediate | None:
         path = info.path.rstrip("/") or "/"
@@ -189,12 +190,12 @@ class Gateway:
                 f"unknown path {path}; this gateway serves {', '.join(PROXY_PATHS)}, "
                 f"{', '.join(DECISION_PATHS)} and GET /v1/models"
             )
+        info.kind = kind
+        info.api = api
         if info.method != "POST":
             raise GatewayError(405, "method_not_allowed", f"{info.method} {path}: use POST")
         if info.end_of_stream:
             raise bad_request("request body is empty; send a JSON object")
-        info.kind = kind
-        info.api = api
         raw_id = info.headers.get(AFFINITY_HEADER)
         if raw_id is not None and self.cache is not None:
             tenant = None
@@ -223,7 +224,7 @@ class Gateway:
             return await self._proxy(info, raw)
         except GatewayError as e:
             log.info("request_id=%s rejected %s: %s", info.request_id, e.status, e.message)
-            return Immediate.error(e)
+            return Immediate.error(e, info.api if info.kind == "proxy" else None)
 
     async def _proxy(self, info: RequestInfo, raw: bytes) -> Upstream | Immediate:
         assert info.api is not None

@@ -266,3 +266,21 @@ def test_large_bodies_are_parsed_cooperatively_and_forwarded_intact(
     r = chat(gw, raw)
     assert r.status_code == 200, r.text
     assert openai_fake.last().body == raw.replace(b'"fast-model"', b'"gpt-4o-mini"', 1)
+
+
+def test_messages_clients_get_anthropic_error_bodies(gw: GatewayProcess) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=gw.url, api_key="client-key", max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as ei:
+        client.messages.create(
+            model="claude-x\r\nX: 1", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+    body = ei.value.response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "not a valid model id" in body["error"]["message"]
+    r = httpx.get(gw.url + "/v1/messages", timeout=30)
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    # OpenAI clients keep OpenAI's envelope
+    r = chat(gw, b"{not json")
+    assert r.status_code == 400 and set(r.json()) == {"error"}
