@@ -234,14 +234,10 @@ def _scan(
                 if step is not None and vend - mark >= step:
                     mark = vend
                     yield vend
-                i = _skip(text, vend)
-                if i < len(text) and text[i] == ",":
-                    i = _skip(text, i + 1)
-                    continue
-                if i < len(text) and text[i] == "}":
-                    end = i + 1
+                i, closed = _after_item(text, vend, "}")
+                if closed:
+                    end = i
                     break
-                raise ValueError(f"expected ',' or '}}' at char {i}")
         if _skip(text, end) != len(text):
             raise ValueError(f"extra data after the JSON object at char {end}")
     except (ValueError, RecursionError) as e:
@@ -265,13 +261,20 @@ def _array(text: str, i: int, step: int) -> Generator[int, None, tuple[list[Any]
         if i - mark >= step:
             mark = i
             yield i
-        i = _skip(text, i)
-        if i < len(text) and text[i] == ",":
-            i = _skip(text, i + 1)
-            continue
-        if i < len(text) and text[i] == "]":
-            return out, i + 1
-        raise ValueError(f"expected ',' or ']' at char {i}")
+        i, closed = _after_item(text, i, "]")
+        if closed:
+            return out, i
+
+
+def _after_item(text: str, i: int, close: str) -> tuple[int, bool]:
+    """After an object member or array element: where the next one starts, or (with True)
+    the index just past ``close``."""
+    i = _skip(text, i)
+    if i < len(text) and text[i] == ",":
+        return _skip(text, i + 1), False
+    if i < len(text) and text[i] == close:
+        return i + 1, True
+    raise ValueError(f"expected ',' or '{close}' at char {i}")
 
 
 def _dump(value: Any) -> str:
