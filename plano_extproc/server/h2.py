@@ -367,13 +367,12 @@ class H2Connection(asyncio.Protocol):
         elif ftype == PRIORITY:
             if sid == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
-            self._charge("PRIORITY")
+            # Stream errors in RFC 9113 6.3 and 5.3.1, which 5.4.1 lets us widen.
             if len(payload) != 5:
-                s = self.streams.get(sid)
-                if s is not None:
-                    self._reset(s, FRAME_SIZE_ERROR)
-                else:
-                    self._emit(_frame(RST_STREAM, 0, sid, FRAME_SIZE_ERROR.to_bytes(4, "big")))
+                raise _ConnectionError(FRAME_SIZE_ERROR, "PRIORITY payload is not 5 bytes")
+            if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
+                raise _ConnectionError(PROTOCOL_ERROR, f"stream {sid} depends on itself")
+            self._charge("PRIORITY")
         elif ftype == GOAWAY:
             if sid != 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
@@ -457,6 +456,8 @@ class H2Connection(asyncio.Protocol):
         if flags & PRIORITY_FLAG:
             if len(payload) < 5:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "HEADERS priority block truncated")
+            if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
+                raise _ConnectionError(PROTOCOL_ERROR, f"stream {sid} depends on itself")
             payload = payload[5:]
         if flags & END_HEADERS:
             self._on_header_block(sid, flags, payload)
@@ -492,7 +493,8 @@ class H2Connection(asyncio.Protocol):
         s = self.streams.get(sid)
         if s is not None or sid <= self.last_sid:
             # Trailers from the client (gRPC clients send none): only END_STREAM matters.
-            if not flags & END_STREAM:
+            # On a stream already closed the block was decoded (HPACK state) and is ignored.
+            if s is not None and not flags & END_STREAM:
                 raise _ConnectionError(PROTOCOL_ERROR, "second HEADERS without END_STREAM")
             if s is not None:
                 if s.remote_closed:
@@ -542,10 +544,10 @@ class H2Connection(asyncio.Protocol):
         if len(payload) != 4:
             raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE payload is not 4 bytes")
         inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if inc == 0:  # on a stream, a stream error widened (RFC 9113 6.9, 5.4.1)
+            raise _ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
         self._charge("WINDOW_UPDATE")  # each DATA frame we send gives a token back
         if sid == 0:
-            if inc == 0:
-                raise _ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window += inc
             if self.send_window > MAX_WINDOW:
                 raise _ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
@@ -556,25 +558,25 @@ class H2Connection(asyncio.Protocol):
         s = self.streams.get(sid)
         if s is None:
             return
-        if inc == 0 or s.send_window + inc > MAX_WINDOW:
-            self._reset(s, PROTOCOL_ERROR if inc == 0 else FLOW_CONTROL_ERROR)
+        if s.send_window + inc > MAX_WINDOW:
+            self._reset(s, FLOW_CONTROL_ERROR)
             return
         s.send_window += inc
         self._flush_stream(s)
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if flags & ACK and payload:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+        if len(payload) % 6:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
         if sid != 0:
             raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
-            if payload:
-                raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             if self.settings_acks > 0:
                 self.settings_acks -= 1
             else:
                 self._charge("SETTINGS ACK")
             return
-        if len(payload) % 6:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
         self._charge("SETTINGS")
         grow = False
         for off in range(0, len(payload), 6):

@@ -860,7 +860,7 @@ async def test_frames_cut_at_arbitrary_byte_boundaries(h2: Harness, seed: int) -
             step = rng.randint(1, 23)
             await c.send(wire[pos : pos + step])
             pos += step
-        firsts = {}
+        firsts: dict[int, str | None] = {}
         while len(firsts) < len(sids):
             f = await c.read_frame()
             if f.type == DATA:
