@@ -31,6 +31,15 @@ log = logging.getLogger("plano_extproc.config")
 
 SUPPORTED_VERSIONS = ("v0.1", "v0.1.0", "0.1-beta", "0.2.0", "v0.3.0", "v0.4.0")
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_REQUEST_HEADERS_TIMEOUT = 10.0
+DEFAULT_REQUEST_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_CONCURRENT_REQUESTS = 4096
+DEFAULT_MAX_CONCURRENT_STREAMS = 128
+DEFAULT_MAX_REQUEST_HEADERS_KB = 60
+DEFAULT_MAX_HEAP_BYTES = 1 << 30
+# Envoy holds a request body a few times over (buffer, ext_proc message, mutated body).
+HEAP_PER_REQUEST_BODY = 4
 
 
 class ConfigError(Exception):
@@ -61,6 +70,15 @@ class RawListener(_Strict):
     output_filters: list[Any] | None = None
     # plano-extproc extension: largest request body Envoy buffers before answering 413.
     max_request_bytes: int | None = Field(default=None, ge=1024, le=1 << 30)
+    # plano-extproc extensions: Envoy's limits (defaults in ListenerConfig).
+    request_headers_timeout: str | None = None
+    request_timeout: str | None = None
+    max_stream_duration: str | None = None
+    max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_concurrent_requests: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_concurrent_streams: int | None = Field(default=None, ge=1, le=65_536)
+    max_request_headers_kb: int | None = Field(default=None, ge=1, le=8192)
+    max_heap_bytes: int | None = Field(default=None, ge=64 << 20, le=1 << 40)
 
 
 class RawLegacyListener(BaseModel):
@@ -289,11 +307,26 @@ class RouterConfig:
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
+    """The model listener and the limits Envoy enforces on it (issue 11: abusive clients are
+    cut, overflow is a clear 503, memory is bounded; normal traffic keeps being served)."""
+
     address: str = "0.0.0.0"
     port: int = 12000
+    # Idle limit of a stream (nothing sent or received for this long); 0 = none.
     timeout_seconds: float = 300.0
     max_retries: int | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    request_headers_timeout_seconds: float = DEFAULT_REQUEST_HEADERS_TIMEOUT
+    # Time to receive the whole request (headers and body); 0 = none.
+    request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
+    # Opt-in total limit of a stream, response included; None = none (idle time only).
+    max_stream_duration_seconds: float | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Requests in flight to the ext_proc, and to each provider; beyond it a JSON 503.
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS  # per HTTP/2 connection
+    max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB
+    max_heap_bytes: int = DEFAULT_MAX_HEAP_BYTES
 
 
 # selection_policy.prefer -> the model_metrics_sources type it ranks by.
@@ -508,13 +541,50 @@ def _listener(raw: RawConfig, problems: list[str]) -> ListenerConfig:
     if not models:
         return ListenerConfig()
     i, li = models[0]
+    at = f"listeners[{i}]"
+    max_request_bytes = li.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
+    heap_floor = HEAP_PER_REQUEST_BODY * max_request_bytes
+    if li.max_heap_bytes is not None and li.max_heap_bytes < heap_floor:
+        problems.append(
+            f"{at}.max_heap_bytes: {li.max_heap_bytes} is below {HEAP_PER_REQUEST_BODY} x "
+            f"max_request_bytes ({heap_floor}); Envoy could not hold one largest request"
+        )
+    max_stream = None
+    if li.max_stream_duration is not None:
+        max_stream = _parse_duration(
+            li.max_stream_duration, f"{at}.max_stream_duration", problems, 0.0
+        )
     return ListenerConfig(
         address=li.address or "0.0.0.0",
         port=li.port or 12000,
-        timeout_seconds=_parse_duration(li.timeout, f"listeners[{i}].timeout", problems, 300.0),
+        timeout_seconds=_parse_duration(li.timeout, f"{at}.timeout", problems, 300.0),
         max_retries=li.max_retries,
-        max_request_bytes=li.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+        max_request_bytes=max_request_bytes,
+        request_headers_timeout_seconds=_positive_duration(
+            li.request_headers_timeout,
+            f"{at}.request_headers_timeout",
+            problems,
+            DEFAULT_REQUEST_HEADERS_TIMEOUT,
+        ),
+        request_timeout_seconds=_parse_duration(
+            li.request_timeout, f"{at}.request_timeout", problems, DEFAULT_REQUEST_TIMEOUT
+        ),
+        max_stream_duration_seconds=max_stream or None,
+        max_connections=li.max_connections or DEFAULT_MAX_CONNECTIONS,
+        max_concurrent_requests=li.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS,
+        max_concurrent_streams=li.max_concurrent_streams or DEFAULT_MAX_CONCURRENT_STREAMS,
+        max_request_headers_kb=li.max_request_headers_kb or DEFAULT_MAX_REQUEST_HEADERS_KB,
+        max_heap_bytes=li.max_heap_bytes or max(DEFAULT_MAX_HEAP_BYTES, heap_floor),
     )
+
+
+def _positive_duration(value: str | None, path: str, problems: list[str], default: float) -> float:
+    """A duration that cannot be switched off (0 would disable a protection)."""
+    seconds = _parse_duration(value, path, problems, default)
+    if seconds <= 0:
+        problems.append(f"{path}: must be above 0 (e.g. '10s')")
+        return default
+    return seconds
 
 
 def _provider(

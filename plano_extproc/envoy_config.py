@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -103,12 +104,32 @@ def _http2(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def circuit_breakers(max_requests: int) -> dict[str, Any]:
+    """Caps for one cluster, sized from ``max_concurrent_requests`` instead of Envoy's
+    defaults (1,024 requests, then a silent pending queue): ``max_requests`` active; pending
+    ones (waiting for a connection) as many again, and room for as many connections as both
+    together, so a pending request only waits for its own connect and never for a free slot:
+    beyond the cap the client gets an immediate 503."""
+    return {
+        "thresholds": [
+            {
+                "priority": "DEFAULT",
+                "max_requests": max_requests,
+                "max_pending_requests": max_requests,
+                "max_connections": 2 * max_requests,
+                "track_remaining": True,
+            }
+        ]
+    }
+
+
 def _provider_cluster(p: Provider, config: Config) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": p.cluster,
         **_discovery(p.host, "LOGICAL_DNS"),
         "connect_timeout": _duration(config.connect_timeout_seconds),
         "lb_policy": "ROUND_ROBIN",
+        "circuit_breakers": circuit_breakers(config.listener.max_concurrent_requests),
         "load_assignment": _load_assignment(p.cluster, [(p.host, p.port)]),
     }
     if p.tls:
@@ -196,21 +217,173 @@ def _tracing(tracing: TracingConfig) -> dict[str, Any]:
     }
 
 
-def _json_reply(status: int, type_: str, message: str) -> dict[str, Any]:
-    return {
-        "filter": {
-            "status_code_filter": {
-                "comparison": {
-                    "op": "EQ",
-                    "value": {"default_value": status, "runtime_key": f"plano.reply_{status}"},
-                }
-            }
-        },
-        "body_format_override": {
-            "json_format": {"error": {"type": type_, "message": message}},
-            "content_type": "application/json",
-        },
+# Local replies (issue 11, item 14): every reply Envoy itself produces gets the JSON error
+# envelope of the client's API. Replies the ext_proc produced (details "plano_*", bodies
+# already JSON), direct responses (/healthz, unrouted) and upstream responses are untouched.
+_CEL = _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+_NOT_OURS = (
+    "response.code >= 400 && !response.code_details.startsWith('plano_') "
+    "&& response.code_details != 'direct_response'"
+)
+ANTHROPIC_PATH = "/v1/messages"  # these clients get Anthropic's error shape
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """One kind of Envoy-generated reply: which ones (CEL on the reply), what the client reads."""
+
+    when: str  # CEL condition, ANDed with _NOT_OURS
+    openai_type: str
+    anthropic_type: str
+    message: str  # may use Envoy formatter commands, e.g. %LOCAL_REPLY_BODY%
+    status: int | None = None  # rewrite Envoy's status
+
+
+def local_replies(config: Config) -> list[LocalReply]:
+    """The Envoy local replies clients can meet, most specific first; the last ones catch
+    every remaining status (message: Envoy's own text, never an upstream body)."""
+    lc = config.listener
+    mb = lc.max_request_bytes / (1024 * 1024)
+    details = "response.code_details"
+    return [
+        LocalReply(
+            "response.code == 413",
+            "request_too_large",
+            "request_too_large",
+            f"request body exceeds the gateway limit of {mb:g} MiB",
+        ),
+        LocalReply(
+            f"{details} == 'request_header_timeout'",
+            "request_timeout",
+            "timeout_error",
+            "request headers not received within "
+            f"{lc.request_headers_timeout_seconds:g}s (listener request_headers_timeout)",
+        ),
+        LocalReply(
+            f"{details} == 'request_overall_timeout'",
+            "request_timeout",
+            "timeout_error",
+            f"request not received within {lc.request_timeout_seconds:g}s "
+            "(listener request_timeout)",
+        ),
+        LocalReply(
+            f"{details} == 'stream_idle_timeout'",
+            "timeout",
+            "timeout_error",
+            f"nothing sent or received for {lc.timeout_seconds:g}s (listener timeout)",
+        ),
+        LocalReply(
+            f"{details} == 'max_duration_timeout'",
+            "timeout",
+            "timeout_error",
+            "stream exceeded the listener max_stream_duration of "
+            f"{lc.max_stream_duration_seconds or 0:g}s",
+        ),
+        LocalReply(
+            f"{details}.contains('overflow')",
+            "overloaded",
+            "overloaded_error",
+            "too many concurrent requests (listener max_concurrent_requests = "
+            f"{lc.max_concurrent_requests}); retry later",
+            status=503,
+        ),
+        LocalReply(
+            f"{details} == 'overload'",
+            "overloaded",
+            "overloaded_error",
+            "the gateway is overloaded (memory near listener max_heap_bytes); retry later",
+            status=503,
+        ),
+        LocalReply(
+            # The ext_proc stream failed to open (its circuit breaker is full, no worker)
+            # or broke: the request cannot be routed. gRPC status 14: UNAVAILABLE.
+            f"{details}.startsWith('ext_proc_error_gRPC_error_14')",
+            "overloaded",
+            "overloaded_error",
+            "the routing service is unavailable or at listener max_concurrent_requests "
+            f"(= {lc.max_concurrent_requests}); retry later",
+            status=503,
+        ),
+        LocalReply(
+            f"{details}.startsWith('ext_proc')",
+            "server_error",
+            "api_error",
+            "the routing service failed: %RESPONSE_CODE_DETAILS%",
+        ),
+        LocalReply(
+            f"{details}.contains('connection_failure') || {details}.contains('connect')",
+            "upstream_connect_error",
+            "api_error",
+            "upstream connect error: the provider could not be reached",
+        ),
+        LocalReply(
+            f"{details}.startsWith('upstream_response_timeout') "
+            f"|| {details}.startsWith('upstream_per_try')",
+            "timeout",
+            "timeout_error",
+            "upstream request timeout: the provider did not answer in time",
+        ),
+        LocalReply(
+            f"{details}.startsWith('upstream_reset')",
+            "upstream_error",
+            "api_error",
+            "the provider connection was reset: %LOCAL_REPLY_BODY%",
+        ),
+        LocalReply("response.code == 408", "request_timeout", "timeout_error", _ENVOY_TEXT),
+        LocalReply("response.code == 431", "request_too_large", "request_too_large", _ENVOY_TEXT),
+        LocalReply("response.code < 500", "invalid_request_error", "invalid_request_error",
+                   _ENVOY_TEXT),
+        LocalReply("response.code == 503", "overloaded", "overloaded_error", _ENVOY_TEXT),
+        LocalReply("response.code == 504", "timeout", "timeout_error", _ENVOY_TEXT),
+        LocalReply("true", "server_error", "api_error", _ENVOY_TEXT),
+    ]  # fmt: skip
+
+
+_ENVOY_TEXT = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
+
+
+def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
+    cel = {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": _CEL, "expression": f"{_NOT_OURS} && ({reply.when})"},
+        }
     }
+    if anthropic:
+        path = {
+            "header_filter": {
+                "header": {"name": ":path", "string_match": {"prefix": ANTHROPIC_PATH}}
+            }
+        }
+        filter_: dict[str, Any] = {"and_filter": {"filters": [path, cel]}}
+        body: dict[str, Any] = {
+            "type": "error",
+            "error": {"type": reply.anthropic_type, "message": reply.message},
+        }
+    else:
+        filter_ = cel
+        body = {
+            "error": {
+                "type": reply.openai_type,
+                "message": reply.message,
+                "code": "%RESPONSE_CODE_DETAILS%",
+            }
+        }
+    mapper: dict[str, Any] = {
+        "filter": filter_,
+        "body_format_override": {"json_format": body, "content_type": "application/json"},
+    }
+    if reply.status is not None:
+        mapper["status_code"] = reply.status
+    return mapper
+
+
+def _local_reply_config(config: Config) -> dict[str, Any]:
+    replies = local_replies(config)
+    # Anthropic first: their filter also checks the path; the rest is OpenAI's shape.
+    mappers = [_mapper(r, anthropic=True) for r in replies]
+    mappers += [_mapper(r, anthropic=False) for r in replies]
+    return {"mappers": mappers}
 
 
 def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
@@ -231,7 +404,10 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
     for p in _one_per_cluster(config):
         action: dict[str, Any] = {
             "cluster": p.cluster,
-            "timeout": timeout,
+            # A stream is limited by idle time, not total time (item 10): the route's total
+            # timeout is off, its idle timeout is the listener timeout.
+            "timeout": "0s",
+            "idle_timeout": timeout,
             "host_rewrite_literal": p.authority,
         }
         if config.listener.max_retries:
@@ -280,6 +456,77 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
     return routes
 
 
+_MONITORS = _T + "extensions.resource_monitors."
+HEAP_MONITOR = "envoy.resource_monitors.fixed_heap"
+
+
+def _on_heap(action: str, value: float) -> dict[str, Any]:
+    return {"name": action, "triggers": [{"name": HEAP_MONITOR, "threshold": {"value": value}}]}
+
+
+def overload_manager(config: Config) -> dict[str, Any]:
+    """A global memory bound (item 9) and the connection cap (item 6).
+
+    As Envoy's heap nears ``max_heap_bytes``: from 80% the HTTP/2 streams holding the most
+    buffered memory are reset and the idle timeouts shrink (to 5 s at 95%: unfinished
+    uploads let go), at 90% freed memory goes back to the OS and keep-alive stops, at 95%
+    new requests get a JSON 503; connections beyond ``max_connections`` are refused."""
+    lc = config.listener
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": _MONITORS + "downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": lc.max_connections,
+                },
+            },
+            {
+                "name": HEAP_MONITOR,
+                "typed_config": {
+                    "@type": _MONITORS + "fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": lc.max_heap_bytes,
+                },
+            },
+        ],
+        "actions": [
+            {
+                "name": "envoy.overload_actions.reset_high_memory_stream",
+                "triggers": [
+                    {
+                        "name": HEAP_MONITOR,
+                        "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95},
+                    }
+                ],
+            },
+            {
+                # HTTP/1 streams are not tracked for the reset above: under pressure, the
+                # idle timeout of streams shrinks instead, so unfinished uploads let go.
+                "name": "envoy.overload_actions.reduce_timeouts",
+                "triggers": [
+                    {
+                        "name": HEAP_MONITOR,
+                        "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95},
+                    }
+                ],
+                "typed_config": {
+                    "@type": _T + "config.overload.v3.ScaleTimersOverloadActionConfig",
+                    "timer_scale_factors": [
+                        {"timer": "HTTP_DOWNSTREAM_STREAM_IDLE", "min_timeout": "5s"},
+                        {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_timeout": "5s"},
+                    ],
+                },
+            },
+            _on_heap("envoy.overload_actions.shrink_heap", 0.90),
+            _on_heap("envoy.overload_actions.disable_http_keepalive", 0.90),
+            _on_heap("envoy.overload_actions.stop_accepting_requests", 0.95),
+        ],
+        # Streams are tracked (for the reset action) once they buffer 1 MiB or more.
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
+    }
+
+
 def render_bootstrap(
     config: Config,
     *,
@@ -292,29 +539,33 @@ def render_bootstrap(
     lc = config.listener
     timeout = _duration(lc.timeout_seconds)
     message_timeout = _duration(10.0 + 2 * config.router.timeout_ms / 1000.0)
-    mb = lc.max_request_bytes / (1024 * 1024)
+    common: dict[str, Any] = {"idle_timeout": "300s", "max_headers_count": 100}
+    if lc.max_stream_duration_seconds:
+        common["max_stream_duration"] = _duration(lc.max_stream_duration_seconds)
     hcm: dict[str, Any] = {
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "plano",
         "codec_type": "AUTO",
+        # Slow clients are cut (item 6): headers, then the whole request, must arrive in time;
+        # a stream that is still moving is never cut by `timeout` (item 10).
         "stream_idle_timeout": timeout,
-        "request_timeout": "0s",
-        "common_http_protocol_options": {"idle_timeout": "300s"},
+        "request_headers_timeout": _duration(lc.request_headers_timeout_seconds),
+        "request_timeout": _duration(lc.request_timeout_seconds),
+        "common_http_protocol_options": common,
+        "max_request_headers_kb": lc.max_request_headers_kb,
+        "http2_protocol_options": {
+            "max_concurrent_streams": lc.max_concurrent_streams,
+            # Envoy's 256 MiB defaults let one client park that much per stream.
+            "initial_stream_window_size": 1 << 20,
+            "initial_connection_window_size": 4 << 20,
+        },
         "route_config": {
             "name": "plano_routes",
             "virtual_hosts": [
                 {"name": "plano", "domains": ["*"], "routes": _routes(config, timeout)}
             ],
         },
-        "local_reply_config": {
-            "mappers": [
-                _json_reply(
-                    413,
-                    "request_too_large",
-                    f"request body exceeds the gateway limit of {mb:g} MiB",
-                ),
-            ]
-        },
+        "local_reply_config": _local_reply_config(config),
         "http_filters": [
             {
                 # Strip a client-sent routing header before anything reads the route.
@@ -373,23 +624,15 @@ def render_bootstrap(
             }
         ]
     clusters = [_extproc_cluster(extproc)]
+    # Every request (but /healthz) holds one ext_proc stream while it is received and routed:
+    # this cap is the gateway's admission limit (beyond it: an immediate JSON 503).
+    clusters[0]["circuit_breakers"] = circuit_breakers(lc.max_concurrent_requests)
     clusters += [_provider_cluster(p, config) for p in _one_per_cluster(config)]
     if config.tracing is not None:
         clusters.append(_otel_cluster(config.tracing))
     return {
         "admin": {"address": _address("127.0.0.1", admin_port)},
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": {
-                        "@type": _T + "extensions.resource_monitors.downstream_connections.v3."
-                        "DownstreamConnectionsConfig",
-                        "max_active_downstream_connections": 50000,
-                    },
-                }
-            ]
-        },
+        "overload_manager": overload_manager(config),
         "static_resources": {
             "listeners": [
                 {
