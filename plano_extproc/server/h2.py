@@ -921,7 +921,8 @@ class H2Connection(asyncio.Protocol):
             self._flush_out()
 
     def abort(self) -> None:
-        if self.transport is not None and not self.closed:
+        # Also ends a connection still lingering after an error GOAWAY.
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
 
