@@ -711,11 +711,16 @@ class H2Connection(asyncio.Protocol):
 
     def _health(self, s: _Stream, raw: bytes) -> None:
         """Answer ``grpc.health.v1.Health/Check``: HealthCheckRequest{service = 1}."""
-        service = b""
-        if raw[:1] == b"\x0a" and len(raw) >= 2 and raw[1] < 0x80:
-            service = raw[2 : 2 + raw[1]]
-        if service not in HEALTH_SERVICES:
-            self._finish(s, GRPC_NOT_FOUND, f"unknown service {service.decode('latin-1')}")
+        # Only field 1 with a one-byte length can name a service we know (all are short).
+        if not raw:
+            service: bytes | None = b""
+        elif raw[0] == 0x0A and len(raw) >= 2 and raw[1] == len(raw) - 2:
+            service = raw[2:]
+        else:
+            service = None
+        if service is None or service not in HEALTH_SERVICES:
+            name = "?" if service is None else service.decode("latin-1")
+            self._finish(s, GRPC_NOT_FOUND, f"unknown service {name}")
             return
         self._send_message(s, HEALTH_SERVING, True)
 

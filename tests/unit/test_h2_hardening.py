@@ -412,9 +412,14 @@ async def test_health_check_answers_serving_to_grpcio(h2: Harness) -> None:
         assert reply == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 
 
-async def test_health_check_unknown_service_is_not_found(h2: Harness) -> None:
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"\x0a\x05other", b"\x0a\xc8\x01" + b"s" * 200, b"\x12\x00", b"\x0a\x09short"],
+    ids=["unknown", "long name", "other field", "truncated"],
+)
+async def test_health_check_unknown_service_is_not_found(h2: Harness, request_bytes: bytes) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        await asyncio.to_thread(_health_call, h2.port, b"\x0a\x05other")
+        await asyncio.to_thread(_health_call, h2.port, request_bytes)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
