@@ -3,6 +3,10 @@
 Prompt construction and output parsing are pure functions (golden-tested byte for byte
 against the templates the models were trained on). The HTTP client has a hard timeout and
 turns every failure into ``RouterResult.error`` so the request fails open.
+
+``RouterResult.error`` reaches the unauthenticated ``/routing/v1/*`` replies and the log, so it
+is a status and a short fixed reason, never text from the router's reply: a router that echoes
+its credential in an error body must not hand it to every client.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ Based on your analysis, provide your response in the following JSON formats if y
 
 MAX_ROUTING_TURNS = 16
 ARCH_ROUTER_MAX_TOKENS = 2048
+#: Largest router reply read (a chat completion naming a route is a few hundred bytes).
+MAX_REPLY_BYTES = 1 << 20
 _IGNORED_ROLES = frozenset({"system", "developer", "tool"})
 
 
@@ -177,7 +183,8 @@ def parse_route_output(content: str | None, route_names: Sequence[str]) -> str |
     """Both output shapes: ``{"route": "name"}`` and ``{"route": ["a", "b"]}``.
 
     Code fences are stripped, "other"/empty mean no route, unknown names are ignored and the
-    first known name wins. Raises ``RouterOutputError`` when the output is not that JSON.
+    first known name wins. Raises ``RouterOutputError`` when the output is not that JSON; its
+    message never quotes the output (it is shown to clients).
     """
     if content is None or not content.strip():
         return None
@@ -187,13 +194,13 @@ def parse_route_output(content: str | None, route_names: Sequence[str]) -> str |
     except json.JSONDecodeError:
         m = re.search(r"\{.*\}", text, re.DOTALL)
         if not m:
-            raise RouterOutputError(f"not JSON: {content[:200]!r}") from None
+            raise RouterOutputError("router reply content was not JSON") from None
         try:
             data = json.loads(m.group(0))
         except json.JSONDecodeError:
-            raise RouterOutputError(f"not JSON: {content[:200]!r}") from None
+            raise RouterOutputError("router reply content was not JSON") from None
     if not isinstance(data, dict) or "route" not in data:
-        raise RouterOutputError(f"expected an object with 'route': {content[:200]!r}")
+        raise RouterOutputError("router reply content was not an object with 'route'")
     value = data["route"]
     names: list[Any]
     if value is None:
@@ -203,7 +210,7 @@ def parse_route_output(content: str | None, route_names: Sequence[str]) -> str |
     elif isinstance(value, list):
         names = value
     else:
-        raise RouterOutputError(f"'route' must be a string or a list: {content[:200]!r}")
+        raise RouterOutputError("router reply 'route' was not a string or a list")
     known = set(route_names)
     for name in names:
         if isinstance(name, str) and name and name != "other" and name in known:
@@ -277,21 +284,62 @@ class OrchestratorRouter:
         try:
             async with asyncio.timeout(self.timeout):
                 async with self._session.post(self.url, json=payload, headers=headers) as resp:
-                    raw = await resp.read()
                     if resp.status // 100 != 2:
-                        return RouterResult(
-                            route=None,
-                            error=f"router returned HTTP {resp.status}: {raw[:200]!r}",
-                        )
+                        # Never the body: it may echo the router's credential.
+                        return RouterResult(route=None, error=f"router returned HTTP {resp.status}")
+                    raw = await _read_bounded(resp.content, MAX_REPLY_BYTES + 1)
         except TimeoutError:
-            return RouterResult(route=None, error=f"router timed out after {self.timeout:g}s")
+            return RouterResult(
+                route=None, error=f"router timed out after {round(self.timeout * 1000)} ms"
+            )
         except aiohttp.ClientError as e:
-            return RouterResult(route=None, error=f"router unreachable: {e}")
-        try:
-            data = json.loads(raw)
-            choices = data.get("choices") or []
-            content = choices[0].get("message", {}).get("content") if choices else None
-            route = parse_route_output(content, [p.name for p in preferences])
-        except (ValueError, AttributeError, TypeError) as e:
-            return RouterResult(route=None, error=f"unparseable router output: {e}")
-        return RouterResult(route=route)
+            return RouterResult(route=None, error=f"router unreachable ({type(e).__name__})")
+        if len(raw) > MAX_REPLY_BYTES:
+            return RouterResult(
+                route=None, error=f"router reply was larger than {MAX_REPLY_BYTES} bytes"
+            )
+        return _parse_reply(raw, [p.name for p in preferences])
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """At most ``limit`` bytes of a reply body (a router streaming gigabytes costs nothing)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _parse_reply(raw: bytes, route_names: Sequence[str]) -> RouterResult:
+    """The route named by a chat-completion reply; total: any failure (wrong shapes, deep
+    nesting's RecursionError, huge numbers) is a ``RouterResult.error`` with a short reason."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        return RouterResult(route=None, error="router reply was nested too deeply")
+    except (ValueError, UnicodeDecodeError):
+        return RouterResult(route=None, error="router reply was not valid JSON")
+    except Exception as e:  # any failure fails open
+        return RouterResult(route=None, error=f"router reply was unreadable ({type(e).__name__})")
+    try:
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list):
+            return RouterResult(route=None, error="router reply had an unexpected shape")
+        first = choices[0] if choices else {}
+        message = first.get("message") if isinstance(first, dict) else None
+        if choices and not isinstance(message, dict):
+            return RouterResult(route=None, error="router reply had an unexpected shape")
+        content = message.get("content") if message else None
+        if content is not None and not isinstance(content, str):
+            return RouterResult(route=None, error="router reply had an unexpected shape")
+        return RouterResult(route=parse_route_output(content, route_names))
+    except RouterOutputError as e:
+        return RouterResult(route=None, error=str(e))
+    except RecursionError:
+        return RouterResult(route=None, error="router reply was nested too deeply")
+    except Exception as e:
+        return RouterResult(route=None, error=f"router reply was unreadable ({type(e).__name__})")

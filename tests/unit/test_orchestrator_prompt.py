@@ -14,6 +14,7 @@ from plano_extproc.routing.base import ChatMessage, RoutePreference
 from plano_extproc.routing.orchestrator import (
     MAX_ROUTING_TURNS,
     RouterOutputError,
+    _parse_reply,
     build_arch_router_prompt,
     build_orchestrator_prompt,
     parse_route_output,
@@ -426,3 +427,60 @@ def test_garbage_raises(content: str) -> None:
 
 def test_router_output_error_is_a_value_error() -> None:
     assert issubclass(RouterOutputError, ValueError)
+
+
+# --------------------------------------------------------------------------- hostile replies
+# Issue 11 items 3 and 11: reply parsing is total, and its errors never quote the reply (they are
+# shown to any client of /routing/v1/* and logged).
+
+
+def _reply(content: object) -> bytes:
+    return json.dumps(
+        {"choices": [{"message": {"role": "assistant", "content": content}}]}
+    ).encode()
+
+
+def test_parse_reply_reads_a_chat_completion() -> None:
+    result = _parse_reply(_reply('{"route": ["code_generation"]}'), NAMES)
+    assert (result.route, result.error) == ("code_generation", None)
+    assert _parse_reply(b'{"choices": []}', NAMES).error is None
+
+
+SECRET = "sk-router-SECRET"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"choices": {"0": {"message": {"content": "x"}}}}', "had an unexpected shape"),
+        (b'{"choices": "sk-router-SECRET"}', "had an unexpected shape"),
+        (b'{"choices": [5]}', "had an unexpected shape"),
+        (b'{"choices": [{"message": "sk-router-SECRET"}]}', "had an unexpected shape"),
+        (_reply({"route": "code_generation"}), "had an unexpected shape"),
+        (_reply(["sk-router-SECRET"]), "had an unexpected shape"),
+        (b"[1, 2]", "had an unexpected shape"),
+        (b'"sk-router-SECRET"', "had an unexpected shape"),
+        (b"{}", "had an unexpected shape"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"choices": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001, "nested too deeply"),
+        (_reply("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (b"1" * 10_000, "not valid JSON"),  # int() digit limit: a ValueError
+        (b"bad key sk-router-SECRET", "not valid JSON"),
+        (b"\xff\xfe{", "not valid JSON"),
+        (_reply("the key is sk-router-SECRET"), "content was not JSON"),
+        (_reply('{"routes": "sk-router-SECRET"}'), "content was not an object with 'route'"),
+        (_reply('{"route": {"sk-router-SECRET": 1}}'), "'route' was not a string or a list"),
+    ],
+)
+def test_parse_reply_is_total_and_never_quotes_the_reply(raw: bytes, reason: str) -> None:
+    result = _parse_reply(raw, NAMES)
+    assert result.route is None
+    assert result.error is not None and reason in result.error
+    assert SECRET not in result.error and len(result.error) < 80
+
+
+def test_parse_route_output_errors_do_not_quote_the_content() -> None:
+    for content in ["the key is sk-router-SECRET", '{"routes": "sk-router-SECRET"}']:
+        with pytest.raises(RouterOutputError) as ei:
+            parse_route_output(content, NAMES)
+        assert SECRET not in str(ei.value)

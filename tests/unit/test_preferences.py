@@ -256,3 +256,93 @@ def test_undeclared_models_are_named(cat: Catalog) -> None:
 )
 def test_malformed_shapes_are_400(cat: Catalog, body: dict[str, Any], fragment: str) -> None:
     assert fragment in bad(body, cat)
+
+
+# --------------------------------------------------------------------------- hostile inline sets
+# Issue 11 items 1 and 7: route names reach the x-plano-route response header, and every
+# description phrase is work for the embedded router, so both are bounded at the edge.
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "code\r\nX-Route-Injected: yes",
+        "code\nx",
+        "code\rx",
+        "nul\x00",
+        "tab\there",
+        "del\x7f",
+        "line\u2028sep",
+        "bidi\u202eoverride",
+        "zero\u200bwidth",
+        "lone \ud83d surrogate",
+        " leading",
+        "trailing ",
+        "x" * 129,
+    ],
+)
+def test_hostile_route_names_are_a_400_in_both_forms(name: str, cat: Catalog) -> None:
+    pref = {"name": name, "description": "writing code", "models": ["gpt-4o"]}
+    msg = bad({"routing_preferences": [pref]}, cat)
+    assert msg.startswith("routing_preferences[0].name ")
+    assert "printable" in msg or "too long" in msg
+    policy = [{"model": "gpt-4o", "routing_preferences": [{"name": name, "description": "d"}]}]
+    msg = bad({"routing_policy": policy}, cat)
+    assert msg.startswith("routing_policy[0].routing_preferences[0].name ")
+
+
+@pytest.mark.parametrize("name", ["code", "a", "x" * 128, "code generation", "código", "c++/é"])
+def test_printable_route_names_up_to_128_chars_pass(name: str, cat: Catalog) -> None:
+    pref = {"name": name, "description": "writing code", "models": ["gpt-4o"]}
+    routes = parse_inline({"routing_preferences": [pref]}, cat)
+    assert routes is not None and routes[0].name == name
+
+
+def _routes(n: int, desc: str = "d") -> list[dict[str, Any]]:
+    return [{"name": f"r{i}", "description": desc, "models": ["gpt-4o"]} for i in range(n)]
+
+
+def test_inline_set_size_limits(cat: Catalog) -> None:
+    assert parse_inline({"routing_preferences": _routes(32)}, cat) is not None
+    assert bad({"routing_preferences": _routes(33)}, cat) == (
+        "routing_preferences has 33 entries; at most 32"
+    )
+    assert bad({"routing_preferences": _routes(100, "x" * 40)}, cat) == (
+        "routing_preferences has 100 entries; at most 32"
+    )
+    assert bad({"routing_preferences": _routes(1, "x" * 1025)}, cat) == (
+        "routing_preferences[0].description is too long (1025 characters; at most 1024)"
+    )
+    assert parse_inline({"routing_preferences": _routes(8, "x" * 1000)}, cat) is not None
+    msg = bad({"routing_preferences": _routes(9, "x" * 1000)}, cat)
+    assert msg.startswith("inline routing preferences are too large (9018 characters")
+    assert msg.endswith("at most 8192)")
+    many_models = [{"name": "r", "description": "d", "models": ["gpt-4o"] * 65}]
+    assert bad({"routing_preferences": many_models}, cat) == (
+        "routing_preferences[0].models has 65 entries; at most 64"
+    )
+
+
+def test_routing_policy_form_is_bounded_too(cat: Catalog) -> None:
+    def policy(models: int, routes: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "model": "gpt-4o",
+                "routing_preferences": [
+                    {"name": f"m{m}r{i}", "description": "d"} for i in range(routes)
+                ],
+            }
+            for m in range(models)
+        ]
+
+    assert parse_inline({"routing_policy": policy(2, 16)}, cat) is not None
+    assert bad({"routing_policy": policy(1, 33)}, cat) == (
+        "routing_policy[0].routing_preferences has 33 entries; at most 32"
+    )
+    assert (
+        bad({"routing_policy": policy(65, 1)}, cat) == "routing_policy has 65 entries; at most 64"
+    )
+    # Distinct routes across policies count together.
+    assert bad({"routing_policy": policy(3, 11)}, cat) == (
+        "inline routing preferences define 33 routes; at most 32"
+    )
