@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("config")
     u.add_argument("--workers", type=int, default=1)
     u.add_argument("--grpc-port", type=int, default=0, help="first worker port; 0 = free ports")
-    u.add_argument("--envoy-admin-port", type=int, default=9901)
+    u.add_argument(
+        "--envoy-admin-port", type=int, default=9901, help="Envoy admin port; 0 = a free one"
+    )
     u.add_argument(
         "--worker-admin-port", type=int, default=0, help="first worker /ready port; 0 = free"
     )

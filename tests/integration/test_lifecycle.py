@@ -1,9 +1,10 @@
-"""`plano-extproc up` as a process: Ctrl-C, child failure, workers, config, Envoy validate."""
+"""`plano-extproc up` as a process: Ctrl-C, taken ports, workers, config, Envoy validate."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +15,9 @@ import pytest
 
 from plano_extproc.config import load_config
 from plano_extproc.envoy_config import render_bootstrap, render_yaml
+from plano_extproc.supervisor import wait_envoy_ready
 from tests.conftest import seed_config
-from tests.fakes import FakeProvider
+from tests.fakes import FakeProvider, free_port
 from tests.gateway_proc import ROOT, GatewayProcess, assert_envoy_accepts
 
 pytestmark = pytest.mark.integration
@@ -79,17 +81,82 @@ def test_ctrl_c_stops_envoy_and_workers(
     assert _wait_dead(kids), [(_cmdline(k)) for k in kids if _alive(k)]
 
 
-def test_dead_worker_takes_the_gateway_down(
+def _second_up(
+    tmp_path: Path, config: str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "second.yaml"
+    cfg.write_text(config)
+    return subprocess.run(
+        [sys.executable, "-m", "plano_extproc", "up", str(cfg), "--log-level", "warning", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("taken", ["envoy-admin-port", "port", "grpc-port", "worker-admin-port"])
+def test_second_up_on_a_taken_port_names_the_flag(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider, taken: str
+) -> None:
+    """Never a false "up" line because ANOTHER gateway answered (issue 11, item 15)."""
+    config = _config(openai_fake, anthropic_fake)
+    with GatewayProcess(config, tmp_path) as first:
+        worker_admin = int(first.worker_admin[0].rsplit(":", 1)[1])
+        ports = {"envoy-admin-port": free_port(), "port": free_port(), "grpc-port": 0}
+        ports["worker-admin-port"] = 0
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with held:
+            taken_port = {
+                "envoy-admin-port": first.admin_port,
+                "port": first.port,
+                "grpc-port": held.getsockname()[1],
+                "worker-admin-port": worker_admin,
+            }[taken]
+            ports[taken] = taken_port
+            args = [f"--{k}={v}" for k, v in ports.items()] + ["--address", "127.0.0.1"]
+            res = _second_up(tmp_path, config, *args)
+        out = res.stdout + res.stderr
+        assert res.returncode == 1, out
+        assert "plano-extproc up:" not in out
+        assert f"port 127.0.0.1:{taken_port} is already in use" in out
+        assert f"--{taken}" in out
+        # The first gateway is unharmed.
+        assert httpx.get(first.url + "/healthz").status_code == 200
+
+
+def test_envoy_admin_port_zero_picks_a_free_port_and_prints_it(
     tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
 ) -> None:
-    g = GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path).start()
-    assert g.proc is not None
-    kids = _children(g.proc.pid)
-    worker = next(k for k in kids if "plano_extproc" in _cmdline(k))
-    os.kill(worker, signal.SIGKILL)
-    assert g.proc.wait(20) == 1
-    assert _wait_dead(kids)
-    assert "exited unexpectedly" in g.output()
+    g = GatewayProcess(
+        _config(openai_fake, anthropic_fake), tmp_path, extra_args=["--envoy-admin-port", "0"]
+    )
+    with g:
+        line = next(ln for ln in g.lines if ln.startswith("envoy admin: "))
+        admin = line.split()[-1]
+        assert admin != "http://127.0.0.1:0"
+        assert httpx.get(admin + "/ready").text.strip() == "LIVE"
+        assert httpx.get(g.url + "/healthz").status_code == 200
+
+
+def test_readiness_is_checked_against_the_envoy_we_started(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    """Another Envoy answering /ready on the admin port is not taken for ours."""
+    with GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path) as other:
+        ours = subprocess.Popen(["sleep", "30"])
+        try:
+            with pytest.raises(SystemExit) as e:
+                wait_envoy_ready(
+                    f"http://127.0.0.1:{other.admin_port}", ours, str(tmp_path / "x.yaml"), 1, 5
+                )
+            assert "is not the Envoy this gateway started" in str(e.value)
+            assert "--envoy-admin-port" in str(e.value)
+        finally:
+            ours.kill()
+            ours.wait()
 
 
 def test_supervisor_killed_leaves_no_orphans(

@@ -1,0 +1,218 @@
+"""Worker faults through the real gateway (issue 11, item 8): a killed worker is restarted and
+Envoy keeps traffic on the others; a hung worker is taken out by Envoy's health checks; a
+worker that keeps dying stops ``up`` with a message."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from plano_extproc.config import load_config
+from plano_extproc.server.app import start, stop
+from tests.conftest import seed_config
+from tests.fakes import FakeProvider
+from tests.gateway_proc import GatewayProcess
+from tests.integration.test_lifecycle import _children, _cmdline, _wait_dead
+
+pytestmark = pytest.mark.integration
+
+BODY = {"messages": [{"role": "user", "content": "hi"}]}
+DECISION = "/routing/v1/chat/completions"
+CONCURRENCY = 8
+
+
+def _config(openai_fake: FakeProvider, anthropic_fake: FakeProvider) -> str:
+    return seed_config(
+        openai_fake.base_url, anthropic_fake.base_url, router="  router: {type: none}"
+    )
+
+
+def _workers(g: GatewayProcess) -> list[int]:
+    """Worker pids in start order (the order of the admin lines)."""
+    assert g.proc is not None
+    kids = [k for k in _children(g.proc.pid) if "plano_extproc" in _cmdline(k)]
+    ports = [a.rsplit(":", 1)[1] for a in g.worker_admin]
+    return [next(k for k in kids if f"--admin-port {p} " in _cmdline(k)) for p in ports]
+
+
+def _served(admin: str) -> int:
+    """Decisions a worker answered (its /metrics), or -1 while it is down."""
+    try:
+        text = httpx.get(admin + "/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return -1
+    line = next((ln for ln in text.splitlines() if 'kind="decision",outcome="2xx"' in ln), None)
+    return int(line.split()[-1]) if line else 0
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout:.0f}s: {what}")
+
+
+async def _load(url: str, total: int, on_done: Callable[[int], None] | None = None) -> Counter[int]:
+    """``total`` decision requests, CONCURRENCY at a time; status counts (0 = transport error)."""
+    statuses: Counter[int] = Counter()
+    queue = list(range(total))
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+        async def one_worker() -> None:
+            while queue:
+                queue.pop()
+                try:
+                    r = await client.post(DECISION, json=BODY)
+                    statuses[r.status_code] += 1
+                    if r.status_code != 200:
+                        assert r.json()["error"]["message"], r.text  # an error envelope
+                except httpx.HTTPError:
+                    statuses[0] += 1
+                if on_done is not None:
+                    on_done(sum(statuses.values()))
+
+        await asyncio.wait_for(
+            asyncio.gather(*(one_worker() for _ in range(CONCURRENCY))), timeout=120
+        )
+    return statuses
+
+
+@pytest.mark.parametrize("transport", ["h2", "grpcio"])
+def test_killed_worker_is_restarted_and_failures_stay_bounded(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider, transport: str
+) -> None:
+    config = _config(openai_fake, anthropic_fake)
+    extra = ["--transport", transport]
+    with GatewayProcess(config, tmp_path, workers=2, extra_args=extra) as g:
+        victim = _workers(g)[0]
+        killed: list[int] = []
+
+        def kill_once(done: int) -> None:
+            if done >= 150 and not killed:
+                os.kill(victim, signal.SIGKILL)
+                killed.append(done)
+
+        statuses = asyncio.run(_load(g.url, 600, kill_once))
+        assert killed, statuses
+        print(f"{transport}: SIGKILL after {killed[0]} requests: {dict(statuses)}")
+        failed = sum(n for s, n in statuses.items() if s != 200)
+        # Only requests in flight at the kill (at most CONCURRENCY) may fail.
+        assert sum(statuses.values()) == 600
+        assert failed <= CONCURRENCY, statuses
+        assert set(statuses) <= {200, 500, 503}, statuses  # 5xx: a JSON error envelope
+
+        _wait(lambda: "ext_proc worker 0 restarted" in g.output(), 60, "worker 0 restarted")
+        assert "ext_proc worker 0 exited unexpectedly (killed by SIGKILL)" in g.output()
+        new = _workers(g)[0]
+        assert new != victim
+        assert httpx.get(g.worker_admin[0] + "/ready").json()["ready"] is True
+
+        # Envoy sends traffic to the restarted worker again.
+        def restarted_serves() -> bool:
+            r = httpx.post(g.url + DECISION, json=BODY, timeout=10)
+            assert r.status_code == 200, r.text
+            return _served(g.worker_admin[0]) > 0
+
+        _wait(restarted_serves, 30, "the restarted worker gets requests")
+        assert g.proc is not None and g.proc.poll() is None
+
+
+@pytest.mark.parametrize("transport", ["h2", "grpcio"])
+def test_hung_worker_is_taken_out_of_rotation(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider, transport: str
+) -> None:
+    config = _config(openai_fake, anthropic_fake)
+    extra = ["--transport", transport]
+    with GatewayProcess(config, tmp_path, workers=2, extra_args=extra) as g:
+        victim = _workers(g)[0]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            # After a detection delay every request is answered by the other worker.
+            streak = {"ok": 0}
+
+            def twenty_in_a_row() -> bool:
+                r = httpx.post(g.url + DECISION, json=BODY, timeout=30)
+                streak["ok"] = streak["ok"] + 1 if r.status_code == 200 else 0
+                return streak["ok"] >= 20
+
+            _wait(twenty_in_a_row, 30, "20 requests in a row succeed")
+            before = _served(g.worker_admin[1])
+            statuses = asyncio.run(_load(g.url, 200))
+            assert statuses == Counter({200: 200}), statuses
+            assert _served(g.worker_admin[1]) - before == 200
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        # Back in rotation once it answers health checks again; never restarted.
+        _wait(
+            lambda: (
+                httpx.post(g.url + DECISION, json=BODY, timeout=10).status_code == 200
+                and _served(g.worker_admin[0]) > 0
+            ),
+            30,
+            "the resumed worker gets requests",
+        )
+        assert _workers(g)[0] == victim
+        assert "restart" not in g.output()
+
+
+def test_worker_that_keeps_dying_stops_up(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    g = GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path).start()
+    assert g.proc is not None
+    kids = _children(g.proc.pid)
+    # Every restart now fails at start-up (unreadable config) until the supervisor gives up.
+    g.config_path.write_text("version: v0.4.0\nlisteners: not-a-list\n")
+    os.kill(_workers(g)[0], signal.SIGKILL)
+    try:
+        assert g.proc.wait(90) == 1
+    finally:
+        g.stop()
+    out = g.output()
+    assert "ext_proc worker 0 exited unexpectedly (killed by SIGKILL); restarting in 0.5s" in out
+    assert "restarting in 4s" in out
+    assert "it died 5 times within 60s; stopping the gateway" in out
+    assert _wait_dead(kids)
+
+
+def test_dead_envoy_takes_the_gateway_down(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    g = GatewayProcess(_config(openai_fake, anthropic_fake), tmp_path).start()
+    assert g.proc is not None
+    kids = _children(g.proc.pid)
+    envoy = next(k for k in kids if "envoy" in _cmdline(k) and "plano_extproc" not in _cmdline(k))
+    os.kill(envoy, signal.SIGKILL)
+    assert g.proc.wait(20) == 1
+    assert _wait_dead(kids)
+    assert "envoy exited unexpectedly (killed by SIGKILL); stopping the gateway" in g.output()
+
+
+async def test_grpcio_transport_answers_grpc_health(
+    openai_fake: FakeProvider, anthropic_fake: FakeProvider, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(_config(openai_fake, anthropic_fake))
+    running = await start(load_config(path), "127.0.0.1", 0, transport="grpcio")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            check = channel.unary_unary("/grpc.health.v1.Health/Check")
+            assert await check(b"", timeout=5) == b"\x08\x01"
+            name = b"envoy.service.ext_proc.v3.ExternalProcessor"
+            assert await check(b"\x0a" + bytes([len(name)]) + name, timeout=5) == b"\x08\x01"
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await check(b"\x0a\x03foo", timeout=5)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await stop(running)
