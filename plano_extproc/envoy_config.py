@@ -654,40 +654,9 @@ def render_bootstrap(
     clusters += [_provider_cluster(p, config) for p in _one_per_cluster(config)]
     if config.tracing is not None:
         clusters.append(_otel_cluster(config.tracing))
-    # TEMPORARY-OLDMODE-BEGIN
-    old = set(os.environ.get("PLANO_OLD", "").split(","))
-    if "timeouts" in old:
-        hcm["request_timeout"] = "0s"
-        hcm.pop("request_headers_timeout")
-    if "idle" in old:
-        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-            if "route" in r:
-                r["route"]["timeout"] = timeout
-                r["route"].pop("idle_timeout")
-    if "duration" in old:
-        hcm["common_http_protocol_options"].pop("max_stream_duration", None)
-    if "h2" in old:
-        hcm.pop("http2_protocol_options")
-        hcm.pop("max_request_headers_kb")
-    if "breakers" in old:
-        for c in clusters:
-            c.pop("circuit_breakers", None)
-    if "replies" in old:
-        hcm["local_reply_config"] = {"mappers": [_mapper(local_replies(config)[0], False)]}
-        hcm["local_reply_config"]["mappers"][0]["filter"] = {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "x"}}}}
-    if "notours" in old:
-        for m in hcm["local_reply_config"]["mappers"]:
-            f = m["filter"].get("extension_filter") or m["filter"]["and_filter"]["filters"][1]["extension_filter"]
-            f["typed_config"]["expression"] = f["typed_config"]["expression"].replace(_NOT_OURS, "response.code >= 400")
-    if "overload" in old:
-        om = overload_manager(config)
-        om["resource_monitors"] = om["resource_monitors"][:1]
-        om["resource_monitors"][0]["typed_config"]["max_active_downstream_connections"] = 50000
-        om.pop("actions"); om.pop("buffer_factory_config"); om.pop("refresh_interval")
-    # TEMPORARY-OLDMODE-END
     return {
         "admin": {"address": _address("127.0.0.1", admin_port)},
-        "overload_manager": om if "overload" in old else overload_manager(config),
+        "overload_manager": overload_manager(config),
         "static_resources": {
             "listeners": [
                 {
