@@ -304,8 +304,9 @@ class FakeOrchestrator(FakeServer):
     """An OpenAI-compatible endpoint serving the router LLM; ``mode`` scripts failures."""
 
     decide: Callable[[str], str | None] = field(default=lambda _p: None)
-    mode: str = "ok"  # ok | arch (string route) | slow | garbage | error | fenced
+    mode: str = "ok"  # ok | arch (string route) | slow | garbage | error | fenced | echo_auth | raw
     delay: float = 5.0
+    raw_reply: bytes = b""  # mode "raw": this exact 200 body (wrong shapes, deep nesting)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -326,6 +327,11 @@ class FakeOrchestrator(FakeServer):
             await asyncio.sleep(self.delay)
         if self.mode == "error":
             return web.json_response({"error": "overloaded"}, status=503)
+        if self.mode == "echo_auth":  # a router that reflects its credential in an error body
+            auth = request.headers.get("Authorization", "")
+            return web.json_response({"error": f"invalid key: {auth}"}, status=401)
+        if self.mode == "raw":
+            return web.Response(body=self.raw_reply, content_type="application/json")
         if self.mode == "garbage":
             content = "I think the answer is probably code"
         elif self.mode == "arch":

@@ -11,6 +11,13 @@ sentence (the instruction usually sits there), pooled from the same forward pass
 only by head/tail windows, because an embedding of a pasted document says what the document
 is, not what the user asked. Inference runs on a small bounded
 thread pool so a long prompt never blocks the event loop.
+
+Inline route sets are client-controlled work (every phrase of every description is embedded),
+so a request has a deadline (``routing.router.timeout_ms``) after which it fails open with
+``router_error``; an inline set is built on its own single-thread lane in chunks, checking the
+deadline between them, with a short bounded queue, so a client sending heavy sets cannot take
+the encoder from requests on the configured routes (whose index is pinned, never evicted).
+Any exception fails open too, reported by class only (no request data in errors or logs).
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ import asyncio
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +65,15 @@ CLASSIFIER_WEIGHT = 0.05
 CLASSIFIER_SCALE = 10.0
 CLASSIFIER_L2 = 1e-3
 CLASSIFIER_STEPS = 300
-#: How many prepared/inline route sets to keep vectors for.
+#: How many inline route sets to keep indexes for (configured sets are pinned besides).
 MAX_ROUTE_SETS = 64
+#: Per-request deadline when none is configured (``routing.router.timeout_ms``).
+DEFAULT_TIMEOUT_MS = 3000
+#: Texts embedded, or classifier steps taken, between deadline checks while building an index.
+BUILD_CHUNK = 8
+CLASSIFIER_CHECK_EVERY = 20
+#: Inline route-set builds admitted at once (one runs, the rest wait); more fail open at once.
+MAX_PENDING_BUILDS = 4
 ANCHORS_PATH = DATA_DIR / "no_match_anchors.txt"
 _ROUTED_ROLES = frozenset({"user"})
 
@@ -101,6 +116,24 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?:])\s+|\n+")
 
 class EmbeddedRouterError(Exception):
     """The embedded router cannot start; the message says how to fix it."""
+
+
+class DeadlineExceeded(Exception):
+    """A request's routing work ran past its deadline (or was abandoned); it fails open."""
+
+
+#: Called between chunks of work; raises ``DeadlineExceeded`` when the request is out of time.
+Check = Callable[[], None]
+
+
+def deadline_check(deadline: float, abandoned: threading.Event) -> Check:
+    """A ``Check`` for a ``time.monotonic()`` deadline and an "abandoned by the caller" flag."""
+
+    def check() -> None:
+        if abandoned.is_set() or time.monotonic() > deadline:
+            raise DeadlineExceeded
+
+    return check
 
 
 def split_phrases(description: str) -> list[str]:
@@ -263,6 +296,10 @@ def decide(
     return best
 
 
+class _BuildQueueFull(Exception):
+    """MAX_PENDING_BUILDS inline route sets are already being built or waiting."""
+
+
 class LRU:
     """Tiny thread-safe LRU map; bounds memory of per-route-set vector indexes."""
 
@@ -298,10 +335,12 @@ def train_softmax(
     scale: float = CLASSIFIER_SCALE,
     l2: float = CLASSIFIER_L2,
     steps: int = CLASSIFIER_STEPS,
+    check: Check | None = None,
 ) -> tuple[Any, Any]:
     """Class-balanced multinomial logistic regression (full-batch Adam, zero init, so the
     result is deterministic). Returns ``(weights, bias)`` to apply to unscaled features:
-    ``logits = x @ weights.T + bias``. ~60 rows x 384 dims: a few ms."""
+    ``logits = x @ weights.T + bias``. ~60 rows x 384 dims: a few ms. ``check`` is called
+    every CLASSIFIER_CHECK_EVERY steps (large inline sets make this the costly part)."""
     import numpy as np
 
     x = np.asarray(features, dtype=np.float64) * scale
@@ -315,6 +354,8 @@ def train_softmax(
     mw, vw, mb, vb = np.zeros_like(w), np.zeros_like(w), np.zeros_like(b), np.zeros_like(b)
     rate, beta1, beta2, eps = 0.05, 0.9, 0.999, 1e-8
     for step in range(1, steps + 1):
+        if check is not None and step % CLASSIFIER_CHECK_EVERY == 0:
+            check()
         z = x @ w.T + b
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
@@ -371,14 +412,16 @@ class EmbeddedRouter:
         threshold: float | None = None,
         margin: float | None = None,
         max_concurrency: int = 2,
-        cache_size: int = 1024,
+        cache_size: int = 4096,  # ~6 MB; holds a timed-out inline set's texts for the retry
         model_path: Path | None = None,
         model_sha256: str = MODEL_SHA256,
         threads: int = 2,
         int8_matmul: bool = True,
         turn_weights: Sequence[float] = TURN_WEIGHTS,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
     ) -> None:
         self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        self.timeout = timeout_ms / 1000.0
         self.margin = DEFAULT_MARGIN if margin is None else margin
         self.turn_weights = tuple(turn_weights)
         self._max_concurrency = max(1, max_concurrency)
@@ -390,9 +433,13 @@ class EmbeddedRouter:
             int8_matmul=int8_matmul,
         )
         self._indexes = LRU(MAX_ROUTE_SETS)
+        self._prepared: dict[tuple[Any, ...], RouteIndex] = {}  # configured sets: never evicted
         self._anchor_vectors: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._build_executor: ThreadPoolExecutor | None = None
+        self._build_lock: asyncio.Lock | None = None
+        self._pending_builds = 0
         self._np: Any = None
 
     @property
@@ -410,9 +457,15 @@ class EmbeddedRouter:
             max_workers=self._max_concurrency, thread_name_prefix="embedded-router"
         )
         self._semaphore = asyncio.Semaphore(self._max_concurrency)
+        self._build_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="embedded-router-build"
+        )
+        self._build_lock = asyncio.Lock()
 
     def start_sync(self) -> None:
-        """Synchronous start for the CLI / eval (no thread pool)."""
+        """Synchronous start for the CLI / eval (no thread pool); a no-op once loaded."""
+        if self._encoder.loaded and self._anchor_vectors is not None:
+            return
         try:
             self._encoder.load()
             import numpy
@@ -429,12 +482,21 @@ class EmbeddedRouter:
             ) from exc
 
     def prepare(self, preferences: Sequence[RoutePreference]) -> None:
-        """Embed a configured route set once at load so requests only embed the prompt."""
-        self._index_for(preferences)
+        """Embed a configured route set once at load so requests only embed the prompt; it is
+        pinned, so churn of inline sets cannot evict it."""
+        prefs = [p for p in preferences if p.name]
+        self._prepared[_route_key(prefs)] = self._index_for(prefs)
 
-    def _index_for(self, preferences: Sequence[RoutePreference]) -> RouteIndex:
+    def cached_index(self, preferences: Sequence[RoutePreference]) -> RouteIndex | None:
+        """The index of a prepared or recently built route set, without building one."""
         key = _route_key(preferences)
-        cached: RouteIndex | None = self._indexes.get(key)
+        pinned = self._prepared.get(key)
+        return pinned if pinned is not None else self._indexes.get(key)
+
+    def _index_for(
+        self, preferences: Sequence[RoutePreference], check: Check | None = None
+    ) -> RouteIndex:
+        cached = self.cached_index(preferences)
         if cached is not None:
             return cached
         np = self._require_np()
@@ -443,7 +505,13 @@ class EmbeddedRouter:
         heads: list[frozenset[str]] = []
         for pref in preferences:
             # A route with no description or examples still gets a vector (its name).
-            rows.append(self._encoder.encode_many(request_texts(pref) or [pref.name]))
+            texts = request_texts(pref) or [pref.name]
+            chunks = []
+            for start in range(0, len(texts), BUILD_CHUNK):
+                if check is not None:
+                    check()
+                chunks.append(self._encoder.encode_many(texts[start : start + BUILD_CHUNK]))
+            rows.append(np.concatenate(chunks))
             bags.append(frozenset().union(*(stems(t) for t in route_texts(pref))))
             heads.append(action_stems(pref))
         head_counts: dict[str, int] = {}
@@ -464,7 +532,7 @@ class EmbeddedRouter:
             else np.zeros(len(rows))
         )
         labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
-        clf_w, clf_b = train_softmax(vectors, labels, len(rows))
+        clf_w, clf_b = train_softmax(vectors, labels, len(rows), check=check)
         index = RouteIndex(
             names=tuple(p.name for p in preferences),
             centroids=centroids,
@@ -477,7 +545,7 @@ class EmbeddedRouter:
             heads=tuple(heads),
             head_counts=head_counts,
         )
-        self._indexes.put(key, index)
+        self._indexes.put(_route_key(preferences), index)
         return index
 
     def _require_np(self) -> Any:
@@ -521,15 +589,21 @@ class EmbeddedRouter:
         return per_route.max(axis=0), anchor, len(texts)
 
     def decide(
-        self, messages: Sequence[ChatMessage], preferences: Sequence[RoutePreference]
+        self,
+        messages: Sequence[ChatMessage],
+        preferences: Sequence[RoutePreference],
+        *,
+        index: RouteIndex | None = None,
     ) -> Decision:
-        """Score the conversation against the routes and apply threshold and margin."""
+        """Score the conversation against the routes and apply threshold and margin
+        (``index``: the routes' index when the caller already has it)."""
         np = self._require_np()
         prefs = [p for p in preferences if p.name]
         turns = user_turns(messages, len(self.turn_weights))
         if not prefs or not turns:
             return Decision(route=None)
-        index = self._index_for(prefs)
+        if index is None:
+            index = self._index_for(prefs)
         total = np.zeros(len(prefs), dtype=np.float64)
         anchor_total = 0.0
         weight_sum = 0.0
@@ -564,20 +638,66 @@ class EmbeddedRouter:
         *,
         request_id: str,
     ) -> RouterResult:
-        """Route on the bounded pool; failures come back as ``error`` so the request fails open."""
+        """Route within the deadline on the bounded pools; every failure (timeout, a full build
+        queue, any exception) comes back as ``error`` so the request fails open."""
         if self._executor is None or self._semaphore is None:
             return RouterResult(route=None, error="embedded router not started")
-        loop = asyncio.get_running_loop()
+        abandoned = threading.Event()
+        check = deadline_check(time.monotonic() + self.timeout, abandoned)
         try:
-            async with self._semaphore:
+            async with asyncio.timeout(self.timeout):
+                return await self._route_within(list(messages), list(preferences), check)
+        except (TimeoutError, DeadlineExceeded):
+            return RouterResult(
+                route=None,
+                error=f"embedded router timed out after {round(self.timeout * 1000)} ms",
+            )
+        except _BuildQueueFull:
+            return RouterResult(
+                route=None, error="embedded router busy: too many inline route sets queued"
+            )
+        except Exception as exc:  # any failure must fail open, never 500; no data in the reason
+            return RouterResult(route=None, error=f"embedded router failed ({type(exc).__name__})")
+        finally:
+            abandoned.set()  # a worker thread still on this request stops at its next check
+
+    async def _route_within(
+        self, messages: list[ChatMessage], preferences: list[RoutePreference], check: Check
+    ) -> RouterResult:
+        assert self._executor is not None and self._semaphore is not None
+        loop = asyncio.get_running_loop()
+        prefs = [p for p in preferences if p.name]
+        index = self.cached_index(prefs) if prefs else None
+        if prefs and index is None and user_turns(messages, 1):
+            index = await self._build(prefs, check)
+        async with self._semaphore:
+            check()
+            decision = await loop.run_in_executor(
+                self._executor, lambda: self.decide(messages, prefs, index=index)
+            )
+        return RouterResult(
+            route=decision.route, scores=decision.scores, no_match=decision.no_match
+        )
+
+    async def _build(self, prefs: list[RoutePreference], check: Check) -> RouteIndex:
+        """Build an uncached (inline) route set's index on the one-thread build lane."""
+        assert self._build_executor is not None and self._build_lock is not None
+        if self._pending_builds >= MAX_PENDING_BUILDS:
+            raise _BuildQueueFull
+        self._pending_builds += 1
+        try:
+            async with self._build_lock:
+                check()
+                loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
-                    self._executor, self.route_sync, list(messages), list(preferences)
+                    self._build_executor, self._index_for, prefs, check
                 )
-        except Exception as exc:  # any model failure must fail open, never 500
-            return RouterResult(route=None, error=f"embedded router failed: {exc}")
+        finally:
+            self._pending_builds -= 1
 
     async def close(self) -> None:
         """Stop the pool; in-flight decisions finish first."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)
+        for executor in (self._executor, self._build_executor):
+            if executor is not None:
+                await asyncio.to_thread(executor.shutdown, wait=True)
+        self._executor = self._build_executor = None

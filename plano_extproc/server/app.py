@@ -81,7 +81,9 @@ def build_router(config: Config) -> Router:
             "pip install 'plano-extproc[router]', or set routing.router.type: orchestrator "
             "(or none) in the config"
         ) from e
-    return EmbeddedRouter(threshold=rc.threshold, margin=rc.margin, threads=rc.threads)
+    return EmbeddedRouter(
+        threshold=rc.threshold, margin=rc.margin, threads=rc.threads, timeout_ms=rc.timeout_ms
+    )
 
 
 def build_cache(config: Config) -> SessionCache:
