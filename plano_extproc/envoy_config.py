@@ -245,10 +245,7 @@ def _tracing(tracing: TracingConfig) -> dict[str, Any]:
 # envelope of the client's API. Replies the ext_proc produced (details "plano_*", bodies
 # already JSON), direct responses (/healthz, unrouted) and upstream responses are untouched.
 _CEL = _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter"
-_NOT_OURS = (
-    "response.code >= 400 && !response.code_details.startsWith('plano_') "
-    "&& response.code_details != 'direct_response'"
-)
+_THEIRS = "response.code_details.startsWith('plano_') || response.code_details == 'direct_response'"
 ANTHROPIC_PATH = "/v1/messages"  # these clients get Anthropic's error shape
 
 
@@ -256,7 +253,7 @@ ANTHROPIC_PATH = "/v1/messages"  # these clients get Anthropic's error shape
 class LocalReply:
     """One kind of Envoy-generated reply: which ones (CEL on the reply), what the client reads."""
 
-    when: str  # CEL condition, ANDed with _NOT_OURS
+    when: str  # CEL condition on an Envoy error reply
     openai_type: str
     anthropic_type: str
     message: str  # may use Envoy formatter commands, e.g. %LOCAL_REPLY_BODY%
@@ -370,7 +367,7 @@ def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
     cel = {
         "extension_filter": {
             "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {"@type": _CEL, "expression": f"{_NOT_OURS} && ({reply.when})"},
+            "typed_config": {"@type": _CEL, "expression": reply.when},
         }
     }
     if anthropic:
@@ -402,10 +399,33 @@ def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
     return mapper
 
 
+def _pass_through() -> dict[str, Any]:
+    """The first mapper: it matches (and so ends the search, leaving the reply as it is)
+    successes, the ext_proc's own replies and direct responses. The cheap status check
+    comes first, so a 200 from the ext_proc costs one comparison, not a walk of every
+    mapper's CEL expression."""
+    success = {
+        "status_code_filter": {
+            "comparison": {
+                "op": "LE",
+                "value": {"default_value": 399, "runtime_key": "plano.local_reply_ok_max"},
+            }
+        }
+    }
+    theirs = {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": _CEL, "expression": _THEIRS},
+        }
+    }
+    return {"filter": {"or_filter": {"filters": [success, theirs]}}}
+
+
 def _local_reply_config(config: Config) -> dict[str, Any]:
     replies = local_replies(config)
     # Anthropic first: their filter also checks the path; the rest is OpenAI's shape.
-    mappers = [_mapper(r, anthropic=True) for r in replies]
+    mappers = [_pass_through()]
+    mappers += [_mapper(r, anthropic=True) for r in replies]
     mappers += [_mapper(r, anthropic=False) for r in replies]
     return {"mappers": mappers}
 

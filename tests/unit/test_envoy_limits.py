@@ -188,28 +188,30 @@ def _expressions(mapper: dict[str, Any]) -> tuple[bool, str]:
 def test_every_envoy_local_reply_is_json_in_the_clients_format() -> None:
     mappers = hcm(render())["local_reply_config"]["mappers"]
     replies = local_replies(parse_config(config()))
-    assert len(mappers) == 2 * len(replies)
-    anthropic, openai = mappers[: len(replies)], mappers[len(replies) :]
-    for m in anthropic:
-        has_path, expr = _expressions(m)
-        assert has_path
+    assert len(mappers) == 1 + 2 * len(replies)
+    # First: successes, the ext_proc's own replies (details plano_*), /healthz and the
+    # unrouted reply match a mapper that changes nothing, so no later mapper sees them.
+    first = mappers[0]
+    assert set(first) == {"filter"}
+    success, theirs = first["filter"]["or_filter"]["filters"]
+    assert success["status_code_filter"]["comparison"]["op"] == "LE"
+    assert success["status_code_filter"]["comparison"]["value"]["default_value"] == 399
+    assert theirs["extension_filter"]["typed_config"]["expression"] == (
+        "response.code_details.startsWith('plano_') || response.code_details == 'direct_response'"
+    )
+    anthropic, openai = mappers[1 : 1 + len(replies)], mappers[1 + len(replies) :]
+    for m, reply in zip(anthropic, replies, strict=True):
+        assert _expressions(m) == (True, reply.when)
         body = m["body_format_override"]["json_format"]
         assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
-    for m in openai:
-        has_path, expr = _expressions(m)
-        assert not has_path
+    for m, reply in zip(openai, replies, strict=True):
+        assert _expressions(m) == (False, reply.when)
         assert set(m["body_format_override"]["json_format"]["error"]) == {
             "type",
             "message",
             "code",
         }
-    for m in mappers:
-        _, expr = _expressions(m)
-        # Never the ext_proc's own replies, /healthz, the unrouted reply or a success.
-        assert expr.startswith(
-            "response.code >= 400 && !response.code_details.startsWith('plano_') "
-            "&& response.code_details != 'direct_response' && ("
-        )
+    for m in anthropic + openai:
         assert m["body_format_override"]["content_type"] == "application/json"
     # The last mapper of each format catches whatever the others did not.
     assert replies[-1].when == "true"
