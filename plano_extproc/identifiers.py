@@ -19,6 +19,7 @@ MAX_MODEL_ID = 256
 # "llama3.1:8b", "@cf/meta/...") fit; control characters, spaces and non-ASCII do not.
 _MODEL_ID = re.compile(r"[\x21-\x7e]+")
 _UNSAFE_HEADER = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]+")
 
 
 def check_model_id(model_id: str, requested: str) -> str:
@@ -51,3 +52,12 @@ def header_safe(value: str) -> str:
     if value.isprintable() or not _UNSAFE_HEADER.search(value):  # isprintable: the fast path
         return value
     return _UNSAFE_HEADER.sub(lambda m: f"%{ord(m.group()):02X}", value)
+
+
+def ascii_header(value: str) -> str:
+    """A name for a response header Envoy fills from metadata: control characters and
+    non-ASCII as percent-encoded UTF-8 (Envoy would pass UTF-8 bytes that clients read as
+    Latin-1), so a configured route "código" arrives as "c%C3%B3digo"."""
+    if value.isascii() and value.isprintable():
+        return value
+    return _NOT_PRINTABLE_ASCII.sub(lambda m: quote(m.group(), safe=""), value)

@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from plano_extproc.envoy_config import DECISION_METADATA
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
-from plano_extproc.identifiers import header_safe
+from plano_extproc.identifiers import ascii_header, header_safe
 from plano_extproc.metrics import Metrics
 
 log = logging.getLogger("plano_extproc.server")
@@ -64,10 +64,10 @@ def upstream_response(up: Upstream) -> pb.ProcessingResponse:
     # The decision as dynamic metadata: Envoy turns it into x-plano-* response headers and
     # span tags without another ext_proc round trip (envoy_config: DECISION_METADATA).
     decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
-    # Envoy copies these into response headers verbatim: header_safe keeps CR/LF out.
-    decision["model"].string_value = header_safe(up.provider.name)
+    # Envoy copies these into response headers verbatim: ascii_header keeps CR/LF out.
+    decision["model"].string_value = ascii_header(up.provider.name)
     if up.route is not None:
-        decision["route"].string_value = header_safe(up.route)
+        decision["route"].string_value = ascii_header(up.route)
     common = out.request_body.response
     common.header_mutation.SetInParent()
     _add_headers(common.header_mutation, up.headers.set)

@@ -218,5 +218,9 @@ def test_header_path_cannot_carry_control_characters() -> None:
     meta = msg.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
     assert meta["model"].string_value == "openai/x%0D%0AX-Smuggled: 1"
     assert meta["route"].string_value == "r%0AX-Route: 1"
+    # a configured (trusted) non-ASCII route name: percent-encoded UTF-8, not mangled bytes
+    msg = upstream_response(Upstream(provider, plan, None, route="código"))
+    meta = msg.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
+    assert meta["route"].string_value == "c%C3%B3digo"
     mutation = msg.request_body.response.header_mutation.set_headers[0].header
     assert mutation.raw_value == b"a%0D%0Ab%00c%7F"
