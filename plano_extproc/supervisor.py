@@ -20,9 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +72,11 @@ MAX_BACKOFF = 30.0
 MAX_DEATHS = 5
 DEATH_WINDOW = 60.0
 RESTART_READY_TIMEOUT = 120.0
+# A worker whose admin /ready has not answered for HANG_TIMEOUT s is hung (deadlocked,
+# stopped): Envoy's health checks already keep new requests away; killing it frees the
+# requests stuck on it (else they wait for the ext_proc message_timeout) and restarts it.
+HANG_TIMEOUT = 10.0
+PROBE_INTERVAL = 1.0
 
 
 @dataclass
@@ -84,6 +91,10 @@ class Child:
     spawned_at: float = 0.0
     ready: bool = True  # False while a restarted worker has not printed READY
     buf: bytes = b""
+    admin_url: str | None = None  # a worker's /ready, probed for hangs
+    last_answer: float = 0.0  # monotonic time /ready last answered (or the worker got ready)
+    last_probe: float = 0.0
+    probe: Future[bool] | None = None
 
 
 def describe_exit(code: int) -> str:
@@ -106,6 +117,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.admin_urls: list[str] = []
         self._stopping = False
+        self._probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
 
     def _popen(self, argv: Sequence[str], capture: bool) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -148,6 +160,7 @@ class Supervisor:
 
     def stop_all(self, grace: float = 5.0) -> None:
         self._stopping = True
+        self._probes.shutdown(wait=False, cancel_futures=True)
         live = [c for c in self.children if c.restart_at is None]
         for c in live:
             if c.proc.poll() is None:
@@ -176,6 +189,7 @@ class Supervisor:
                 line = raw.decode(errors="replace")
                 if line.startswith("READY") and not child.ready:
                     child.ready = True
+                    child.last_answer = time.monotonic()
                     _say(f"{child.name} restarted (pid {child.proc.pid}) and ready")
                 elif not line.startswith("READY"):
                     sys.stdout.write(line + "\n")
@@ -204,6 +218,23 @@ class Supervisor:
         child.restart_at = now + delay
         return True
 
+    def _check_hung(self, c: Child, now: float) -> None:
+        """Probe a ready worker's /ready once a second; SIGKILL it when it stopped answering."""
+        if c.admin_url is None or not c.ready:
+            return
+        if c.probe is not None and c.probe.done():
+            answered, c.probe = c.probe.result(), None
+            if answered:
+                c.last_answer = now
+            elif now - c.last_answer > HANG_TIMEOUT:
+                _say(f"{c.name} has not answered /ready for {HANG_TIMEOUT:.0f}s; killing it")
+                c.proc.kill()
+                c.proc.wait()
+                return
+        if c.probe is None and now - c.last_probe >= PROBE_INTERVAL:
+            c.last_probe = now
+            c.probe = self._probes.submit(_answers, c.admin_url + "/ready")
+
     def poll_once(self) -> bool:
         """One round of child care: restart due workers, notice exits. False: stop."""
         now = time.monotonic()
@@ -214,10 +245,12 @@ class Supervisor:
                     c.proc = self._popen(c.argv, c.capture)
                     c.spawned_at = now
                     c.ready = False
+                    c.probe = None
                     c.buf = b""
                 continue
             if c.capture:
                 self._drain(c)
+            self._check_hung(c, now)
             code = c.proc.poll()
             if code is None:
                 if not c.ready and now - c.spawned_at > RESTART_READY_TIMEOUT:
@@ -240,6 +273,9 @@ class Supervisor:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        start = time.monotonic()
+        for c in self.children:
+            c.last_answer = start
         while not stop["sig"]:
             if not self.poll_once():
                 self.stop_all()
@@ -248,6 +284,17 @@ class Supervisor:
         print("plano-extproc: stopping", file=sys.stderr, flush=True)
         self.stop_all()
         return 0
+
+
+def _answers(url: str) -> bool:
+    """Whether ``url`` answers at all within 2 s (any HTTP status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
 
 
 def _say(message: str) -> None:
@@ -311,6 +358,9 @@ def start_workers(
     for kid in kids:
         sup.wait_ready_line(kid, timeout=120)
     sup.admin_urls = [f"http://{host}:{a}" for a in admins]
+    now = time.monotonic()
+    for kid, url in zip(kids, sup.admin_urls, strict=True):
+        kid.admin_url, kid.last_answer = url, now
     return [(host, p) for p in ports]
 
 
