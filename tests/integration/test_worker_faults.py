@@ -8,6 +8,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,8 +23,8 @@ import pytest
 from plano_extproc.config import load_config
 from plano_extproc.server.app import start, stop
 from tests.conftest import seed_config
-from tests.fakes import FakeProvider
-from tests.gateway_proc import GatewayProcess
+from tests.fakes import FakeProvider, free_port
+from tests.gateway_proc import ROOT, GatewayProcess
 from tests.integration.test_lifecycle import _children, _cmdline, _wait_dead
 
 pytestmark = pytest.mark.integration
@@ -222,6 +225,37 @@ def test_dead_envoy_takes_the_gateway_down(
     assert g.proc.wait(20) == 1
     assert _wait_dead(kids)
     assert "envoy exited unexpectedly (killed by SIGKILL); stopping the gateway" in g.output()
+
+
+def test_serve_workers_restart_a_killed_worker(
+    tmp_path: Path, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    """``serve --workers N`` (no Envoy) gets the same restarts."""
+    path = tmp_path / "c.yaml"
+    path.write_text(_config(openai_fake, anthropic_fake))
+    admin = free_port()
+    argv = [sys.executable, "-m", "plano_extproc", "serve", str(path), "--workers", "2"]
+    argv += ["--port", "0", "--admin-port", str(admin), "--log-level", "warning"]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        lines.extend(line.rstrip("\n") for line in proc.stdout)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        _wait(lambda: any("workers ready" in ln for ln in lines), 90, "workers ready")
+        worker = next(k for k in _children(proc.pid) if f"--admin-port {admin} " in _cmdline(k))
+        os.kill(worker, signal.SIGKILL)
+        _wait(lambda: any("worker 0 restarted" in ln for ln in lines), 60, "restarted")
+        assert httpx.get(f"http://127.0.0.1:{admin}/ready").json()["ready"] is True
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
 
 
 async def test_grpcio_transport_answers_grpc_health(
