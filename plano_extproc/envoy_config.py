@@ -459,7 +459,9 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
                 "retry_on": "5xx,connect-failure,refused-stream,reset,retriable-status-codes",
                 "retriable_status_codes": [429, 500, 502, 503, 504],
                 "num_retries": config.listener.max_retries,
-                "per_try_timeout": "30s",
+                # Until the response starts (Envoy disarms it then): the listener's timeout, so
+                # a slow non-streaming model is not retried sooner than it would be cut.
+                "per_try_timeout": timeout,
                 "retry_back_off": {"base_interval": "0.5s", "max_interval": "5s"},
             }
         routes.append(

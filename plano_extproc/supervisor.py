@@ -13,6 +13,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -488,6 +489,31 @@ def wait_envoy_ready(
     )
 
 
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's open-file limit (inherited by Envoy) towards ``wanted``.
+
+    Envoy needs a descriptor per client connection plus one per upstream request in flight; a
+    soft limit of 1024 (a common default) would cap ``max_connections`` far below its setting.
+    Never lowered.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < wanted:
+        print(
+            f"plano-extproc: warning: the open-file limit is {soft}, below the {wanted} that "
+            "listeners.max_connections needs; raise it (ulimit -n) or lower max_connections",
+            file=sys.stderr,
+            flush=True,
+        )
+    return soft
+
+
 def run_up(
     config: Config,
     config_path: str,
@@ -516,6 +542,8 @@ def run_up(
     check_ports(taken)
     if envoy_admin_port == 0:
         envoy_admin_port = free_port()
+    lc = config.listener
+    raise_fd_limit(lc.max_connections + lc.max_concurrent_requests + 256)
     sup = Supervisor()
     tmp_name: str | None = None
     try:

@@ -236,3 +236,30 @@ def test_checked_in_envoy_example_matches_renderer() -> None:
     cfg = load_config(ROOT / "examples/quickstart.yaml", env={})
     expected = render_yaml(render_bootstrap(cfg, extproc=[("127.0.0.1", 9091)]))
     assert (ROOT / "envoy/envoy.yaml").read_text() == expected
+
+
+def test_open_file_limit_is_raised_for_envoy() -> None:
+    # A soft limit of 256 would cap Envoy far below listeners.max_connections; `up` raises the
+    # limit (inherited by Envoy) towards max_connections + max_concurrent_requests + 256, within
+    # the hard limit.
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"hard open-file limit {hard} is below what this test needs")
+    code = (
+        "import resource\n"
+        "from plano_extproc.supervisor import raise_fd_limit\n"
+        "print(raise_fd_limit(4096), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["4096", "4096"]
+    assert "warning" not in res.stderr

@@ -226,3 +226,10 @@ def test_local_reply_messages_name_the_knob_and_its_value() -> None:
     assert "30s (listener timeout)" in idle.message
     overflow = by_when["response.code_details.contains('overflow')"]
     assert "max_concurrent_requests = 9" in overflow.message and overflow.status == 503
+
+
+def test_retry_attempts_wait_as_long_as_the_listener_timeout() -> None:
+    # A slow non-streaming model must not be retried (or cut) sooner than `timeout` allows.
+    routes = hcm(render("    max_retries: 2\n"))["route_config"]["virtual_hosts"][0]["routes"]
+    policies = [r["route"]["retry_policy"] for r in routes if "retry_policy" in r.get("route", {})]
+    assert policies and all(p["per_try_timeout"] == "30.000s" for p in policies)
