@@ -270,6 +270,10 @@ class H2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self._drop_streams()
+
+    def _drop_streams(self) -> None:
+        """Cancel every stream's pending work and forget the streams (the connection ends)."""
         for s in self.streams.values():
             if s.task is not None:
                 s.task.cancel()
@@ -897,12 +901,7 @@ class H2Connection(asyncio.Protocol):
         assert transport is not None
         self.buf.clear()
         self._hb_buf = bytearray()
-        for s in self.streams.values():
-            if s.task is not None:
-                s.task.cancel()
-        self.streams.clear()
-        self.waiting.clear()
-        self.server.notify_idle()
+        self._drop_streams()
         try:
             transport.resume_reading()  # keep draining even if writes were backed up
             transport.write_eof()
