@@ -210,8 +210,10 @@ class Encoder:
         threads: int = 2,
         cache_size: int = 1024,
         int8_matmul: bool = True,
+        spin: bool = False,
     ) -> None:
         self._model_path = model_path
+        self._spin = spin
         self._model_sha256 = model_sha256
         self._threads = threads
         self._int8_matmul = int8_matmul
@@ -256,6 +258,11 @@ class Encoder:
         options.enable_cpu_mem_arena = False
         options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
+        # onnxruntime's pool threads spin-wait for work after each run by default: between
+        # sparse requests that burns several times the encode's own CPU (bench/encoder_spin.py).
+        spin = "1" if self._spin else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         options.log_severity_level = 3  # the rewrite leaves unused scales; ORT warns per tensor
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         graph = _int8_matmul_graph(model_bytes) if self._int8_matmul else None
