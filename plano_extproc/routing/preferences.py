@@ -12,7 +12,6 @@ description), so its size is capped with a clear 400 instead of a CPU bill.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from plano_extproc.catalog import Catalog
@@ -23,9 +22,6 @@ INLINE_KEYS = ("routing_preferences", "routing_policy")
 
 #: Longest inline route name (characters); names are reported in a response header.
 MAX_ROUTE_NAME = 128
-#: Printable ASCII, inner spaces allowed: the x-plano-route header carries it unchanged
-#: (Envoy writes non-ASCII metadata into headers as Latin-1, so "código" would arrive mangled).
-_ROUTE_NAME = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 #: Most distinct routes in one inline set (Plano's examples use a handful).
 MAX_INLINE_ROUTES = 32
 #: Longest route description (characters).
@@ -52,15 +48,17 @@ def _list(value: Any, where: str, limit: int = MAX_INLINE_ITEMS) -> list[Any]:
 
 
 def _route_name(value: Any, where: str) -> str:
-    """A route name fit for the ``x-plano-route`` header: 1..MAX_ROUTE_NAME printable ASCII
-    characters, no leading/trailing spaces (a CR/LF would split the response)."""
+    """A route name fit for the ``x-plano-route`` header: 1..MAX_ROUTE_NAME printable
+    characters (any language: no control, format or separator characters other than the
+    space), no leading/trailing spaces. A CR/LF would split the response; non-ASCII letters
+    are sent percent-encoded (``identifiers.ascii_header``)."""
     name = _str(value, where)
     if len(name) > MAX_ROUTE_NAME:
         raise bad_request(f"{where} is too long ({len(name)} characters; at most {MAX_ROUTE_NAME})")
-    if not _ROUTE_NAME.fullmatch(name):
+    if not name.isprintable() or name != name.strip(" "):
         raise bad_request(
-            f"{where} must be printable ASCII (no control characters, no leading or trailing "
-            "spaces)"
+            f"{where} must be printable text (no control or invisible formatting characters, "
+            "no leading or trailing spaces)"
         )
     return name
 
