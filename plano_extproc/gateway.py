@@ -29,6 +29,7 @@ from plano_extproc.catalog import Catalog
 from plano_extproc.config import Config, Provider
 from plano_extproc.conversation import extract, is_user_turn, tool_names
 from plano_extproc.errors import GatewayError, bad_request, not_found
+from plano_extproc.identifiers import header_safe
 from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.providers import PROVIDERS, ClientApi
 from plano_extproc.rewrite import HeaderPlan, upstream_headers
@@ -223,7 +224,9 @@ class Gateway:
                 return await self._decide_endpoint(info, raw)
             return await self._proxy(info, raw)
         except GatewayError as e:
-            log.info("request_id=%s rejected %s: %s", info.request_id, e.status, e.message)
+            # The message may quote client text (a model name): no CR/LF may forge log lines.
+            reason = header_safe(e.message)
+            log.info("request_id=%s rejected %s: %s", info.request_id, e.status, reason)
             return Immediate.error(e, info.api if info.kind == "proxy" else None)
 
     async def _proxy(self, info: RequestInfo, raw: bytes) -> Upstream | Immediate:

@@ -184,3 +184,18 @@ async def test_pin_that_cannot_serve_the_api_is_bypassed_not_replaced(gateway: G
     )
     assert isinstance(again, Upstream) and again.provider.name == "openai/gpt-4o"
     assert again.pinned is True
+
+
+async def test_rejections_cannot_forge_log_lines(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="plano_extproc.gateway")
+    hostile = "nope\r\n[2026-01-01][INFO] plano_extproc.gateway: forged"
+    res = await run(
+        gateway, req("/v1/chat/completions"), {"model": hostile, "messages": msgs("hi")}
+    )
+    assert isinstance(res, Immediate) and res.status == 400
+    assert hostile in json.loads(res.body)["error"]["message"]  # the client sees its own text
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\r" not in lines[0]
+    assert "nope%0D%0A[2026-01-01]" in lines[0]
