@@ -1,16 +1,37 @@
-"""Process-local counters, rendered in Prometheus text format on the admin port."""
+"""Process-local counters, rendered in Prometheus text format on the admin port.
+
+Route names and model ids can come from clients (inline routes, ``provider/*`` wildcards), so
+their label values are escaped, inline routes share the label ``inline``, and at most
+``MAX_WILDCARD_MODELS`` wildcard model ids get a series of their own (the rest: ``other``):
+a client can neither forge series nor grow ``/metrics`` without bound.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from plano_extproc.gateway import Upstream
 
 
+MAX_WILDCARD_MODELS = 100
+INLINE_ROUTE = "inline"
+OTHER_MODEL = "other"
+
+
+def label(value: str) -> str:
+    """A Prometheus text-format label value: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, routes: Iterable[str] = (), models: Iterable[str] = ()) -> None:
+        """``routes`` and ``models``: the configured names, which are labelled as they are."""
+        self.known_routes = frozenset(routes)
+        self.known_models = frozenset(models)
+        self.wildcard_models: set[str] = set()
         self.requests: Counter[tuple[str, str]] = Counter()  # (kind, status class)
         self.routes: Counter[tuple[str, str]] = Counter()  # (route, model)
         self.router_errors = 0
@@ -23,7 +44,7 @@ class Metrics:
 
     def count_routed(self, up: Upstream, seconds: float) -> None:
         self.requests[("proxy", "routed")] += 1
-        self.routes[(up.route or "none", up.provider.name)] += 1
+        self.routes[(self._route_label(up.route), self._model_label(up.provider.name))] += 1
         self.decision_seconds += seconds
         if up.router_error:
             self.router_errors += 1
@@ -31,6 +52,19 @@ class Metrics:
             self.pinned += 1
         if up.replayed:
             self.replayed += 1
+
+    def _route_label(self, route: str | None) -> str:
+        if route is None:
+            return "none"
+        return route if route in self.known_routes else INLINE_ROUTE
+
+    def _model_label(self, model: str) -> str:
+        if model in self.known_models or model in self.wildcard_models:
+            return model
+        if len(self.wildcard_models) < MAX_WILDCARD_MODELS:
+            self.wildcard_models.add(model)
+            return model
+        return OTHER_MODEL
 
     def render(self, cache_health: dict[str, Any] | None) -> str:
         lines = [
@@ -41,7 +75,7 @@ class Metrics:
             ),
             "# TYPE plano_extproc_route_decisions_total counter",
             *(
-                f'plano_extproc_route_decisions_total{{route="{r}",model="{m}"}} {n}'
+                f'plano_extproc_route_decisions_total{{route="{label(r)}",model="{label(m)}"}} {n}'
                 for (r, m), n in sorted(self.routes.items())
             ),
             "# TYPE plano_extproc_router_errors_total counter",

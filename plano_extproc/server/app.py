@@ -138,7 +138,9 @@ async def start(
     if not config.preferences:
         log.warning("no routing_preferences configured: routes are inactive, models pass as sent")
     gateway = Gateway(config, router, cache, metrics)
-    counters = Metrics()
+    counters = Metrics(
+        routes=[r.name for r in config.preferences], models=[p.name for p in config.providers]
+    )
     server, bound = await _start_extproc(transport, gateway, counters, host, port)
     runner = None
     bound_admin = None

@@ -284,3 +284,21 @@ def test_messages_clients_get_anthropic_error_bodies(gw: GatewayProcess) -> None
     # OpenAI clients keep OpenAI's envelope
     r = chat(gw, b"{not json")
     assert r.status_code == 400 and set(r.json()) == {"error"}
+
+
+def test_metrics_labels_are_escaped_and_bounded(gw: GatewayProcess) -> None:
+    from plano_extproc.metrics import MAX_WILDCARD_MODELS
+
+    with httpx.Client(timeout=30) as client:
+        # first, while the wildcard series are not all taken: it gets a series of its own
+        hostile = {"model": 'openai/x"}1', "messages": user("hi")}
+        assert client.post(gw.url + "/v1/chat/completions", json=hostile).status_code == 200
+        for i in range(MAX_WILDCARD_MODELS + 20):
+            body = {"model": f"openai/probe-{i}", "messages": user("hi")}
+            assert client.post(gw.url + "/v1/chat/completions", json=body).status_code == 200
+        text = client.get(gw.worker_admin[0] + "/metrics").text
+    decisions = [ln for ln in text.splitlines() if ln.startswith("plano_extproc_route_decisions")]
+    wild = [ln for ln in decisions if 'model="openai/probe-' in ln or 'model="openai/x' in ln]
+    assert len(wild) <= MAX_WILDCARD_MODELS
+    assert any('model="other"}' in ln for ln in decisions)
+    assert any('model="openai/x\\"}1"}' in ln for ln in decisions)  # escaped
