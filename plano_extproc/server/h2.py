@@ -48,15 +48,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 from hpack.table import HeaderTable
 
-from plano_extproc.server.servicer import ExtProcStream, Reply
+from plano_extproc.server.servicer import (
+    HEALTH_SERVING,
+    ExtProcStream,
+    Reply,
+    health_check_error,
+)
 
 log = logging.getLogger("plano_extproc.server.h2")
 
 PROCESS_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 HEALTH_PATH = b"/grpc.health.v1.Health/Check"
-# Services the health check answers SERVING for ("" is the whole server).
-HEALTH_SERVICES = (b"", b"envoy.service.ext_proc.v3.ExternalProcessor")
-HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 MAX_HEALTH_REQUEST = 1024
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -714,17 +716,10 @@ class H2Connection(asyncio.Protocol):
         self._pump(s)
 
     def _health(self, s: _Stream, raw: bytes) -> None:
-        """Answer ``grpc.health.v1.Health/Check``: HealthCheckRequest{service = 1}."""
-        # Only field 1 with a one-byte length can name a service we know (all are short).
-        if not raw:
-            service: bytes | None = b""
-        elif raw[0] == 0x0A and len(raw) >= 2 and raw[1] == len(raw) - 2:
-            service = raw[2:]
-        else:
-            service = None
-        if service is None or service not in HEALTH_SERVICES:
-            name = "?" if service is None else service.decode("latin-1")
-            self._finish(s, GRPC_NOT_FOUND, f"unknown service {name}")
+        """Answer ``grpc.health.v1.Health/Check`` as the grpcio transport does."""
+        error = health_check_error(raw)
+        if error is not None:
+            self._finish(s, GRPC_NOT_FOUND, error)
             return
         self._send_message(s, HEALTH_SERVING, True)
 

@@ -167,14 +167,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 return
 
 
-# grpc.health.v1 for the grpcio transport, as the h2 transport answers it: Envoy's active
-# health checks on the ext_proc cluster call it. Messages are handled as raw protobuf bytes
-# (one optional string field), so no health-checking package is needed.
-_HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
-_HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+# grpc.health.v1, answered by both transports: Envoy's active health checks on the ext_proc
+# cluster call it. Messages are handled as raw protobuf bytes (one optional string field), so
+# no health-checking package is needed.
+HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")  # "" = the server
+HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 
 
-def _health_service_name(raw: bytes) -> str | None:
+def health_service_name(raw: bytes) -> str | None:
     """The ``service`` of a HealthCheckRequest (field 1), or None if it cannot be read."""
     if not raw:
         return ""
@@ -186,11 +186,20 @@ def _health_service_name(raw: bytes) -> str | None:
         return None
 
 
+def health_check_error(raw: bytes) -> str | None:
+    """None when the check is for a service we serve (answer HEALTH_SERVING), else the
+    NOT_FOUND message."""
+    service = health_service_name(raw)
+    if service is None or service not in HEALTH_SERVICES:
+        return f"unknown service {service!r}"
+    return None
+
+
 async def _health_check(raw: bytes, context: Any) -> bytes:
-    service = _health_service_name(raw)
-    if service is None or service not in _HEALTH_SERVICES:
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
-    return _HEALTH_SERVING
+    error = health_check_error(raw)
+    if error is not None:
+        await context.abort(grpc.StatusCode.NOT_FOUND, error)
+    return HEALTH_SERVING
 
 
 def health_handler() -> grpc.GenericRpcHandler:
