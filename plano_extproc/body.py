@@ -154,9 +154,15 @@ class JsonBody:
         return text.encode("utf-8")
 
 
+def scrub_surrogates(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates (from ``"hi \\ud83d"`` in JSON) replaced by U+FFFD,
+    every other character where it was: such text cannot be encoded (hashing, tokenising)."""
+    return _LONE_SURROGATE.sub("\ufffd", text) if _LONE_SURROGATE.search(text) else text
+
+
 def _replace_surrogates(value: Any) -> Any:
     if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value) if _LONE_SURROGATE.search(value) else value
+        return scrub_surrogates(value)
     if isinstance(value, list):
         return [_replace_surrogates(v) for v in value]
     if isinstance(value, dict):

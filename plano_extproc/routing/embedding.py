@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from plano_extproc.body import scrub_surrogates
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,13 +32,6 @@ TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f41157
 #: Token cap per window. Windows are <= ~64 words, so this only guards pathological "words".
 MAX_TOKENS = 128
 INSTALL_HINT = "install the router extra: pip install 'plano-extproc[router]'"
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def scrub(text: str) -> str:
-    """``text`` with lone UTF-16 surrogates (``"hi \\ud83d"`` in JSON) replaced by U+FFFD: the
-    tokenizer refuses them, and the replacement keeps every character offset where it was."""
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 class EncoderError(Exception):
@@ -291,7 +285,8 @@ class Encoder:
         pools the tokens inside character span ``spans[i-1]`` (the whole text's row if the
         span has no tokens, e.g. truncated away)."""
         np = self._np
-        enc = self._tokenizer.encode(scrub(text))
+        # The tokenizer refuses lone surrogates; the replacement keeps every span offset.
+        enc = self._tokenizer.encode(scrub_surrogates(text))
         ids = np.asarray([enc.ids], dtype=np.int64)
         mask = np.asarray([enc.attention_mask], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from plano_extproc.body import scrub_surrogates as scrub
 from plano_extproc.routing.base import ChatMessage, RoutePreference
 from plano_extproc.routing.embedded import (
     BUILD_CHUNK,
@@ -22,7 +23,6 @@ from plano_extproc.routing.embedded import (
     EmbeddedRouter,
     train_softmax,
 )
-from plano_extproc.routing.embedding import scrub
 
 
 class GatedEncoder:
