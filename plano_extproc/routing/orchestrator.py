@@ -314,32 +314,37 @@ async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_UNEXPECTED_SHAPE = "router reply had an unexpected shape"
+
+
 def _parse_reply(raw: bytes, route_names: Sequence[str]) -> RouterResult:
     """The route named by a chat-completion reply; total: any failure (wrong shapes, deep
     nesting's RecursionError, huge numbers) is a ``RouterResult.error`` with a short reason."""
     try:
-        data = json.loads(raw)
-    except RecursionError:
-        return RouterResult(route=None, error="router reply was nested too deeply")
-    except (ValueError, UnicodeDecodeError):
-        return RouterResult(route=None, error="router reply was not valid JSON")
-    except Exception as e:  # any failure fails open
-        return RouterResult(route=None, error=f"router reply was unreadable ({type(e).__name__})")
-    try:
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(choices, list):
-            return RouterResult(route=None, error="router reply had an unexpected shape")
-        first = choices[0] if choices else {}
-        message = first.get("message") if isinstance(first, dict) else None
-        if choices and not isinstance(message, dict):
-            return RouterResult(route=None, error="router reply had an unexpected shape")
-        content = message.get("content") if message else None
-        if content is not None and not isinstance(content, str):
-            return RouterResult(route=None, error="router reply had an unexpected shape")
-        return RouterResult(route=parse_route_output(content, route_names))
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return RouterResult(route=None, error="router reply was not valid JSON")
+        return RouterResult(route=parse_route_output(_content(data), route_names))
     except RouterOutputError as e:
         return RouterResult(route=None, error=str(e))
     except RecursionError:
         return RouterResult(route=None, error="router reply was nested too deeply")
-    except Exception as e:
+    except Exception as e:  # any failure fails open
         return RouterResult(route=None, error=f"router reply was unreadable ({type(e).__name__})")
+
+
+def _content(data: Any) -> str | None:
+    """``choices[0].message.content`` of a chat completion (None without choices)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list):
+        raise RouterOutputError(_UNEXPECTED_SHAPE)
+    if not choices:
+        return None
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        raise RouterOutputError(_UNEXPECTED_SHAPE)
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise RouterOutputError(_UNEXPECTED_SHAPE)
+    return content
