@@ -398,6 +398,9 @@ class Decision:
     no_match: float = 0.0
     windows: int = 0
 
+    def result(self) -> RouterResult:
+        return RouterResult(route=self.route, scores=self.scores, no_match=self.no_match)
+
 
 def _route_key(preferences: Sequence[RoutePreference]) -> tuple[Any, ...]:
     return tuple((p.name, p.description, p.examples) for p in preferences)
@@ -626,10 +629,7 @@ class EmbeddedRouter:
         self, messages: Sequence[ChatMessage], preferences: Sequence[RoutePreference]
     ) -> RouterResult:
         """Same decision as ``route``, synchronously (CLI, eval)."""
-        decision = self.decide(messages, preferences)
-        return RouterResult(
-            route=decision.route, scores=decision.scores, no_match=decision.no_match
-        )
+        return self.decide(messages, preferences).result()
 
     async def route(
         self,
@@ -675,9 +675,7 @@ class EmbeddedRouter:
             decision = await loop.run_in_executor(
                 self._executor, lambda: self.decide(messages, prefs, index=index)
             )
-        return RouterResult(
-            route=decision.route, scores=decision.scores, no_match=decision.no_match
-        )
+        return decision.result()
 
     async def _build(self, prefs: list[RoutePreference], check: Check) -> RouteIndex:
         """Build an uncached (inline) route set's index on the one-thread build lane."""
