@@ -587,6 +587,21 @@ def _positive_duration(value: str | None, path: str, problems: list[str], defaul
     return seconds
 
 
+def _http_endpoint(url: str, where: str, problems: list[str]) -> tuple[str, str, int, str] | None:
+    """``(scheme, host, port, path without trailing /)`` of an http(s) URL, or None with the
+    problem named at ``where``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{where}: {url!r} must be an http:// or https:// URL with a host")
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        problems.append(f"{where}: {url!r} has an invalid port")
+        return None
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
 def _provider(
     i: int, key: str, rp: RawProvider, problems: list[str], warnings: list[str]
 ) -> Provider | None:
@@ -633,16 +648,10 @@ def _provider(
         interface = rp.provider_interface
     base = rp.base_url or (spec.default_base_url if spec else None)
     assert base is not None
-    parts = urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append(f"{at}.base_url: {base!r} must be an http:// or https:// URL with a host")
+    endpoint = _http_endpoint(base, f"{at}.base_url", problems)
+    if endpoint is None:
         return None
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        problems.append(f"{at}.base_url: {base!r} has an invalid port")
-        return None
-    path = parts.path.rstrip("/")
+    scheme, host, port, path = endpoint
     # A base_url path replaces the provider's default API prefix; without one the default stays.
     prefix_path = path if path else default_prefix_for(interface)
     if wildcard and rp.default:
@@ -668,8 +677,8 @@ def _provider(
         model=rp.model,
         model_id=model_id,
         interface=interface,
-        scheme=parts.scheme,
-        host=parts.hostname,
+        scheme=scheme,
+        host=host,
         port=port,
         path_prefix=prefix_path,
         access_key=key_value,
@@ -808,7 +817,13 @@ def _normalise(
 
     overrides = raw.overrides or RawOverrides()
     router = _router(
-        routing.router, overrides, providers, lookup, problems, warnings, env or os.environ
+        routing.router,
+        overrides,
+        providers,
+        lookup,
+        problems,
+        warnings,
+        env or os.environ,
     )
     connect_timeout = _parse_duration(
         overrides.upstream_connect_timeout, "overrides.upstream_connect_timeout", problems, 5.0
@@ -1017,14 +1032,10 @@ def _hosted_router(
     model_id: str, env: Mapping[str, str], problems: list[str], warnings: list[str]
 ) -> Provider | None:
     url = env.get(HOSTED_ROUTER_URL_ENV) or HOSTED_ROUTER_URL
-    parts = urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port < 0:
-        problems.append(f"{HOSTED_ROUTER_URL_ENV}: {url!r} must be an http(s) URL with a host")
+    endpoint = _http_endpoint(url, HOSTED_ROUTER_URL_ENV, problems)
+    if endpoint is None:
         return None
+    scheme, host, port, path = endpoint
     warnings.append(
         f"overrides.llm_routing_model: {model_id!r} is not declared in model_providers, so the "
         f"router LLM is Plano's hosted endpoint {url} (as Plano does; set "
@@ -1035,10 +1046,10 @@ def _hosted_router(
         model=f"plano/{model_id}",
         model_id=model_id,
         interface="plano",
-        scheme=parts.scheme,
-        host=parts.hostname,
+        scheme=scheme,
+        host=host,
         port=port,
-        path_prefix=parts.path.rstrip("/"),
+        path_prefix=path,
         access_key=None,
         passthrough_auth=False,
         headers=(),
