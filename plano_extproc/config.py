@@ -823,7 +823,7 @@ def _normalise(
         lookup,
         problems,
         warnings,
-        env or os.environ,
+        os.environ if env is None else env,  # an explicit empty env stays empty
     )
     connect_timeout = _parse_duration(
         overrides.upstream_connect_timeout, "overrides.upstream_connect_timeout", problems, 5.0
