@@ -159,7 +159,7 @@ def _provider_cluster(p: Provider, config: Config) -> dict[str, Any]:
     return cluster
 
 
-def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+def _extproc_cluster(endpoints: list[tuple[str, int]], max_requests: int) -> dict[str, Any]:
     return {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
@@ -196,6 +196,9 @@ def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
             "max_ejection_time": "30s",
             "max_ejection_percent": 100,
         },
+        # Every request (but /healthz) holds one ext_proc stream while it is received and
+        # routed: this cap is the gateway's admission limit (beyond it: an immediate JSON 503).
+        "circuit_breakers": circuit_breakers(max_requests),
     }
 
 
@@ -363,13 +366,17 @@ def local_replies(config: Config) -> list[LocalReply]:
 _ENVOY_TEXT = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
 
 
-def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
-    cel = {
+def _cel_filter(expression: str) -> dict[str, Any]:
+    return {
         "extension_filter": {
             "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {"@type": _CEL, "expression": reply.when},
+            "typed_config": {"@type": _CEL, "expression": expression},
         }
     }
+
+
+def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
+    cel = _cel_filter(reply.when)
     if anthropic:
         path = {
             "header_filter": {
@@ -412,13 +419,7 @@ def _pass_through() -> dict[str, Any]:
             }
         }
     }
-    theirs = {
-        "extension_filter": {
-            "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {"@type": _CEL, "expression": _THEIRS},
-        }
-    }
-    return {"filter": {"or_filter": {"filters": [success, theirs]}}}
+    return {"filter": {"or_filter": {"filters": [success, _cel_filter(_THEIRS)]}}}
 
 
 def _local_reply_config(config: Config) -> dict[str, Any]:
@@ -510,6 +511,14 @@ def _on_heap(action: str, value: float) -> dict[str, Any]:
     return {"name": action, "triggers": [{"name": HEAP_MONITOR, "threshold": {"value": value}}]}
 
 
+def _scaled_on_heap() -> list[dict[str, Any]]:
+    """Scaled actions grow from 80% of the heap bound to full effect at 95% (a new list each
+    time: a shared one would be written as a YAML anchor)."""
+    return [
+        {"name": HEAP_MONITOR, "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95}}
+    ]
+
+
 def overload_manager(config: Config) -> dict[str, Any]:
     """A global memory bound (item 9) and the connection cap (item 6).
 
@@ -539,23 +548,13 @@ def overload_manager(config: Config) -> dict[str, Any]:
         "actions": [
             {
                 "name": "envoy.overload_actions.reset_high_memory_stream",
-                "triggers": [
-                    {
-                        "name": HEAP_MONITOR,
-                        "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95},
-                    }
-                ],
+                "triggers": _scaled_on_heap(),
             },
             {
                 # HTTP/1 streams are not tracked for the reset above: under pressure, the
                 # idle timeout of streams shrinks instead, so unfinished uploads let go.
                 "name": "envoy.overload_actions.reduce_timeouts",
-                "triggers": [
-                    {
-                        "name": HEAP_MONITOR,
-                        "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95},
-                    }
-                ],
+                "triggers": _scaled_on_heap(),
                 "typed_config": {
                     "@type": _T + "config.overload.v3.ScaleTimersOverloadActionConfig",
                     "timer_scale_factors": [
@@ -669,10 +668,7 @@ def render_bootstrap(
                 },
             }
         ]
-    clusters = [_extproc_cluster(extproc)]
-    # Every request (but /healthz) holds one ext_proc stream while it is received and routed:
-    # this cap is the gateway's admission limit (beyond it: an immediate JSON 503).
-    clusters[0]["circuit_breakers"] = circuit_breakers(lc.max_concurrent_requests)
+    clusters = [_extproc_cluster(extproc, lc.max_concurrent_requests)]
     clusters += [_provider_cluster(p, config) for p in _one_per_cluster(config)]
     if config.tracing is not None:
         clusters.append(_otel_cluster(config.tracing))
