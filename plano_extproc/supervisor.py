@@ -289,13 +289,7 @@ class Supervisor:
 
 def _answers(url: str) -> bool:
     """Whether ``url`` answers at all within 2 s (any HTTP status)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
+    return _get(url, timeout=2.0)[0] != 0
 
 
 def _say(message: str) -> None:
@@ -375,12 +369,7 @@ def run_workers(
     log_level: str,
     transport: str = "h2",
 ) -> int:
-    taken: list[tuple[str, int, str]] = []
-    for flag, base in (("--port", port), ("--admin-port", admin_port)):
-        if base:
-            how = f"pass {flag} (workers use {workers} ports from it)"
-            taken += [(host, base + i, how) for i in range(workers)]
-    check_ports(taken)
+    check_ports(_worker_ports(host, workers, (("--port", port), ("--admin-port", admin_port))))
     sup = Supervisor()
     try:
         eps = start_workers(
@@ -420,6 +409,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _worker_ports(
+    host: str, workers: int, flags: Sequence[tuple[str, int]], also: str = ""
+) -> list[tuple[str, int, str]]:
+    """The ports N workers take from each flag's first port (0: free ports, none claimed),
+    each with the advice ``check_ports`` prints when it is taken."""
+    claims: list[tuple[str, int, str]] = []
+    for flag, base in flags:
+        if base:
+            how = f"pass {flag} (workers use {workers} ports from it){also}"
+            claims += [(host, base + i, how) for i in range(workers)]
+    return claims
+
+
 def check_ports(ports: Sequence[tuple[str, int, str]]) -> None:
     """Fail with a message naming the flag when a port ``up`` needs is already taken."""
     for host, port, how in ports:
@@ -430,10 +432,13 @@ def check_ports(ports: Sequence[tuple[str, int, str]]) -> None:
             )
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def _get(url: str, timeout: float = 0.5) -> tuple[int, bytes]:
+    """``(status, body)``; status 0 when nothing answered."""
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return int(resp.status), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
     except OSError:
         return 0, b""
 
@@ -535,10 +540,12 @@ def run_up(
         (addr, port, "pass --port (or change the listener port in the config)"),
         ("127.0.0.1", envoy_admin_port, "pass --envoy-admin-port, or 0 to pick a free port"),
     ]
-    for flag, base in (("--grpc-port", grpc_port), ("--worker-admin-port", worker_admin_port)):
-        if base:
-            how = f"pass {flag} (workers use {workers} ports from it), or 0 for free ports"
-            taken += [("127.0.0.1", base + i, how) for i in range(workers)]
+    taken += _worker_ports(
+        "127.0.0.1",
+        workers,
+        (("--grpc-port", grpc_port), ("--worker-admin-port", worker_admin_port)),
+        ", or 0 for free ports",
+    )
     check_ports(taken)
     if envoy_admin_port == 0:
         envoy_admin_port = free_port()
