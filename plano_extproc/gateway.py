@@ -89,9 +89,10 @@ class Immediate:
     details: str = "plano_extproc"
 
     @classmethod
-    def error(cls, err: GatewayError, api: ClientApi | None = None) -> Immediate:
-        body = err.body(anthropic=api is ClientApi.MESSAGES)
-        return cls(err.status, body, details=f"plano_{err.type}")
+    def error(cls, err: GatewayError, info: RequestInfo | None = None) -> Immediate:
+        """The error in the client's format: Anthropic's for proxied Messages requests."""
+        anthropic = info is not None and info.kind == "proxy" and info.api is ClientApi.MESSAGES
+        return cls(err.status, err.body(anthropic=anthropic), details=f"plano_{err.type}")
 
 
 @dataclass(slots=True)
@@ -169,7 +170,7 @@ class Gateway:
         try:
             return self._on_headers(info)
         except GatewayError as e:
-            return Immediate.error(e, info.api if info.kind == "proxy" else None)
+            return Immediate.error(e, info)
 
     def _on_headers(self, info: RequestInfo) -> Immediate | None:
         path = info.path.rstrip("/") or "/"
@@ -227,7 +228,7 @@ class Gateway:
             # The message may quote client text (a model name): no CR/LF may forge log lines.
             reason = header_safe(e.message)
             log.info("request_id=%s rejected %s: %s", info.request_id, e.status, reason)
-            return Immediate.error(e, info.api if info.kind == "proxy" else None)
+            return Immediate.error(e, info)
 
     async def _proxy(self, info: RequestInfo, raw: bytes) -> Upstream | Immediate:
         assert info.api is not None
