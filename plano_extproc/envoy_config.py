@@ -12,6 +12,7 @@ Design points (measured in the reference notes, B1):
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import ssl
@@ -21,9 +22,12 @@ from typing import Any
 import yaml
 
 from plano_extproc.config import Config, Provider, TracingConfig
-from plano_extproc.rewrite import ROUTE_HEADER
+from plano_extproc.rewrite import ROUTE_HEADER, TRANSLATE_HEADER
 
 EXTPROC_CLUSTER = "plano_extproc"
+# The second ext_proc filter: inert (every mode SKIP/NONE, so no gRPC stream is opened) except
+# on the translated provider routes, whose per-route config turns on response headers.
+RESPONSE_FILTER = "plano.response_translation"
 _T = "type.googleapis.com/envoy."
 
 
@@ -447,46 +451,7 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
         }
     ]
     for p in _one_per_cluster(config):
-        action: dict[str, Any] = {
-            "cluster": p.cluster,
-            # A stream is limited by idle time, not total time (item 10): the route's total
-            # timeout is off, its idle timeout is the listener timeout.
-            "timeout": "0s",
-            "idle_timeout": timeout,
-            "host_rewrite_literal": p.authority,
-        }
-        if config.listener.max_retries:
-            action["retry_policy"] = {
-                "retry_on": "5xx,connect-failure,refused-stream,reset,retriable-status-codes",
-                "retriable_status_codes": [429, 500, 502, 503, 504],
-                "num_retries": config.listener.max_retries,
-                # Until the response starts (Envoy disarms it then): the listener's timeout, so
-                # a slow non-streaming model is not retried sooner than it would be cut.
-                "per_try_timeout": timeout,
-                "retry_back_off": {"base_interval": "0.5s", "max_interval": "5s"},
-            }
-        routes.append(
-            {
-                "name": f"to_{p.cluster}",
-                "match": {
-                    "prefix": "/",
-                    "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": p.cluster}}],
-                },
-                "route": action,
-                "request_headers_to_remove": [ROUTE_HEADER],
-                "response_headers_to_add": [
-                    {
-                        "header": {
-                            "key": name,
-                            "value": f"%DYNAMIC_METADATA({DECISION_METADATA}:{key})%",
-                        },
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        "keep_empty_value": False,
-                    }
-                    for name, key in ((MODEL_HEADER, "model"), (ROUTE_RESPONSE_HEADER, "route"))
-                ],
-            }
-        )
+        routes.extend(_provider_routes(p, config, timeout))
     routes.append(
         {
             "name": "unrouted",
@@ -501,6 +466,78 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
         }
     )
     return routes
+
+
+# The response modes of a translated request: headers first (the servicer then picks the body
+# mode by status and content-type with mode_override); the request side is over by then.
+TRANSLATED_MODES = {
+    "request_header_mode": "SKIP",
+    "request_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "response_body_mode": "NONE",
+    "response_trailer_mode": "SKIP",
+}
+
+
+def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str, Any]]:
+    """Two routes per provider cluster: the translated one (ext_proc set TRANSLATE_HEADER),
+    which enables the response-translation filter, then the native one, which does not.
+
+    Route-level typed_per_filter_config works here because the response filter's
+    decodeHeaders (where Envoy merges it) runs only after the first ext_proc's body reply
+    cleared the route cache: the first filter holds the headers while the body is BUFFERED."""
+    action: dict[str, Any] = {
+        "cluster": p.cluster,
+        # A stream is limited by idle time, not total time (item 10): the route's total
+        # timeout is off, its idle timeout is the listener timeout.
+        "timeout": "0s",
+        "idle_timeout": timeout,
+        "host_rewrite_literal": p.authority,
+    }
+    if config.listener.max_retries:
+        action["retry_policy"] = {
+            "retry_on": "5xx,connect-failure,refused-stream,reset,retriable-status-codes",
+            "retriable_status_codes": [429, 500, 502, 503, 504],
+            "num_retries": config.listener.max_retries,
+            # Until the response starts (Envoy disarms it then): the listener's timeout, so
+            # a slow non-streaming model is not retried sooner than it would be cut.
+            "per_try_timeout": timeout,
+            "retry_back_off": {"base_interval": "0.5s", "max_interval": "5s"},
+        }
+    decision_headers = [
+        {
+            "header": {"key": name, "value": f"%DYNAMIC_METADATA({DECISION_METADATA}:{key})%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            "keep_empty_value": False,
+        }
+        for name, key in ((MODEL_HEADER, "model"), (ROUTE_RESPONSE_HEADER, "route"))
+    ]
+    upstream = {"name": ROUTE_HEADER, "string_match": {"exact": p.cluster}}
+    translated = {
+        "name": f"to_{p.cluster}_translated",
+        "match": {
+            "prefix": "/",
+            "headers": [upstream, {"name": TRANSLATE_HEADER, "present_match": True}],
+        },
+        "route": action,
+        "request_headers_to_remove": [ROUTE_HEADER, TRANSLATE_HEADER],
+        "response_headers_to_add": decision_headers,
+        "typed_per_filter_config": {
+            RESPONSE_FILTER: {
+                "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {"processing_mode": dict(TRANSLATED_MODES)},
+            }
+        },
+    }
+    native = {  # copies: a shared dict would be written as a YAML anchor
+        "name": f"to_{p.cluster}",
+        "match": {"prefix": "/", "headers": [dict(upstream)]},
+        "route": copy.deepcopy(action),
+        "request_headers_to_remove": [ROUTE_HEADER],
+        "response_headers_to_add": copy.deepcopy(decision_headers),
+    }
+    return [translated, native]
 
 
 _MONITORS = _T + "extensions.resource_monitors."
@@ -572,6 +609,32 @@ def overload_manager(config: Config) -> dict[str, Any]:
     }
 
 
+def _response_filter() -> dict[str, Any]:
+    """The response-translation ext_proc: same cluster, inert unless a translated route turns
+    its response headers on. No gRPC timeout: its stream lives as long as the answer (a
+    grpc-timeout would let the server cancel a long stream). It receives the request's
+    translation context (``plano`` metadata, key ``tx``) with the response headers."""
+    return {
+        "name": RESPONSE_FILTER,
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "failure_mode_allow": False,
+            "allow_mode_override": True,
+            "metadata_options": {"forwarding_namespaces": {"untyped": [DECISION_METADATA]}},
+            "message_timeout": "10s",
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+
+
 def render_bootstrap(
     config: Config,
     *,
@@ -617,7 +680,12 @@ def render_bootstrap(
                 "name": "envoy.filters.http.header_mutation",
                 "typed_config": {
                     "@type": _T + "extensions.filters.http.header_mutation.v3.HeaderMutation",
-                    "mutations": {"request_mutations": [{"remove": ROUTE_HEADER}]},
+                    "mutations": {
+                        "request_mutations": [
+                            {"remove": ROUTE_HEADER},
+                            {"remove": TRANSLATE_HEADER},
+                        ]
+                    },
                 },
             },
             {
@@ -643,6 +711,7 @@ def render_bootstrap(
                     },
                 },
             },
+            _response_filter(),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},

@@ -19,6 +19,9 @@ from plano_extproc.providers import (
 )
 
 ROUTE_HEADER = "x-plano-upstream"
+# Set by the ext_proc on translated requests only: selects the provider route that turns on
+# the response-translation filter. Stripped from clients at the front, never sent upstream.
+TRANSLATE_HEADER = "x-plano-translate"
 # Credential headers a client may send; never forwarded unless the provider uses passthrough_auth.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
 
