@@ -532,7 +532,7 @@ def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str
     }
     native = {  # copies: a shared dict would be written as a YAML anchor
         "name": f"to_{p.cluster}",
-        "match": {"prefix": "/", "headers": [dict(upstream)]},
+        "match": {"prefix": "/", "headers": [copy.deepcopy(upstream)]},
         "route": copy.deepcopy(action),
         "request_headers_to_remove": [ROUTE_HEADER],
         "response_headers_to_add": copy.deepcopy(decision_headers),

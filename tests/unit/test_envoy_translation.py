@@ -95,3 +95,11 @@ def test_each_provider_has_a_translated_route_before_its_native_one() -> None:
 
 def test_envoy_accepts_the_bootstrap(tmp_path: Path) -> None:
     assert_envoy_accepts(render(), tmp_path)
+
+
+def test_the_yaml_has_no_anchors() -> None:
+    """Shared sub-dicts would be written as YAML anchors: legal, but unreadable for operators."""
+    from plano_extproc.envoy_config import render_yaml
+
+    text = render_yaml(render())
+    assert "&id" not in text and "*id" not in text
