@@ -32,9 +32,11 @@ from plano_extproc.errors import GatewayError, bad_request, not_found
 from plano_extproc.identifiers import header_safe
 from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.providers import PROVIDERS, ClientApi
-from plano_extproc.rewrite import HeaderPlan, upstream_headers
+from plano_extproc.rewrite import TRANSLATE_HEADER, HeaderPlan, upstream_headers
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
 from plano_extproc.routing.preferences import INLINE_KEYS, parse_inline
+from plano_extproc.translate import pair_name, provider_api, translator
+from plano_extproc.translate.base import PairTranslator
 
 log = logging.getLogger("plano_extproc.gateway")
 
@@ -95,6 +97,24 @@ class Immediate:
         return cls(err.status, err.body(anthropic=anthropic), details=f"plano_{err.type}")
 
 
+# The response context travels in Envoy dynamic metadata to another ext_proc stream: bounded.
+MAX_CONTEXT_BYTES = 4096
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass(slots=True)
+class Translation:
+    """What the response phase needs: the pair ("messages>chat_completions") and the
+    translator's context. ``metadata`` is the JSON sent as ``plano.tx``."""
+
+    pair: str
+    context: dict[str, Any]
+
+    @property
+    def metadata(self) -> str:
+        return _compact({"pair": self.pair, "ctx": self.context})
+
+
 @dataclass(slots=True)
 class Upstream:
     provider: Provider
@@ -104,6 +124,7 @@ class Upstream:
     router_error: str | None = None
     pinned: bool | None = None
     replayed: bool = False  # route_on_user_only: a non-user turn reused the session's choice
+    translation: Translation | None = None  # None: native pair, the response is untouched
 
 
 @dataclass(slots=True)
@@ -134,9 +155,32 @@ def _utf8(header_value: str, what: str) -> str:
         raise InvalidAffinityId(f"{what} is not valid UTF-8") from None
 
 
-def compatible(provider: Provider, api: ClientApi) -> bool:
-    spec = PROVIDERS.get(provider.interface)
-    return spec is not None and api in spec.native
+def _speaks(interface: str) -> str:
+    spec = PROVIDERS.get(interface)
+    if interface == "amazon_bedrock":
+        return "Bedrock Converse"
+    if spec is None or not spec.native:
+        return "its own API"
+    return " / ".join(sorted(api.label for api in spec.native))
+
+
+def dispatch_api(provider: Provider, client: ClientApi) -> tuple[ClientApi, PairTranslator | None]:
+    """The API ``provider`` is called with for a ``client`` request, and the translator (None
+    for a native pair); a 400 when no translation between the two exists."""
+    target = provider_api(provider.interface, client)
+    pair: PairTranslator | None = None
+    if target is not None and target is not client:
+        try:
+            pair = translator(client, target)
+        except (KeyError, ImportError):  # no translator module for this pair (yet)
+            target = None
+    if target is None:
+        raise bad_request(
+            f"model {provider.name} (provider '{provider.interface}') cannot serve "
+            f"{client.label} requests: translation between {client.label} and "
+            f"{_speaks(provider.interface)} is not available"
+        )
+    return target, pair
 
 
 class Gateway:
@@ -239,12 +283,9 @@ class Gateway:
         decision = await self._select(info, requested, inline, messages, body.values)
         provider = decision.dispatch
         assert provider is not None
-        if not compatible(provider, info.api):
-            raise bad_request(
-                f"{info.api.label} requests cannot be sent to provider '{provider.interface}' "
-                f"(model {provider.name}): the pairing {info.api.value} -> {provider.interface} "
-                "is not supported natively and API translation is not available yet"
-            )
+        target, pair = dispatch_api(provider, info.api)
+        if pair is not None:
+            return await self._translated(info, body, provider, target, pair, decision)
         plan = upstream_headers(provider, info.api, info.query, info.headers)
         remove = tuple(k for k in INLINE_KEYS if k in body.values)
         set_values = {}
@@ -269,6 +310,58 @@ class Gateway:
             router_error=decision.router_error,
             pinned=decision.pinned,
             replayed=decision.replayed,
+        )
+
+    async def _translated(
+        self,
+        info: RequestInfo,
+        body: JsonBody,
+        provider: Provider,
+        target: ClientApi,
+        pair: PairTranslator,
+        decision: Decision,
+    ) -> Upstream:
+        """A non-native pair: the provider gets the translator's body (re-serialised) with
+        headers planned for ``target``; the response phase gets the context."""
+        assert info.api is not None
+        values = {k: v for k, v in body.values.items() if k not in INLINE_KEYS}
+        try:
+            translated, context = pair.request(values, provider.model_id)
+        except GatewayError:
+            raise
+        except Exception:  # a translator bug must not look like a transport failure
+            log.exception("request_id=%s %s translation failed", info.request_id, info.api)
+            raise GatewayError(
+                500, "server_error", f"translating the request for model {provider.name} failed"
+            ) from None
+        new_body = _compact(translated).encode("utf-8")
+        await body.release()
+        translation = Translation(pair_name(info.api, target), context)
+        if len(translation.metadata.encode()) > MAX_CONTEXT_BYTES:
+            raise GatewayError(
+                500, "server_error", f"the {translation.pair} translation context is too large"
+            )
+        plan = upstream_headers(provider, target, info.query, info.headers)
+        plan.set.append(("content-length", str(len(new_body))))
+        # The response is read and rewritten: it must arrive uncompressed.
+        plan.set.append(("accept-encoding", "identity"))
+        plan.set.append((TRANSLATE_HEADER, "1"))
+        log.debug(
+            "request_id=%s dispatch model=%s route=%s translate=%s",
+            info.request_id,
+            provider.name,
+            decision.route,
+            translation.pair,
+        )
+        return Upstream(
+            provider=provider,
+            headers=plan,
+            body=new_body,
+            route=decision.route,
+            router_error=decision.router_error,
+            pinned=decision.pinned,
+            replayed=decision.replayed,
+            translation=translation,
         )
 
     async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
@@ -321,13 +414,8 @@ class Gateway:
             hit = await self.cache.get(key)
             if hit is not None:
                 pinned = self.catalog.lookup(hit.model)
-                assert info.api is not None
-                if pinned is not None and compatible(pinned, info.api):
+                if pinned is not None:  # whatever the client's API: translated if needed
                     return Decision([pinned.name], hit.route, pinned, pinned=True)
-                if pinned is not None:
-                    # The session's model cannot serve this API (e.g. a chat-pinned OpenAI model
-                    # asked for /v1/messages): route this request without touching the pin.
-                    return await self._route(info, requested, inline, messages)
                 log.warning(
                     "request_id=%s pinned model %s is no longer configured; routing again",
                     info.request_id,
@@ -375,10 +463,7 @@ class Gateway:
             hit = await self.cache.get(key, near=False)
             provider = self.catalog.lookup(hit.model) if hit is not None else None
             if hit is not None and provider is not None:
-                if info.kind == "decision" or (
-                    info.api is not None and compatible(provider, info.api)
-                ):
-                    return Decision([provider.name], hit.route, provider, replayed=True)
+                return Decision([provider.name], hit.route, provider, replayed=True)
         decision = await self._route(info, requested, inline, messages)
         chosen = decision.dispatch.name if decision.dispatch is not None else decision.models[0]
         await self.cache.put(key, PinnedDecision(chosen, decision.route))
@@ -409,19 +494,9 @@ class Gateway:
         ranked = list(pref.models)
         if pref.prefer != "none" and self.metrics is not None:
             ranked = self.metrics.ranked(ranked, pref.prefer, self._model_ids)
+        # The route's first model serves the request whatever API the client speaks (translated
+        # when needed), so the proxy and /routing/v1/* name the same model.
         candidates = [c for c in map(self.catalog.lookup, ranked) if c is not None]
-        if info.kind == "proxy":
-            assert info.api is not None
-            # The first route model that speaks the client's API natively.
-            candidates = [c for c in candidates if compatible(c, info.api)]
-            if not candidates:
-                log.info(
-                    "request_id=%s route %s has no model serving %s; keeping %s",
-                    info.request_id,
-                    pref.name,
-                    info.api.label,
-                    requested.name if requested else None,
-                )
         dispatch = candidates[0] if candidates else requested
         return Decision(
             ranked, pref.name, dispatch, router_error=result.error, scores=result.scores

@@ -80,12 +80,9 @@ PROVIDERS: dict[str, ProviderSpec] = {
         _spec(
             "openai", "https://api.openai.com/v1", frozenset({ClientApi.CHAT, ClientApi.RESPONSES})
         ),
-        # Anthropic serves Chat Completions on its OpenAI-compatible endpoint and Messages natively.
-        _spec(
-            "anthropic",
-            "https://api.anthropic.com/v1",
-            frozenset({ClientApi.CHAT, ClientApi.MESSAGES}),
-        ),
+        # Messages only: Chat and Responses clients are translated to the native /v1/messages
+        # (Anthropic calls its OpenAI-compatible endpoint a testing aid, not for production).
+        _spec("anthropic", "https://api.anthropic.com/v1", frozenset({ClientApi.MESSAGES})),
         _spec("deepseek", "https://api.deepseek.com/v1"),
         _spec("groq", "https://api.groq.com/openai/v1"),
         _spec("mistral", "https://api.mistral.ai/v1"),
@@ -108,7 +105,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
         _spec("azure_openai", None),
         _spec("ollama", None),
         _spec("qwen", None),
-        # Bedrock speaks Converse, which no client API maps to natively (translation is later work).
+        # Bedrock speaks Converse, which no client API maps to and no translator covers.
         _spec("amazon_bedrock", None, frozenset()),
     )
 }
@@ -171,7 +168,7 @@ def _is_api_version(param: str) -> bool:
 
 
 def upstream_path(interface: str, prefix: str, api: ClientApi, model_id: str, query: str) -> str:
-    """Build the upstream ``:path`` for a request already known to be natively supported.
+    """Build the upstream ``:path`` for a request in ``api``, an API the provider speaks.
 
     Azure addresses the deployment in the path and requires ``api-version``; the client's own
     query string is kept for everyone else.

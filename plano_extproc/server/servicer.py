@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -23,6 +24,7 @@ from plano_extproc.envoy_config import DECISION_METADATA
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.identifiers import ascii_header, header_safe
 from plano_extproc.metrics import Metrics
+from plano_extproc.response_phase import ContextError, HeadersPlan, ResponseTranslation
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -68,6 +70,8 @@ def upstream_response(up: Upstream) -> pb.ProcessingResponse:
     decision["model"].string_value = ascii_header(up.provider.name)
     if up.route is not None:
         decision["route"].string_value = ascii_header(up.route)
+    if up.translation is not None:  # read by the response-translation filter's stream
+        decision["tx"].string_value = up.translation.metadata
     common = out.request_body.response
     common.header_mutation.SetInParent()
     _add_headers(common.header_mutation, up.headers.set)
@@ -86,6 +90,44 @@ class Reply:
     last: bool
 
 
+_STREAMED = ProcessingMode.STREAMED
+_BUFFERED = ProcessingMode.BUFFERED
+
+
+def response_headers_reply(plan: HeadersPlan) -> pb.ProcessingResponse:
+    out = pb.ProcessingResponse()
+    common = out.response_headers.response
+    mutation = common.header_mutation
+    if plan.status is not None:
+        option = mutation.set_headers.add(append_action=_OVERWRITE)
+        option.header.key = ":status"
+        option.header.raw_value = str(plan.status).encode()
+    _add_headers(mutation, plan.set)
+    mutation.remove_headers.extend(plan.remove)
+    if plan.body_mode is not None:
+        # Honoured only in a headers reply; both body modes are taken as given (request: NONE).
+        out.mode_override.response_body_mode = (
+            _STREAMED if plan.body_mode == "streamed" else _BUFFERED
+        )
+    return out
+
+
+def response_body_reply(
+    body: bytes, status: int | None = None, clear_if_empty: bool = True
+) -> pb.ProcessingResponse:
+    out = pb.ProcessingResponse()
+    common = out.response_body.response
+    if body or not clear_if_empty:
+        common.body_mutation.body = body
+    else:
+        common.body_mutation.clear_body = True  # this chunk produced no client bytes
+    if status is not None:
+        option = common.header_mutation.set_headers.add(append_action=_OVERWRITE)
+        option.header.key = ":status"
+        option.header.raw_value = str(status).encode()
+    return out
+
+
 _REPLY_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _REPLY_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _REPLY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
@@ -100,12 +142,14 @@ class ExtProcStream:
     a task when there is something to wait for.
     """
 
-    __slots__ = ("gateway", "info", "metrics")
+    __slots__ = ("gateway", "info", "metrics", "response")
 
     def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
         self.gateway = gateway
         self.metrics = metrics
         self.info: RequestInfo | None = None
+        # Set on the response-translation filter's streams (they start at response headers).
+        self.response: ResponseTranslation | None = None
 
     def step(self, req: pb.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
         which = req.WhichOneof("request")
@@ -123,6 +167,10 @@ class ExtProcStream:
             return self._body(req.request_body.body)
         # Phases our Envoy config never sends (SKIP/NONE); answered so that a hand-written
         # bootstrap with other modes still works.
+        if which == "response_headers" and self.info is None:
+            return self._response_headers(req)
+        if which == "response_body" and self.response is not None:
+            return self._response_body(req.response_body)
         if which == "request_trailers":
             return Reply(_REPLY_TRAILERS, False)
         if which == "response_headers":
@@ -130,6 +178,35 @@ class ExtProcStream:
         if which == "response_body":
             return Reply(_REPLY_RESPONSE_BODY, False)
         return Reply(_REPLY_RESPONSE_TRAILERS, False)
+
+    def _response_headers(self, req: pb.ProcessingRequest) -> Reply:
+        """The first message of a response-translation stream."""
+        fields = req.metadata_context.filter_metadata[DECISION_METADATA].fields
+        raw = fields["tx"].string_value if "tx" in fields else None
+        try:
+            self.response = response = ResponseTranslation.from_metadata(raw)
+        except ContextError as e:
+            log.error("response translation impossible: %s", e)
+            imm = Immediate(502, b'{"error": {"type": "server_error", "message": '
+                            b'"the gateway lost the translation context of this response"}}',
+                            details="plano_translation_context")  # fmt: skip
+            return Reply(immediate_response(imm), True)
+        headers = _headers_map(req.response_headers)
+        try:
+            status = int(headers.get(":status", "0"))
+        except ValueError:
+            status = 0
+        plan = response.on_headers(status, headers, req.response_headers.end_of_stream)
+        return Reply(response_headers_reply(plan), plan.body_mode is None)
+
+    def _response_body(self, body: pb.HttpBody) -> Reply:
+        response = self.response
+        assert response is not None
+        if response.kind == "stream":
+            out = response.on_chunk(body.body, body.end_of_stream)
+            return Reply(response_body_reply(out), body.end_of_stream)
+        result = response.on_buffered(body.body)
+        return Reply(response_body_reply(result.body, result.status, clear_if_empty=False), True)
 
     async def _body(self, body: bytes) -> Reply:
         info = self.info

@@ -11,10 +11,15 @@ import pytest
 from plano_extproc.affinity.memory import MemorySessionCache
 from plano_extproc.config import Config, parse_config
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream, trace_id_from
+from plano_extproc.rewrite import TRANSLATE_HEADER
 from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import build_router
 from tests.conftest import SEED_RULES
 from tests.fakes import FakeOrchestrator, keyword_router
+from tests.standin_translators import install
+
+# Pairs whose real translator module has not landed yet use a text-only stand-in.
+install()
 
 
 def config(orch_url: str) -> Config:
@@ -31,6 +36,9 @@ model_providers:
     access_key: sk-a
   - model: ollama/Plano-Orchestrator
     base_url: {orch_url}/v1
+  - model: amazon_bedrock/us.amazon.nova-pro-v1:0
+    base_url: https://bedrock-runtime.us-east-1.amazonaws.com
+    access_key: sk-b
 routing_preferences:
   - name: code_generation
     description: generating new code
@@ -85,12 +93,21 @@ async def test_routed_proxy_request(gateway: Gateway) -> None:
         {"model": "gpt-4o-mini", "messages": msgs("write a binary search")},
     )
     assert isinstance(out, Upstream)
+    # The route's first model serves the Chat client: translated to Anthropic's native API.
     assert out.provider.name == "anthropic/claude-sonnet-4-20250514"
     assert out.route == "code_generation"
     headers = dict(out.headers.set)
-    assert headers[":path"] == "/v1/chat/completions?x=1"
-    assert headers["authorization"] == "Bearer sk-a"
+    assert headers[":path"] == "/v1/messages?x=1"
+    assert headers["x-api-key"] == "sk-a" and headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in headers and "authorization" in out.headers.remove
+    assert headers["accept-encoding"] == "identity"
+    assert headers[TRANSLATE_HEADER] == "1"
     assert out.body is not None and json.loads(out.body)["model"] == "claude-sonnet-4-20250514"
+    assert headers["content-length"] == str(len(out.body))
+    assert out.translation is not None
+    assert out.translation.pair == "chat_completions>messages"
+    meta = json.loads(out.translation.metadata)
+    assert meta["pair"] == "chat_completions>messages" and isinstance(meta["ctx"], dict)
 
 
 async def test_router_timeout_fails_open(gateway: Gateway, orch: FakeOrchestrator) -> None:
@@ -163,20 +180,25 @@ def test_trace_id_from_traceparent() -> None:
     assert len(trace_id_from({"traceparent": "garbage"})) == 32
 
 
-async def test_pin_that_cannot_serve_the_api_is_bypassed_not_replaced(gateway: Gateway) -> None:
+async def test_pin_holds_across_client_apis(gateway: Gateway) -> None:
     chat_first = await run(
         gateway,
         req("/v1/chat/completions", **{"x-model-affinity": "mixed"}),
         {"model": "openai/gpt-4o", "messages": msgs("hello")},
     )
     assert isinstance(chat_first, Upstream) and chat_first.provider.name == "openai/gpt-4o"
+    assert chat_first.translation is None
+    # A Messages request of the same session stays on the pinned OpenAI model, translated.
     messages = await run(
         gateway,
         req("/v1/messages", **{"x-model-affinity": "mixed"}),
         {"model": "claude-sonnet-4-20250514", "max_tokens": 5, "messages": msgs("hello")},
     )
-    assert isinstance(messages, Upstream)
-    assert messages.provider.name == "anthropic/claude-sonnet-4-20250514"
+    assert isinstance(messages, Upstream) and messages.pinned is True
+    assert messages.provider.name == "openai/gpt-4o"
+    assert messages.translation is not None
+    assert messages.translation.pair == "messages>chat_completions"
+    assert dict(messages.headers.set)[":path"] == "/v1/chat/completions"
     again = await run(
         gateway,
         req("/v1/chat/completions", **{"x-model-affinity": "mixed"}),
@@ -199,3 +221,56 @@ async def test_rejections_cannot_forge_log_lines(
     lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "\r" not in lines[0]
     assert "nope%0D%0A[2026-01-01]" in lines[0]
+
+
+async def test_native_pair_is_unchanged(gateway: Gateway) -> None:
+    """No translation: the client's bytes but the members we own, no extra headers."""
+    raw = b'{"model": "openai/gpt-4o",  "messages": [{"role": "user", "content": "hi"}], "z": 1}'
+    out = await run(gateway, req("/v1/chat/completions"), raw)
+    assert isinstance(out, Upstream) and out.translation is None
+    assert out.body == raw.replace(b'"openai/gpt-4o"', b'"gpt-4o"')
+    headers = dict(out.headers.set)
+    assert TRANSLATE_HEADER not in headers and "accept-encoding" not in headers
+    assert headers[":path"] == "/v1/chat/completions"
+
+
+async def test_decision_endpoint_and_proxy_agree_across_apis(gateway: Gateway) -> None:
+    body = {"model": "gpt-4o-mini", "messages": msgs("write a binary search")}
+    decided = await run(gateway, req("/routing/v1/chat/completions"), body)
+    assert isinstance(decided, Immediate)
+    models = json.loads(decided.body)["models"]
+    proxied = await run(gateway, req("/v1/chat/completions"), body)
+    assert isinstance(proxied, Upstream) and proxied.provider.name == models[0]
+
+
+async def test_untranslatable_provider_is_a_clear_400(gateway: Gateway) -> None:
+    out = await run(
+        gateway,
+        req("/v1/chat/completions"),
+        {"model": "amazon_bedrock/us.amazon.nova-pro-v1:0", "messages": msgs("hi")},
+    )
+    assert isinstance(out, Immediate) and out.status == 400
+    message = json.loads(out.body)["error"]["message"]
+    assert message == (
+        "model amazon_bedrock/us.amazon.nova-pro-v1:0 (provider 'amazon_bedrock') cannot serve "
+        "OpenAI Chat Completions requests: translation between OpenAI Chat Completions and "
+        "Bedrock Converse is not available"
+    )
+    # In the client's format: Anthropic's envelope for a Messages client.
+    out = await run(
+        gateway,
+        req("/v1/messages"),
+        {"model": "amazon_bedrock/us.amazon.nova-pro-v1:0", "max_tokens": 5, "messages": msgs("x")},
+    )
+    assert isinstance(out, Immediate) and out.status == 400
+    assert json.loads(out.body)["type"] == "error"
+
+
+async def test_translation_refusal_sends_nothing(gateway: Gateway) -> None:
+    """A client body the translator rejects is a 400 before any upstream is planned."""
+    out = await run(
+        gateway,
+        req("/v1/messages"),
+        {"model": "openai/gpt-4o", "max_tokens": 5, "messages": "not a list"},
+    )
+    assert isinstance(out, Immediate) and out.status == 400
