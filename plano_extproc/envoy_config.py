@@ -618,6 +618,8 @@ def _response_filter() -> dict[str, Any]:
         "name": RESPONSE_FILTER,
         "typed_config": {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            # Its own counters: http.plano.ext_proc.response_translation.streams_started etc.
+            "stat_prefix": "response_translation",
             "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
             "failure_mode_allow": False,
             "allow_mode_override": True,

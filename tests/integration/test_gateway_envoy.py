@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import orchestrated_seed_config
 from tests.fakes import FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
+from tests.standin_translators.env import gateway_env
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,8 @@ def gw(
         openai_fake.base_url, anthropic_fake.base_url, orchestrator_fake.base_url, timeout_ms=500
     )
     transport = ["--transport", request.param]
-    with GatewayProcess(cfg, tmp_path_factory.mktemp("gw"), extra_args=transport) as g:
+    tmp = tmp_path_factory.mktemp("gw")
+    with GatewayProcess(cfg, tmp, extra_args=transport, env=gateway_env()) as g:
         yield g
 
 
@@ -96,11 +98,12 @@ def test_openai_sdk_routed_to_route_model(
     resp = oai(gw).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": CODE_PROMPT}]
     )
-    assert resp.model == "claude-sonnet-4-20250514"
+    # Translated: the client reads the model it asked for; the route's model served it.
+    assert resp.choices[0].message.content == "hello from anthropic (claude-sonnet-4-20250514)"
     rec = anthropic_fake.last()
-    # Chat Completions go to Anthropic's OpenAI-compatible endpoint with a Bearer key.
-    assert rec.path == "/v1/chat/completions"
-    assert rec.headers["authorization"] == "Bearer sk-ant-test"
+    # Chat Completions are translated to Anthropic's native Messages API.
+    assert rec.path == "/v1/messages"
+    assert rec.headers["x-api-key"] == "sk-ant-test" and "authorization" not in rec.headers
     assert rec.json["model"] == "claude-sonnet-4-20250514"
     assert not openai_fake.requests
 
@@ -231,18 +234,19 @@ def test_anthropic_stream(gw: GatewayProcess) -> None:
     assert text == "hello from anthropic (claude-sonnet-4-20250514)"
 
 
-def test_messages_route_keeps_compatible_model(
+def test_messages_route_dispatches_its_first_model_translated(
     gw: GatewayProcess, anthropic_fake: FakeProvider, openai_fake: FakeProvider
 ) -> None:
-    # complex_reasoning only lists OpenAI models, which cannot serve /v1/messages natively.
+    # complex_reasoning lists OpenAI models only: the first one serves the Messages client.
     client = anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0)
-    client.messages.create(
+    msg = client.messages.create(
         model="claude-sonnet-4-20250514",
         max_tokens=32,
         messages=[{"role": "user", "content": REASONING_PROMPT}],
     )
-    assert anthropic_fake.last().path == "/v1/messages"
-    assert not openai_fake.requests
+    assert msg.content[0].type == "text" and msg.content[0].text.startswith("hello from openai")
+    assert openai_fake.last().path == "/v1/chat/completions"
+    assert not anthropic_fake.requests
 
 
 def test_responses_api(gw: GatewayProcess, openai_fake: FakeProvider) -> None:
@@ -477,13 +481,6 @@ def test_router_down(
             b'[{"name": "a", "description": "b", "models": ["openai/gpt-9"]}]}',
             400,
             "openai/gpt-9",
-        ),
-        (
-            "/v1/messages",
-            b'{"model": "openai/gpt-4o", "max_tokens": 5, '
-            b'"messages": [{"role": "user", "content": "x"}]}',
-            400,
-            "messages -> openai",
         ),
         ("/routing/v1/embeddings", b"{}", 404, "unknown routing endpoint"),
         ("/v1/embeddings", b"{}", 404, "unknown path"),
