@@ -653,10 +653,11 @@ def _error_event(error: Any) -> SseOut:
 
 
 class _Tool:
-    __slots__ = ("args", "id", "n", "name")
+    __slots__ = ("args", "id", "n", "name", "raw_id")
 
     def __init__(self, n: int) -> None:
         self.n = n  # order of appearance, as the position in a non-streamed reply
+        self.raw_id = ""  # as the provider spells it (some repeat it on every delta)
         self.id = ""
         self.name = ""
         self.args: list[str] = []
@@ -760,8 +761,14 @@ class MessagesStream:
         if isinstance(index, bool) or not isinstance(index, int):
             index = position
         ident = item.get("id")
+        fn = item.get("function")
+        if not isinstance(fn, dict):
+            fn = {}
         tool = self._tools.get(index)
-        if tool is None or (isinstance(ident, str) and ident and tool.id and ident != tool.id):
+        new_id = isinstance(ident, str) and ident != "" and (tool is None or ident != tool.raw_id)
+        if tool is None and not new_id and not isinstance(fn.get("name"), str):
+            return  # arguments for a call that was never announced
+        if tool is None or (new_id and tool.raw_id):
             tool = _Tool(self._tool_count)
             self._tools[index] = tool
             self._tool_count += 1
@@ -769,11 +776,9 @@ class MessagesStream:
                 self._live_tool = tool
             else:
                 self._pending.append(tool)
-        if isinstance(ident, str) and ident and not tool.id:
+        if isinstance(ident, str) and ident and not tool.raw_id:
+            tool.raw_id = ident
             tool.id = _block_id(ident, self._msg_id, tool.n)
-        fn = item.get("function")
-        if not isinstance(fn, dict):
-            return
         name = fn.get("name")
         if isinstance(name, str) and name and not tool.name:
             tool.name = name[:_MAX_SHORT]
