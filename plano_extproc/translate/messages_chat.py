@@ -52,7 +52,7 @@ Response
   tool_use (also when a provider says stop but returned calls), content_filter -> refusal.
 - Usage: input_tokens = prompt_tokens - cached, cache_read_input_tokens = cached
   (``prompt_tokens_details.cached_tokens`` or DeepSeek's ``prompt_cache_hit_tokens``),
-  output_tokens = completion_tokens.
+  output_tokens = completion_tokens, reasoning_tokens -> output_tokens_details.thinking_tokens.
 
 Stream
 - ``message_start`` on the first chunk (input tokens 0 unless that chunk has usage; the real count
@@ -61,7 +61,11 @@ Stream
   tool started) are buffered and emitted whole, in order of appearance, at ``finish_reason``:
   Anthropic blocks cannot interleave and Chat may interleave argument deltas across calls.
   Buffered arguments are normalised as in ``response``. ``message_delta`` + ``message_stop`` go
-  out when the usage chunk arrives (or ``[DONE]``/end after ``finish_reason``). An ``error`` chunk
+  out when the usage chunk arrives (or ``[DONE]``/end after ``finish_reason``; ``[DONE]`` without
+  a ``finish_reason`` closes as end_turn, as C2's "missing" row). A tool call starts only with an
+  id or a name (stray argument deltas are ignored); a new id on a known index is a new call.
+  Chat ``error`` types map to Anthropic's (rate_limit_exceeded -> rate_limit_error, unknown ->
+  api_error), message capped at 1000 characters. An ``error`` chunk
   -> Anthropic ``error`` event and the end; a stream ending before ``finish_reason`` -> ``error``
   (api_error), never a clean stop.
 """
@@ -502,19 +506,23 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _usage(usage: Any) -> dict[str, int]:
+def _usage(usage: Any) -> dict[str, Any]:
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
     details = usage.get("prompt_tokens_details")
     cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     cached = cached or _count(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
     prompt = _count(usage.get("prompt_tokens"))
-    out = {
+    out: dict[str, Any] = {
         "input_tokens": max(prompt - cached, 0),
         "output_tokens": _count(usage.get("completion_tokens")),
     }
     if cached:
         out["cache_read_input_tokens"] = cached
+    details = usage.get("completion_tokens_details")
+    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    if reasoning:
+        out["output_tokens_details"] = {"thinking_tokens": reasoning}
     return out
 
 

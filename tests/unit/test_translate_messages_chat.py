@@ -666,6 +666,7 @@ def test_response_usage_with_cached_tokens() -> None:
         "input_tokens": 86,
         "output_tokens": 300,
         "cache_read_input_tokens": 1920,
+        "output_tokens_details": {"thinking_tokens": 100},
     }
     deepseek = {"prompt_tokens": 50, "completion_tokens": 5, "prompt_cache_hit_tokens": 40}
     out = message_of(completion({"content": "x"}, usage=deepseek))
