@@ -102,6 +102,7 @@ def with_pairs(*items: Any) -> list[Any]:
 
 PAIRS = [MESSAGES_TO_CHAT, CHAT_TO_MESSAGES, RESPONSES_TO_CHAT, RESPONSES_TO_MESSAGES]
 pairs = pytest.mark.parametrize("pair", with_pairs(*PAIRS))
+PATHS = {"messages": "/v1/messages", "chat": "/v1/chat/completions", "responses": "/v1/responses"}
 
 
 def config(openai_url: str, anthropic_url: str, ollama_url: str) -> str:
@@ -492,11 +493,6 @@ def test_model_header_names_what_served(
     gw: GatewayProcess, fakes: dict[str, FakeProvider], pair: Pair
 ) -> None:
     fake_of(fakes, pair).script = Script(text=["ok"])
-    path = {
-        "messages": "/v1/messages",
-        "chat": "/v1/chat/completions",
-        "responses": "/v1/responses",
-    }
     body: dict[str, Any] = {"model": pair.target.alias}
     if pair.client == "responses":
         body["input"] = "hi"
@@ -505,7 +501,7 @@ def test_model_header_names_what_served(
     if pair.client == "messages":
         body["max_tokens"] = 16
     resp = httpx.post(
-        gw.url + path[pair.client],
+        gw.url + PATHS[pair.client],
         json=body,
         headers={"x-api-key": CLIENT_KEY, "authorization": f"Bearer {CLIENT_KEY}"},
         timeout=30,
@@ -663,11 +659,6 @@ def test_provider_error_in_client_format(
 
 def _raw_stream(gw: GatewayProcess, pair: Pair) -> tuple[int, str]:
     """A raw streamed request (no SDK): status and the whole SSE text."""
-    path = {
-        "messages": "/v1/messages",
-        "chat": "/v1/chat/completions",
-        "responses": "/v1/responses",
-    }
     body: dict[str, Any] = {"model": pair.target.alias, "stream": True}
     if pair.client == "responses":
         body["input"] = "hi"
@@ -675,7 +666,7 @@ def _raw_stream(gw: GatewayProcess, pair: Pair) -> tuple[int, str]:
         body["messages"] = [{"role": "user", "content": "hi"}]
     if pair.client == "messages":
         body["max_tokens"] = 16
-    with httpx.stream("POST", gw.url + path[pair.client], json=body, timeout=30) as resp:
+    with httpx.stream("POST", gw.url + PATHS[pair.client], json=body, timeout=30) as resp:
         return resp.status_code, resp.read().decode()
 
 
@@ -861,3 +852,142 @@ def test_native_messages_to_anthropic_is_byte_for_byte(
     assert rec.headers["x-api-key"] == ANTHROPIC_KEY
     # A native answer is not translated: the client gets the provider's bytes.
     assert streamed == fakes["anthropic"].sent[-1]
+
+
+# --------------------------------------------------------------------------- request mapping
+
+
+def _system_text(fmt: str, body: dict[str, Any]) -> str:
+    if fmt == "messages":
+        return text_of(body.get("system", ""))
+    return "\n".join(text_of(m["content"]) for m in body["messages"] if m["role"] == "system")
+
+
+def _max_tokens(fmt: str, body: dict[str, Any]) -> Any:
+    if fmt == "messages":
+        return body["max_tokens"]
+    return body.get("max_completion_tokens", body.get("max_tokens"))
+
+
+@pairs
+def test_request_parameters_reach_provider_in_its_names(
+    gw: GatewayProcess, fakes: dict[str, FakeProvider], pair: Pair
+) -> None:
+    fake = fake_of(fakes, pair)
+    fake.script = Script(text=["ok"])
+    user = user_message(pair.client, "hi")
+    sent: dict[str, Any] = {"model": pair.target.alias, "temperature": 0.5}
+    if pair.client == "messages":
+        sent |= {
+            "max_tokens": 100,
+            "system": [{"type": "text", "text": "be brief"}, {"type": "text", "text": "be kind"}],
+            "messages": [user],
+            "stop_sequences": ["END"],
+            "metadata": {"user_id": "u-1"},
+            "tools": tools_for("messages"),
+            "tool_choice": {"type": "any"},
+        }
+    elif pair.client == "chat":
+        sent |= {
+            "max_completion_tokens": 100,
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "developer", "content": "be kind"},
+                user,
+            ],
+            "stop": ["END"],
+            "user": "u-1",
+            "tools": tools_for("chat"),
+            "tool_choice": "required",
+        }
+    else:
+        sent |= {
+            "max_output_tokens": 100,
+            "instructions": "be brief\nbe kind",
+            "input": [user],
+            "tools": tools_for("responses"),
+            "tool_choice": "required",
+        }
+    resp = httpx.post(gw.url + PATHS[pair.client], json=sent, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = assert_provider_request(fake.last(), pair.target, stream=False)
+    fmt = pair.target.fmt
+    system = _system_text(fmt, body)
+    assert "be brief" in system and "be kind" in system
+    assert _max_tokens(fmt, body) == 100
+    assert body["temperature"] == 0.5
+    if fmt == "messages":
+        assert body["tool_choice"]["type"] == "any"
+    else:
+        assert body["tool_choice"] == "required"
+    if pair.client != "responses":  # Responses has no stop sequences
+        assert body["stop_sequences" if fmt == "messages" else "stop"] in (["END"], "END")
+        if fmt == "messages":
+            assert body["metadata"] == {"user_id": "u-1"}
+        else:
+            assert body["user"] == "u-1"
+
+
+STATUS_CLASSES: dict[int, str] = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    413: "APIStatusError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "InternalServerError",
+    529: "InternalServerError",
+}
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+@pairs
+@pytest.mark.parametrize("status", sorted(STATUS_CLASSES))
+def test_every_provider_error_status_kept(
+    gw: GatewayProcess, fakes: dict[str, FakeProvider], pair: Pair, status: int
+) -> None:
+    message = f"provider error {status}"
+    fake_of(fakes, pair).script = Script(status=status, error_message=message)
+    sdk: Any = anthropic if pair.client == "messages" else openai
+    with pytest.raises(sdk.APIStatusError) as exc:
+        ask(gw, pair, [user_message(pair.client, "hi")])
+    err = exc.value
+    assert err.status_code == status
+    assert message in err.message
+    # The SDK picked its exception class from the status (a subclass where it has one).
+    assert isinstance(err, getattr(sdk, STATUS_CLASSES[status]))
+    if pair.client == "messages":
+        assert err.body["type"] == "error"
+        if status in ANTHROPIC_TYPES:
+            assert err.body["error"]["type"] == ANTHROPIC_TYPES[status]
+    else:
+        assert isinstance(err.body, dict) and isinstance(err.body.get("type"), str)
+
+
+def test_native_responses_to_openai_is_byte_for_byte(
+    gw: GatewayProcess, fakes: dict[str, FakeProvider]
+) -> None:
+    raw = (
+        b'{"model":"chat-model","input":"\xe4\xbd\xa0","previous_response_id":"resp_1",'
+        b' "store": true, "include": ["reasoning.encrypted_content"]}'
+    )
+    resp = httpx.post(
+        gw.url + "/v1/responses",
+        content=raw,
+        headers={"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    rec = fakes["openai"].last()
+    assert rec.path == "/v1/responses"
+    assert rec.body == raw.replace(b'"chat-model"', b'"gpt-4o-mini"')
