@@ -658,7 +658,7 @@ def test_provider_error_in_client_format(
 
 
 def _raw_stream(gw: GatewayProcess, pair: Pair) -> tuple[int, str]:
-    """A raw streamed request (no SDK): status and the whole SSE text."""
+    """A raw streamed request (no SDK): status and the whole SSE text (checks the headers)."""
     body: dict[str, Any] = {"model": pair.target.alias, "stream": True}
     if pair.client == "responses":
         body["input"] = "hi"
@@ -667,7 +667,12 @@ def _raw_stream(gw: GatewayProcess, pair: Pair) -> tuple[int, str]:
     if pair.client == "messages":
         body["max_tokens"] = 16
     with httpx.stream("POST", gw.url + PATHS[pair.client], json=body, timeout=30) as resp:
-        return resp.status_code, resp.read().decode()
+        text = resp.read().decode()
+    if resp.status_code == 200:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-plano-model"] == pair.target.served
+        assert "content-length" not in resp.headers
+    return resp.status_code, text
 
 
 def _events(sse: str) -> list[tuple[str | None, Any]]:
