@@ -325,7 +325,11 @@ def ask(
         if stream:
             kw.setdefault("stream_options", {"include_usage": True})
             with oai(gw).chat.completions.stream(**kw) as s:
-                return _read_chat(s.get_final_completion())
+                try:
+                    return _read_chat(s.get_final_completion())
+                except (openai.LengthFinishReasonError, openai.ContentFilterFinishReasonError):
+                    # The helper refuses to parse these stops; its snapshot is the answer.
+                    return _read_chat(s.current_completion_snapshot)
         return _read_chat(oai(gw).chat.completions.create(**kw))
     kw = {"model": model, "input": history, **extra}
     if tools:
