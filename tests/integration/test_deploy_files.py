@@ -112,13 +112,24 @@ def test_istio_patch_matches_the_rendered_ext_proc_filter() -> None:
     )
     hcm = ours["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     chain = hcm["typed_config"]["http_filters"]
-    # Same filters in the same order before the router: the strip, then ext_proc.
+    # Same filters in the same order before the router: the strip, ext_proc, the response one.
     assert [f["name"] for f in filters] == [f["name"] for f in chain[:-1]]
     assert filters[0]["typed_config"] == chain[0]["typed_config"]
-    rendered = chain[1]
-    istio = filters[1]["typed_config"]
-    for key in ("processing_mode", "failure_mode_allow", "allow_mode_override", "metadata_options"):
-        assert istio[key] == rendered["typed_config"][key], key
+    for rendered, patched in zip(chain[1:-1], filters[1:], strict=True):
+        istio = patched["typed_config"]
+        for key in (
+            "processing_mode",
+            "failure_mode_allow",
+            "allow_mode_override",
+            "metadata_options",
+            "stat_prefix",
+        ):
+            assert istio.get(key) == rendered["typed_config"].get(key), (patched["name"], key)
+        seconds = [
+            float(c["message_timeout"].rstrip("s")) for c in (istio, rendered["typed_config"])
+        ]
+        assert seconds[0] == seconds[1], patched["name"]
+        assert istio["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster["name"]
     assert istio["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster["name"]
     [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == 9091
