@@ -16,11 +16,12 @@ Request
   ``tool_use`` per call with ``input`` = the parsed arguments (a JSON object; "" means {}; else a
   400 naming the field). No empty text block for "" / null content. ``reasoning_content`` sent
   back is dropped: Anthropic only accepts thinking blocks with its signature.
-- ``role: tool`` -> ``tool_result{tool_use_id, content}`` in a user turn. Consecutive same-role
-  messages merge into one turn (Anthropic wants alternating roles): parallel tool results share
-  one user turn, and a user message after them joins it; tool results go first in that turn, as
-  Anthropic requires. ``name`` fields are dropped. A trailing assistant message is refused:
-  Anthropic would continue it (prefill) where OpenAI answers anew.
+- ``role: tool`` -> ``tool_result{tool_use_id, content}`` in a user turn (``is_error`` is never
+  set: Chat has no such flag, and guessing it from the text could mislabel a result).
+  Consecutive same-role messages merge into one turn (Anthropic wants alternating roles):
+  parallel tool results share one user turn, and a user message after them joins it; tool
+  results go first in that turn, as Anthropic requires. ``name`` fields are dropped. A trailing
+  assistant message is refused: Anthropic would continue it (prefill) where OpenAI answers anew.
 - Tool call ids: kept when they match ``[A-Za-z0-9_-]{1,64}`` (Anthropic's charset), else
   ``toolu_`` + 32 hex of their SHA-256, the same on the call and on its result (no state).
 - ``max_completion_tokens`` (preferred) or ``max_tokens`` -> ``max_tokens``; absent ->
@@ -92,9 +93,10 @@ DEFAULT_MAX_TOKENS = 4096
 the smallest output cap of current Claude models (Claude 3 Haiku), so no model rejects it, and
 Plano uses the same default."""
 
-THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
+THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 24576}
 """``reasoning_effort`` -> ``thinking.budget_tokens``: Anthropic's minimum (1024) for the lowest
-level, then doubling-ish steps up to 32k, the budget Anthropic suggests as a practical ceiling."""
+level, then growing steps; the largest plus ``DEFAULT_MAX_TOKENS`` stays under 32000, the smallest
+output cap among thinking-capable Claude models (Opus 4 / 4.1), so the default max is accepted."""
 
 _TARGET = ClientApi.MESSAGES.label
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
