@@ -96,11 +96,17 @@ def _int8_matmul_graph(model_bytes: bytes) -> bytes | None:
             return None
         flat_name = f"{scale_name}__dqmm"
         zp_name = f"{weight_name}__zp"
+        u8_name = f"{weight_name}__u8"
+        # uint8 weights with zero point 128 (the same values): onnxruntime then runs its u8u8
+        # kernel, exact on every CPU; its u8s8 kernel on AVX2 without VNNI saturates pairwise
+        # int16 sums, so answers would depend on the CPU (measured: 0.875 vs 0.900 accuracy).
+        weight = numpy_helper.to_array(inits[weight_name]).astype(np.int16) + 128
+        new_inits.append(numpy_helper.from_array(weight.astype(np.uint8), u8_name))
         new_inits.append(numpy_helper.from_array(scale.reshape(-1), flat_name))
-        new_inits.append(numpy_helper.from_array(np.zeros(scale.size, dtype=np.int8), zp_name))
+        new_inits.append(numpy_helper.from_array(np.full(scale.size, 128, dtype=np.uint8), zp_name))
         fused = helper.make_node(
             "DynamicQuantizeMatMul",
-            [node.input[0], weight_name, flat_name, zp_name],
+            [node.input[0], u8_name, flat_name, zp_name],
             list(node.output),
             name=f"{node.name}__dqmm",
             domain="com.microsoft",
@@ -115,6 +121,11 @@ def _int8_matmul_graph(model_bytes: bytes) -> bytes | None:
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(new_inits)
+    # The int8 originals of the uint8 weights are unused now: not carried into the session build.
+    used = {name for node in kept for name in node.input}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     data = bytes(model.SerializeToString())
