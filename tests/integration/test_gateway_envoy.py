@@ -20,7 +20,6 @@ import pytest
 from tests.conftest import orchestrated_seed_config
 from tests.fakes import FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
-from tests.standin_translators.env import gateway_env
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +41,7 @@ def gw(
     )
     transport = ["--transport", request.param]
     tmp = tmp_path_factory.mktemp("gw")
-    with GatewayProcess(cfg, tmp, extra_args=transport, env=gateway_env()) as g:
+    with GatewayProcess(cfg, tmp, extra_args=transport) as g:
         yield g
 
 

@@ -1,9 +1,8 @@
 """Translation wiring through the real Envoy: which requests get response processing, what the
 provider receives, and what the client gets back (JSON, SSE, errors, long and cut streams).
 
-The translators' own mapping is tested in tests/unit/test_translate_*.py; here a pair whose
-real module is still absent uses the text-only stand-in in tests/standin_translators.
-Both ext_proc transports run every test.
+The translators' own mapping is tested in tests/unit/test_translate_*.py and, with the SDKs, in
+test_translation_envoy.py. Both ext_proc transports run every test.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from aiohttp import web
 from tests.conftest import orchestrated_seed_config
 from tests.fakes import FakeOrchestrator, FakeProvider
 from tests.gateway_proc import GatewayProcess
-from tests.standin_translators.env import gateway_env
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +100,7 @@ def gw(
     cfg = orchestrated_seed_config(oa.base_url, an.base_url, orch.base_url, timeout_ms=500)
     tmp: Path = tmp_path_factory.mktemp("tx")
     args = ["--transport", request.param]
-    with GatewayProcess(cfg, tmp, extra_args=args, env=gateway_env()) as g:
+    with GatewayProcess(cfg, tmp, extra_args=args) as g:
         yield g
 
 
