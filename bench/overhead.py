@@ -16,6 +16,9 @@ One run starts everything itself on 127.0.0.1 with free ports and stops it after
   the client's credential replaced and the upstream chosen by header; plus, when
   ``plano_extproc.routing.embedded`` imports, "proxy+embedded": the same with the real
   embedded router (every request carries a different prompt so the encoder cache misses);
+- (b') "translated": the same request as an Anthropic Messages client sends it to
+  POST /v1/messages, for the same OpenAI model: the body is translated to Chat Completions and
+  the upstream's chat JSON back to an Anthropic message (a second ext_proc stream);
 - (c) "decision": POST /routing/v1/chat/completions on the router-none gateway (answered by
   the ext_proc with an immediate response; no upstream).
 
@@ -92,6 +95,21 @@ def chat_body(prompt: str = PROMPT) -> str:
                 {"role": "system", "content": "You are a concise senior engineer."},
                 {"role": "user", "content": prompt},
             ],
+            "temperature": 0.2,
+            "max_tokens": 256,
+            "stream": False,
+        },
+        separators=(", ", ": "),
+    )
+
+
+def messages_body(prompt: str = PROMPT) -> str:
+    """The same request as an Anthropic Messages client sends it (translated to Chat)."""
+    return json.dumps(
+        {
+            "model": MODEL,
+            "system": "You are a concise senior engineer.",
+            "messages": [{"role": "user", "content": prompt}],
             "temperature": 0.2,
             "max_tokens": 256,
             "stream": False,
@@ -428,6 +446,10 @@ def preflight(kind: str, url: str, body: str) -> None:
                 "body model rewritten (content-length)",
                 headers,
             )
+    elif kind == "translated":
+        check(headers.get("x-echo-path") == "/v1/chat/completions", "upstream path", headers)
+        check(headers.get("x-echo-authorization") == f"Bearer {OPENAI_KEY}", "auth set", headers)
+        check(json.loads(payload).get("type") == "message", "an Anthropic message", payload[:300])
     else:
         check("models" in json.loads(payload), "decision JSON", payload[:300])
 
@@ -571,6 +593,15 @@ def main(argv: list[str] | None = None) -> int:
                 s = Scenario(f"{kind} (router none, {transport}{label})", base + path, script,
                              gw.worker_pids, gw.envoy_pids)  # fmt: skip
                 preflight(kind, s.url, body)
+                scenarios.append(s)
+            if not label:  # this tree only (a baseline may predate translation)
+                mbody = messages_body()
+                mscript = work / "messages.lua"
+                mscript.write_text(lua_script(mbody, unique=False))
+                s = Scenario(f"translated messages>chat (router none, {transport})",
+                             base + "/v1/messages", mscript, gw.worker_pids,
+                             gw.envoy_pids)  # fmt: skip
+                preflight("translated", s.url, mbody)
                 scenarios.append(s)
         measure(scenarios, conns, args)
         for gw in gateways:
