@@ -332,6 +332,7 @@ class _Messages:
         self._images = []  # add() must not flush them before this tool message
         self.add({"role": "tool", "tool_call_id": ident, "content": text}, where)
         self.origins[f"messages[{len(self.out) - 1}].tool_call_id"] = where + ".call_id"
+        self.origins[f"messages[{len(self.out) - 1}].content"] = where + ".output"
         self._images = pending
         if images:
             self._images += [{"type": "text", "text": f"Images returned by {ident}:"}, *images]
