@@ -991,7 +991,7 @@ class ResponsesStream:
             item.call_id = _provider_call_id(ident, f"call_{self._base}_{n}")
             item.name = name[:_MAX_SHORT] if isinstance(name, str) else ""
             self._activate(item, out)
-        elif isinstance(name, str) and name and not item.emitted and not item.name:
+        elif isinstance(name, str) and name and not item.name:  # the done item names it
             item.name = name[:_MAX_SHORT]
         if isinstance(args, str) and args:
             self._append(item, "arguments", args, out)
@@ -1060,7 +1060,7 @@ class ResponsesStream:
                     self._close_items(out)
                 self._terminal(out)
             return out
-        if name == "error" or "error" in data:
+        if name == "error" or data.get("error") is not None:
             self._fail(data.get("error", data), out)
             return out
         if name == "ping" or data.get("type") == "ping":

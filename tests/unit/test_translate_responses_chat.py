@@ -1160,3 +1160,8 @@ def test_output_through_the_sse_layer_has_no_done() -> None:
     raw = encode(run(PARALLEL)).decode()
     assert "[DONE]" not in raw
     assert raw.startswith("event: response.created\ndata: {")
+
+
+def test_a_null_error_member_is_not_an_error() -> None:
+    out = run([chunk({"role": "assistant", "content": "ok"}, error=None), chunk({}, "stop")])
+    assert types(out)[-1] == "response.completed"
