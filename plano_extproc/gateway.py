@@ -167,20 +167,14 @@ def _speaks(interface: str) -> str:
 def dispatch_api(provider: Provider, client: ClientApi) -> tuple[ClientApi, PairTranslator | None]:
     """The API ``provider`` is called with for a ``client`` request, and the translator (None
     for a native pair); a 400 when no translation between the two exists."""
-    target = provider_api(provider.interface, client)
-    pair: PairTranslator | None = None
-    if target is not None and target is not client:
-        try:
-            pair = translator(client, target)
-        except (KeyError, ImportError):  # no translator module for this pair (yet)
-            target = None
+    target = provider_api(provider.interface, client)  # only pairs that have a translator
     if target is None:
         raise bad_request(
             f"model {provider.name} (provider '{provider.interface}') cannot serve "
             f"{client.label} requests: translation between {client.label} and "
             f"{_speaks(provider.interface)} is not available"
         )
-    return target, pair
+    return target, translator(client, target)
 
 
 class Gateway:

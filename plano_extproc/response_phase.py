@@ -99,7 +99,7 @@ class ResponseTranslation:
         client, provider = pair
         try:
             found = translator(client, provider)
-        except (KeyError, ImportError) as e:
+        except KeyError as e:
             raise ContextError(f"no translator for {name}: {e}") from None
         if found is None:
             raise ContextError(f"{name} is a native pair")

@@ -6,19 +6,14 @@ has no translator (the identity: the body is edited in place and the response is
 
 from __future__ import annotations
 
-import importlib
-from typing import cast
-
 from plano_extproc.providers import PROVIDERS, ClientApi
+from plano_extproc.translate import chat_messages, messages_chat, responses_chat, responses_messages
 from plano_extproc.translate.base import PairTranslator
 
-_MODULES: dict[tuple[ClientApi, ClientApi], str] = {
-    (ClientApi.MESSAGES, ClientApi.CHAT): "messages_chat",
-    (ClientApi.CHAT, ClientApi.MESSAGES): "chat_messages",
-    (ClientApi.RESPONSES, ClientApi.CHAT): "responses_chat",
-    (ClientApi.RESPONSES, ClientApi.MESSAGES): "responses_messages",
+_PAIRS: dict[tuple[ClientApi, ClientApi], PairTranslator] = {
+    (m.client, m.provider): m
+    for m in (messages_chat, chat_messages, responses_chat, responses_messages)
 }
-_loaded: dict[tuple[ClientApi, ClientApi], PairTranslator] = {}
 
 
 def provider_api(interface: str, client: ClientApi) -> ClientApi | None:
@@ -33,7 +28,7 @@ def provider_api(interface: str, client: ClientApi) -> ClientApi | None:
     if client in spec.native:
         return client
     for target in (ClientApi.MESSAGES, ClientApi.CHAT):
-        if target in spec.native and (client, target) in _MODULES:
+        if target in spec.native and (client, target) in _PAIRS:
             return target
     return None
 
@@ -44,12 +39,7 @@ def translator(client: ClientApi, provider: ClientApi) -> PairTranslator | None:
     Raises KeyError for a pair no module translates (``provider_api`` never picks one)."""
     if client is provider:
         return None
-    key = (client, provider)
-    found = _loaded.get(key)
-    if found is None:
-        module = importlib.import_module(f"{__name__}.{_MODULES[key]}")
-        found = _loaded[key] = cast(PairTranslator, module)
-    return found
+    return _PAIRS[(client, provider)]
 
 
 def pair_name(client: ClientApi, provider: ClientApi) -> str:
@@ -63,4 +53,4 @@ def parse_pair(name: str) -> tuple[ClientApi, ClientApi] | None:
         pair = (ClientApi(client), ClientApi(provider))
     except ValueError:
         return None
-    return pair if sep and pair in _MODULES else None
+    return pair if sep and pair in _PAIRS else None

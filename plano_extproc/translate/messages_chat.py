@@ -409,7 +409,7 @@ def _thinking_shown(value: Any) -> bool:
     return kind != "disabled" and cfg.get("display") != "omitted"
 
 
-def _uses_completion_tokens(model_id: str) -> bool:
+def uses_completion_tokens(model_id: str) -> bool:
     name = model_id.rsplit("/", 1)[-1].lower()
     return name.startswith(_REASONING_PREFIXES)
 
@@ -433,7 +433,7 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     max_tokens = _int(body["max_tokens"], "max_tokens", 1)
 
     chat: dict[str, Any] = {"model": model_id, "messages": messages}
-    key = "max_completion_tokens" if _uses_completion_tokens(model_id) else "max_tokens"
+    key = "max_completion_tokens" if uses_completion_tokens(model_id) else "max_tokens"
     chat[key] = max_tokens
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:

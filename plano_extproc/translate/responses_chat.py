@@ -80,9 +80,7 @@ from typing import Any
 from plano_extproc.errors import GatewayError, bad_request
 from plano_extproc.providers import ClientApi
 from plano_extproc.translate.base import Context, SseOut, Untranslatable
-from plano_extproc.translate.messages_chat import (
-    _uses_completion_tokens as uses_completion_tokens,
-)
+from plano_extproc.translate.messages_chat import uses_completion_tokens
 
 client: ClientApi = ClientApi.RESPONSES
 provider: ClientApi = ClientApi.CHAT

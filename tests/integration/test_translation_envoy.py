@@ -11,7 +11,6 @@ must still reach the provider byte for byte except ``model``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,22 +80,13 @@ RESPONSES_TO_CHAT = Pair("responses", CHAT_LOCAL)
 RESPONSES_TO_MESSAGES = Pair("responses", CLAUDE)
 
 
-def _landed(pair: Pair) -> pytest.MarkDecorator:
-    """Skip a pair whose translator module (named by the translator contract) is not in the
-    tree yet: issue #8 lands one pair at a time. Remove once all four are in."""
-    module = f"plano_extproc.translate.{pair.client}_{pair.target.fmt}"
-    return pytest.mark.skipif(
-        importlib.util.find_spec(module) is None, reason=f"{module} not landed yet"
-    )
-
-
 def with_pairs(*items: Any) -> list[Any]:
-    """``items`` (pairs or tuples starting with a pair) as params marked by ``_landed``."""
+    """``items`` (pairs or tuples starting with a pair) as params named by their pair."""
     out = []
     for item in items:
         pair = item if isinstance(item, Pair) else item[0]
         values = (item,) if isinstance(item, Pair) else item
-        out.append(pytest.param(*values, marks=_landed(pair), id=str(pair)))
+        out.append(pytest.param(*values, id=str(pair)))
     return out
 
 
@@ -336,7 +326,14 @@ def ask(
         kw["tools"] = tools_for("responses")
     if stream:
         with oai(gw).responses.stream(**kw) as s:
-            return _read_responses(s.get_final_response())
+            # get_final_response() insists on response.completed; a length or content-filter
+            # stop ends with response.incomplete (as OpenAI's own API does).
+            final = None
+            for event in s:
+                if event.type in ("response.completed", "response.incomplete"):
+                    final = event.response
+            assert final is not None, "the stream had no terminal response event"
+            return _read_responses(final)
     return _read_responses(oai(gw).responses.create(**kw))
 
 

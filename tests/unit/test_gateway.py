@@ -16,10 +16,8 @@ from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import build_router
 from tests.conftest import SEED_RULES
 from tests.fakes import FakeOrchestrator, keyword_router
-from tests.standin_translators import install
 
 # Pairs whose real translator module has not landed yet use a text-only stand-in.
-install()
 
 
 def config(orch_url: str) -> Config:

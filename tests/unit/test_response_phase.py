@@ -16,9 +16,7 @@ from plano_extproc.metrics import Metrics
 from plano_extproc.response_phase import ContextError, ResponseTranslation
 from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.servicer import ExtProcStream, Reply
-from tests.standin_translators import install
 
-install()
 TX = json.dumps({"pair": "messages>chat_completions", "ctx": {"stream": True, "model": "claude"}})
 CHUNK = {
     "id": "c1",
