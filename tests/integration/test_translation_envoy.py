@@ -332,7 +332,8 @@ def ask(
             for event in s:
                 if event.type in ("response.completed", "response.incomplete"):
                     final = event.response
-            assert final is not None, "the stream had no terminal response event"
+            if final is None:  # response.failed / error: what get_final_response() raises
+                raise RuntimeError("the stream ended without response.completed/incomplete")
             return _read_responses(final)
     return _read_responses(oai(gw).responses.create(**kw))
 
