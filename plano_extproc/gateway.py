@@ -278,8 +278,35 @@ class Gateway:
         provider = decision.dispatch
         assert provider is not None
         target, pair = dispatch_api(provider, info.api)
-        if pair is not None:
-            return await self._translated(info, body, provider, target, pair, decision)
+        translation: Translation | None = None
+        if pair is None:
+            plan, new_body = await self._native(info, body, provider)
+        else:
+            plan, new_body, translation = await self._translated(info, body, provider, target, pair)
+        log.debug(
+            "request_id=%s dispatch model=%s route=%s translate=%s",
+            info.request_id,
+            provider.name,
+            decision.route,
+            translation.pair if translation is not None else None,
+        )
+        return Upstream(
+            provider=provider,
+            headers=plan,
+            body=new_body,
+            route=decision.route,
+            router_error=decision.router_error,
+            pinned=decision.pinned,
+            replayed=decision.replayed,
+            translation=translation,
+        )
+
+    async def _native(
+        self, info: RequestInfo, body: JsonBody, provider: Provider
+    ) -> tuple[HeaderPlan, bytes | None]:
+        """A native pair: the client's bytes, edited only where a member must change (None:
+        unchanged)."""
+        assert info.api is not None
         plan = upstream_headers(provider, info.api, info.query, info.headers)
         remove = tuple(k for k in INLINE_KEYS if k in body.values)
         set_values = {}
@@ -290,21 +317,7 @@ class Gateway:
             new_body = body.edited(remove=remove, set_values=set_values)
             plan.set.append(("content-length", str(len(new_body))))
         await body.release()  # large bodies: freed a slice per loop turn, not all at once
-        log.debug(
-            "request_id=%s dispatch model=%s route=%s",
-            info.request_id,
-            provider.name,
-            decision.route,
-        )
-        return Upstream(
-            provider=provider,
-            headers=plan,
-            body=new_body,
-            route=decision.route,
-            router_error=decision.router_error,
-            pinned=decision.pinned,
-            replayed=decision.replayed,
-        )
+        return plan, new_body
 
     async def _translated(
         self,
@@ -313,8 +326,7 @@ class Gateway:
         provider: Provider,
         target: ClientApi,
         pair: PairTranslator,
-        decision: Decision,
-    ) -> Upstream:
+    ) -> tuple[HeaderPlan, bytes, Translation]:
         """A non-native pair: the provider gets the translator's body (re-serialised) with
         headers planned for ``target``; the response phase gets the context."""
         assert info.api is not None
@@ -340,23 +352,7 @@ class Gateway:
         # The response is read and rewritten: it must arrive uncompressed.
         plan.set.append(("accept-encoding", "identity"))
         plan.set.append((TRANSLATE_HEADER, "1"))
-        log.debug(
-            "request_id=%s dispatch model=%s route=%s translate=%s",
-            info.request_id,
-            provider.name,
-            decision.route,
-            translation.pair,
-        )
-        return Upstream(
-            provider=provider,
-            headers=plan,
-            body=new_body,
-            route=decision.route,
-            router_error=decision.router_error,
-            pinned=decision.pinned,
-            replayed=decision.replayed,
-            translation=translation,
-        )
+        return plan, new_body, translation
 
     async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
         assert info.api is not None
