@@ -76,7 +76,6 @@ Stream
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -84,6 +83,18 @@ from typing import Any
 from plano_extproc.errors import GatewayError, bad_request
 from plano_extproc.providers import ClientApi
 from plano_extproc.translate.base import Context, SseOut, Untranslatable
+from plano_extproc.translate.fields import (
+    clean_id,
+    client_id,
+    need_array,
+    need_int,
+    need_name,
+    need_number_in,
+    need_object,
+    need_str,
+    reply_model,
+    token_count,
+)
 
 client: ClientApi = ClientApi.CHAT
 provider: ClientApi = ClientApi.MESSAGES
@@ -99,9 +110,7 @@ level, then growing steps; the largest plus ``DEFAULT_MAX_TOKENS`` stays under 3
 output cap among thinking-capable Claude models (Opus 4 / 4.1), so the default max is accepted."""
 
 _TARGET = ClientApi.MESSAGES.label
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_MAX_NAME = 64
-_MAX_ID = 64
+_MAX_ID = 64  # Anthropic's tool id cap, as its name cap
 _MAX_SHORT = 256
 _MAX_STOPS = 64
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
@@ -155,51 +164,9 @@ _MESSAGE_KEYS = frozenset(
 # ---------------------------------------------------------------- validation helpers
 
 
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise bad_request(f"'{where}' must be an object")
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise bad_request(f"'{where}' must be an array")
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise bad_request(f"'{where}' must be a string")
-    return value
-
-
-def _number(value: Any, where: str, low: float, high: float) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise bad_request(f"'{where}' must be a number from {low:g} to {high:g}")
-    return value
-
-
-def _int(value: Any, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise bad_request(f"'{where}' must be an integer >= {minimum}")
-    return value
-
-
-def _name(value: Any, where: str) -> str:
-    name = _str(value, where)
-    if not 0 < len(name) <= _MAX_NAME or not _ID_CHARS.issuperset(name):
-        raise bad_request(f"'{where}' must be 1-{_MAX_NAME} characters of [a-zA-Z0-9_-]")
-    return name
-
-
 def _tool_id(value: Any, where: str) -> str:
     """A client tool call id in Anthropic's charset: kept when it fits, else a stable digest."""
-    ident = _str(value, where)
-    if not ident or len(ident) > 1024:
-        raise bad_request(f"'{where}' must be 1-1024 characters")
-    if len(ident) <= _MAX_ID and _ID_CHARS.issuperset(ident):
-        return ident
-    return "toolu_" + hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return client_id(value, where, _MAX_ID, "toolu_")
 
 
 def _text(text: str) -> dict[str, Any] | None:
@@ -216,7 +183,7 @@ def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
         url = spec
         where = f"{where}.image_url"
     else:
-        url = _str(_obj(spec, f"{where}.image_url").get("url"), f"{where}.image_url.url")
+        url = need_str(need_object(spec, f"{where}.image_url").get("url"), f"{where}.image_url.url")
         where = f"{where}.image_url.url"
     if url.startswith("data:"):
         header, comma, data = url[5:].partition(",")
@@ -243,12 +210,12 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
         block = _text(content)
         return [block] if block else []
     out: list[dict[str, Any]] = []
-    for j, part in enumerate(_list(content, where)):
+    for j, part in enumerate(need_array(content, where)):
         at = f"{where}[{j}]"
-        part = _obj(part, at)
+        part = need_object(part, at)
         kind = part.get("type")
         if kind == "text":
-            block = _text(_str(part.get("text"), f"{at}.text"))
+            block = _text(need_str(part.get("text"), f"{at}.text"))
             if block:
                 out.append(block)
         elif kind == "image_url":
@@ -267,18 +234,18 @@ def _text_parts(content: Any, where: str, kinds: tuple[str, ...] = ("text",)) ->
     if isinstance(content, str):
         return [content]
     texts = []
-    for j, part in enumerate(_list(content, where)):
+    for j, part in enumerate(need_array(content, where)):
         at = f"{where}[{j}]"
-        part = _obj(part, at)
+        part = need_object(part, at)
         kind = part.get("type")
         if kind not in kinds:
             raise bad_request(f"'{at}.type' must be {' or '.join(kinds)}")
-        texts.append(_str(part.get(kind), f"{at}.{kind}"))
+        texts.append(need_str(part.get(kind), f"{at}.{kind}"))
     return texts
 
 
 def _arguments(value: Any, where: str) -> dict[str, Any]:
-    text = _str(value, where)
+    text = need_str(value, where)
     if not text.strip():
         return {}
     try:
@@ -294,7 +261,7 @@ def _assistant_blocks(msg: dict[str, Any], where: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     texts = _text_parts(msg.get("content"), f"{where}.content", ("text", "refusal"))
     if msg.get("refusal") is not None:
-        texts.append(_str(msg["refusal"], f"{where}.refusal"))
+        texts.append(need_str(msg["refusal"], f"{where}.refusal"))
     for text in texts:
         block = _text(text)
         if block:
@@ -302,19 +269,19 @@ def _assistant_blocks(msg: dict[str, Any], where: str) -> list[dict[str, Any]]:
     calls = msg.get("tool_calls")
     if calls is None:
         return out
-    for k, call in enumerate(_list(calls, f"{where}.tool_calls")):
+    for k, call in enumerate(need_array(calls, f"{where}.tool_calls")):
         at = f"{where}.tool_calls[{k}]"
-        call = _obj(call, at)
+        call = need_object(call, at)
         kind = call.get("type", "function")
         if kind != "function":
             label = kind[:64] if isinstance(kind, str) else "non-function"
             raise Untranslatable(f"{at}.type", _TARGET, f"'{label}' tool calls")
-        fn = _obj(call.get("function"), f"{at}.function")
+        fn = need_object(call.get("function"), f"{at}.function")
         out.append(
             {
                 "type": "tool_use",
                 "id": _tool_id(call.get("id"), f"{at}.id"),
-                "name": _name(fn.get("name"), f"{at}.function.name"),
+                "name": need_name(fn.get("name"), f"{at}.function.name"),
                 "input": _arguments(fn.get("arguments", ""), f"{at}.function.arguments"),
             }
         )
@@ -340,7 +307,7 @@ def _tool_result(msg: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _convert(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(system blocks, alternating user/assistant turns) from the Chat message list."""
-    items = _list(messages, "messages")
+    items = need_array(messages, "messages")
     if not items:
         raise bad_request("'messages' must contain at least one message")
     system: list[dict[str, Any]] = []
@@ -348,7 +315,7 @@ def _convert(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     last_kept = -1
     for i, msg in enumerate(items):
         where = f"messages[{i}]"
-        msg = _obj(msg, where)
+        msg = need_object(msg, where)
         role = msg.get("role")
         for key, value in msg.items():
             if key not in _MESSAGE_KEYS and value is not None:
@@ -398,21 +365,21 @@ def _convert(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 def _tools(value: Any) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(_list(value, "tools")):
+    for i, tool in enumerate(need_array(value, "tools")):
         where = f"tools[{i}]"
-        tool = _obj(tool, where)
+        tool = need_object(tool, where)
         kind = tool.get("type")
         if kind != "function":
             label = kind[:64] if isinstance(kind, str) else "non-function"
             raise Untranslatable(f"{where}.type", _TARGET, f"'{label}' tools")
-        fn = _obj(tool.get("function"), f"{where}.function")
-        spec: dict[str, Any] = {"name": _name(fn.get("name"), f"{where}.function.name")}
+        fn = need_object(tool.get("function"), f"{where}.function")
+        spec: dict[str, Any] = {"name": need_name(fn.get("name"), f"{where}.function.name")}
         if fn.get("description") is not None:
-            spec["description"] = _str(fn["description"], f"{where}.function.description")
+            spec["description"] = need_str(fn["description"], f"{where}.function.description")
         schema = fn.get("parameters")
         if schema is None:
             schema = {"type": "object", "properties": {}}
-        spec["input_schema"] = _obj(schema, f"{where}.function.parameters")
+        spec["input_schema"] = need_object(schema, f"{where}.function.parameters")
         strict = fn.get("strict")
         if strict is not None:
             if not isinstance(strict, bool):
@@ -433,15 +400,15 @@ def _tool_choice(value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         kind = value.get("type")
         if kind == "function":
-            fn = _obj(value.get("function"), "tool_choice.function")
-            return {"type": "tool", "name": _name(fn.get("name"), "tool_choice.function.name")}
+            fn = need_object(value.get("function"), "tool_choice.function")
+            return {"type": "tool", "name": need_name(fn.get("name"), "tool_choice.function.name")}
         if isinstance(kind, str) and kind:
             raise Untranslatable("tool_choice.type", _TARGET, f"'{kind[:64]}' tool choice")
     raise bad_request("'tool_choice' must be auto, required, none or a named function")
 
 
 def _response_format(value: Any, out: dict[str, Any]) -> None:
-    fmt = _obj(value, "response_format")
+    fmt = need_object(value, "response_format")
     kind = fmt.get("type")
     if kind == "text":
         return
@@ -449,15 +416,15 @@ def _response_format(value: Any, out: dict[str, Any]) -> None:
         raise Untranslatable("response_format.type", _TARGET, "no JSON mode without a schema")
     if kind != "json_schema":
         raise bad_request("'response_format.type' must be text, json_object or json_schema")
-    spec = _obj(fmt.get("json_schema"), "response_format.json_schema")
-    schema = _obj(spec.get("schema"), "response_format.json_schema.schema")
+    spec = need_object(fmt.get("json_schema"), "response_format.json_schema")
+    schema = need_object(spec.get("schema"), "response_format.json_schema.schema")
     out["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
 
 
 def _user_id(body: dict[str, Any]) -> str | None:
     for key in ("user", "safety_identifier"):
         if body.get(key) is not None:
-            value = _str(body[key], key)
+            value = need_str(body[key], key)
             if len(value) > _MAX_SHORT:
                 raise bad_request(f"'{key}' must be at most {_MAX_SHORT} characters")
             if value:
@@ -471,21 +438,21 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             continue
         raise Untranslatable(key[:64], _TARGET)
     n = body.get("n")
-    if n is not None and _int(n, "n", 1) > 1:
+    if n is not None and need_int(n, "n", 1) > 1:
         raise Untranslatable("n", _TARGET, "one choice per request")
     if body.get("logprobs") is not None:
         if not isinstance(body["logprobs"], bool):
             raise bad_request("'logprobs' must be a boolean")
         if body["logprobs"]:
             raise Untranslatable("logprobs", _TARGET)
-    if body.get("top_logprobs") is not None and _int(body["top_logprobs"], "top_logprobs", 0):
+    if body.get("top_logprobs") is not None and need_int(body["top_logprobs"], "top_logprobs", 0):
         raise Untranslatable("top_logprobs", _TARGET)
-    if body.get("logit_bias") is not None and _obj(body["logit_bias"], "logit_bias"):
+    if body.get("logit_bias") is not None and need_object(body["logit_bias"], "logit_bias"):
         raise Untranslatable("logit_bias", _TARGET)
     modalities = body.get("modalities")
     if modalities is not None:
-        for i, m in enumerate(_list(modalities, "modalities")):
-            if _str(m, f"modalities[{i}]") != "text":
+        for i, m in enumerate(need_array(modalities, "modalities")):
+            if need_str(m, f"modalities[{i}]") != "text":
                 raise Untranslatable(f"modalities[{i}]", _TARGET, "text output only")
 
 
@@ -538,25 +505,25 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     given_max = False
     for key in ("max_completion_tokens", "max_tokens"):
         if body.get(key) is not None:
-            out["max_tokens"] = _int(body[key], key, 1)
+            out["max_tokens"] = need_int(body[key], key, 1)
             given_max = True
             break
     else:
         out["max_tokens"] = DEFAULT_MAX_TOKENS
     if body.get("temperature") is not None:
-        out["temperature"] = min(_number(body["temperature"], "temperature", 0, 2), 1.0)
+        out["temperature"] = min(need_number_in(body["temperature"], "temperature", 0, 2), 1.0)
     if body.get("top_p") is not None:
-        out["top_p"] = _number(body["top_p"], "top_p", 0, 1)
+        out["top_p"] = need_number_in(body["top_p"], "top_p", 0, 1)
     stop = body.get("stop")
     if stop is not None:
-        stops = [stop] if isinstance(stop, str) else _list(stop, "stop")
+        stops = [stop] if isinstance(stop, str) else need_array(stop, "stop")
         if len(stops) > _MAX_STOPS:
             raise bad_request(f"'stop' must have at most {_MAX_STOPS} sequences")
         where = "stop" if isinstance(stop, str) else "stop[{}]"
         sequences = []
         for i, s in enumerate(stops):
             at = where.format(i)
-            if not _str(s, at).strip():
+            if not need_str(s, at).strip():
                 raise bad_request(f"'{at}' must not be blank")
             sequences.append(s)
         if sequences:
@@ -588,7 +555,7 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
-        flag = _obj(options, "stream_options").get("include_usage")
+        flag = need_object(options, "stream_options").get("include_usage")
         if flag is not None and not isinstance(flag, bool):
             raise bad_request("'stream_options.include_usage' must be a boolean")
         include_usage = bool(flag)
@@ -606,26 +573,9 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
 # ---------------------------------------------------------------- response
 
 
-def _clean_id(value: Any, limit: int = 128) -> str:
-    if not isinstance(value, str):
-        return ""
-    return "".join(c for c in value[:limit] if c in _ID_CHARS)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 def _created(ctx: Context) -> int:
     value = ctx.get("created")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _model(value: Any, ctx: Context) -> str:
-    if isinstance(value, str) and value:
-        return value[:_MAX_SHORT]
-    fallback = ctx.get("model")
-    return fallback[:_MAX_SHORT] if isinstance(fallback, str) else ""
 
 
 def _finish(stop_reason: Any) -> str:
@@ -640,13 +590,13 @@ def _finish(stop_reason: Any) -> str:
 
 def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     """Anthropic usage (input excludes cache reads and writes) as OpenAI's (prompt includes)."""
-    cached = _count(usage.get("cache_read_input_tokens"))
+    cached = token_count(usage.get("cache_read_input_tokens"))
     prompt = (
-        _count(usage.get("input_tokens"))
+        token_count(usage.get("input_tokens"))
         + cached
-        + _count(usage.get("cache_creation_input_tokens"))
+        + token_count(usage.get("cache_creation_input_tokens"))
     )
-    completion = _count(usage.get("output_tokens"))
+    completion = token_count(usage.get("output_tokens"))
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -654,7 +604,7 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens_details": {"cached_tokens": cached},
     }
     details = usage.get("output_tokens_details")
-    thinking = _count(details.get("thinking_tokens")) if isinstance(details, dict) else 0
+    thinking = token_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0
     if thinking:
         out["completion_tokens_details"] = {"reasoning_tokens": thinking}
     return out
@@ -667,7 +617,7 @@ def _arguments_json(value: Any) -> str:
 
 
 def _call_id(value: Any, n: int, message_id: str) -> str:
-    return _clean_id(value) or f"toolu_{message_id}_{n}"
+    return clean_id(value) or f"toolu_{message_id}_{n}"
 
 
 def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -675,7 +625,7 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
     content = body.get("content")
     if not isinstance(content, list):
         raise GatewayError(502, "server_error", "provider reply: content is not an array")
-    msg_id = _clean_id(body.get("id")) or "anthropic"
+    msg_id = clean_id(body.get("id")) or "anthropic"
     texts: list[str] = []
     thinking: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -715,7 +665,7 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "id": "chatcmpl-" + msg_id,
         "object": "chat.completion",
         "created": _created(ctx),
-        "model": _model(body.get("model"), ctx),
+        "model": reply_model(body.get("model"), ctx),
         "choices": [
             {
                 "index": 0,
@@ -768,7 +718,7 @@ class ChatStream:
         self._include_usage = ctx.get("include_usage") is True
         self._id = "chatcmpl-anthropic"
         self._created = _created(ctx)
-        self._model = _model(None, ctx)
+        self._model = reply_model(None, ctx)
         self._started = False
         self._done = False
         self._produced = False  # any text or tool call went out (else the finish says "")
@@ -799,10 +749,10 @@ class ChatStream:
     def _start(self, message: Any, out: list[SseOut]) -> None:
         self._started = True
         if isinstance(message, dict):
-            ident = _clean_id(message.get("id"))
+            ident = clean_id(message.get("id"))
             if ident:
                 self._id = "chatcmpl-" + ident
-            self._model = _model(message.get("model"), {"model": self._model})
+            self._model = reply_model(message.get("model"), {"model": self._model})
             self._keep_usage(message.get("usage"))
         out.append(self._chunk({"role": "assistant"}))
 
