@@ -72,21 +72,30 @@ Stream
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from plano_extproc.errors import GatewayError, bad_request
 from plano_extproc.providers import ClientApi
 from plano_extproc.translate.base import Context, SseOut, Untranslatable
+from plano_extproc.translate.chat_reply import reasoning_of, text_of
+from plano_extproc.translate.fields import (
+    clean_id,
+    client_id,
+    need_array,
+    need_int,
+    need_name,
+    need_number,
+    need_object,
+    need_str,
+    token_count,
+)
 
 client: ClientApi = ClientApi.MESSAGES
 provider: ClientApi = ClientApi.CHAT
 
 _TARGET = ClientApi.CHAT.label
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_MAX_NAME = 64
-_MAX_ID = 40
+_MAX_ID = 40  # OpenAI's cap on tool call ids
 _MAX_SHORT = 256
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
@@ -121,76 +130,34 @@ _TOOL_KEYS = frozenset(
 # ---------------------------------------------------------------- validation helpers
 
 
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise bad_request(f"'{where}' must be an object")
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise bad_request(f"'{where}' must be an array")
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise bad_request(f"'{where}' must be a string")
-    return value
-
-
-def _number(value: Any, where: str) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise bad_request(f"'{where}' must be a number")
-    return value
-
-
-def _int(value: Any, where: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise bad_request(f"'{where}' must be an integer >= {minimum}")
-    return value
-
-
-def _name(value: Any, where: str) -> str:
-    name = _str(value, where)
-    if not 0 < len(name) <= _MAX_NAME or not _ID_CHARS.issuperset(name):
-        raise bad_request(f"'{where}' must be 1-{_MAX_NAME} characters of [a-zA-Z0-9_-]")
-    return name
-
-
 def _tool_id(value: Any, where: str) -> str:
     """A client tool id as the provider gets it: kept when Chat-safe, else a stable digest."""
-    ident = _str(value, where)
-    if not ident or len(ident) > 1024:
-        raise bad_request(f"'{where}' must be 1-1024 characters")
-    if len(ident) <= _MAX_ID and _ID_CHARS.issuperset(ident):
-        return ident
-    return "toolu_" + hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return client_id(value, where, _MAX_ID, "toolu_")
 
 
 def _text_block(block: dict[str, Any], where: str) -> str:
-    return _str(block.get("text"), f"{where}.text")
+    return need_str(block.get("text"), f"{where}.text")
 
 
 def _block_type(block: Any, where: str) -> tuple[dict[str, Any], str]:
-    block = _obj(block, where)
-    return block, _str(block.get("type"), f"{where}.type")
+    block = need_object(block, where)
+    return block, need_str(block.get("type"), f"{where}.type")
 
 
 # ---------------------------------------------------------------- request
 
 
 def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
-    source = _obj(block.get("source"), f"{where}.source")
+    source = need_object(block.get("source"), f"{where}.source")
     kind = source.get("type")
     if kind == "base64":
-        media = _str(source.get("media_type"), f"{where}.source.media_type")
+        media = need_str(source.get("media_type"), f"{where}.source.media_type")
         if media not in _IMAGE_TYPES:
             raise bad_request(f"'{where}.source.media_type' must be one of {sorted(_IMAGE_TYPES)}")
-        data = _str(source.get("data"), f"{where}.source.data")
+        data = need_str(source.get("data"), f"{where}.source.data")
         url = f"data:{media};base64,{data}"
     elif kind == "url":
-        url = _str(source.get("url"), f"{where}.source.url")
+        url = need_str(source.get("url"), f"{where}.source.url")
         if not url.startswith(("https://", "http://")):
             raise bad_request(f"'{where}.source.url' must be an http(s) URL")
     elif kind == "file":
@@ -204,7 +171,7 @@ def _system(value: Any) -> str:
     if isinstance(value, str):
         return value
     texts = []
-    for j, block in enumerate(_list(value, "system")):
+    for j, block in enumerate(need_array(value, "system")):
         block, kind = _block_type(block, f"system[{j}]")
         if kind != "text":
             raise bad_request(f"'system[{j}].type' must be 'text'")
@@ -228,7 +195,7 @@ def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     if isinstance(content, str):
         texts.append(content)
     elif content is not None:
-        for k, part in enumerate(_list(content, f"{where}.content")):
+        for k, part in enumerate(need_array(content, f"{where}.content")):
             at = f"{where}.content[{k}]"
             part, kind = _block_type(part, at)
             if kind == "text":
@@ -257,7 +224,7 @@ def _user(content: Any, where: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": content}]
     tool_msgs: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
-    for j, block in enumerate(_list(content, where)):
+    for j, block in enumerate(need_array(content, where)):
         at = f"{where}[{j}]"
         block, kind = _block_type(block, at)
         if kind == "text":
@@ -281,19 +248,19 @@ def _assistant(content: Any, where: str) -> dict[str, Any] | None:
         return {"role": "assistant", "content": content} if content else None
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
-    for j, block in enumerate(_list(content, where)):
+    for j, block in enumerate(need_array(content, where)):
         at = f"{where}[{j}]"
         block, kind = _block_type(block, at)
         if kind == "text":
             texts.append(_text_block(block, at))
         elif kind == "tool_use":
-            args = _obj(block.get("input"), f"{at}.input")
+            args = need_object(block.get("input"), f"{at}.input")
             calls.append(
                 {
                     "id": _tool_id(block.get("id"), f"{at}.id"),
                     "type": "function",
                     "function": {
-                        "name": _name(block.get("name"), f"{at}.name"),
+                        "name": need_name(block.get("name"), f"{at}.name"),
                         "arguments": json.dumps(args, ensure_ascii=False, separators=(",", ":")),
                     },
                 }
@@ -312,13 +279,13 @@ def _assistant(content: Any, where: str) -> dict[str, Any] | None:
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
-    items = _list(value, "messages")
+    items = need_array(value, "messages")
     if not items:
         raise bad_request("'messages' must contain at least one message")
     out: list[dict[str, Any]] = []
     for i, msg in enumerate(items):
         where = f"messages[{i}]"
-        msg = _obj(msg, where)
+        msg = need_object(msg, where)
         role = msg.get("role")
         content = msg.get("content")
         if not isinstance(content, str | list):
@@ -338,9 +305,9 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 
 def _tools(value: Any) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(_list(value, "tools")):
+    for i, tool in enumerate(need_array(value, "tools")):
         where = f"tools[{i}]"
-        tool = _obj(tool, where)
+        tool = need_object(tool, where)
         kind = tool.get("type")
         if kind not in (None, "custom"):
             label = kind if isinstance(kind, str) else "non-custom"
@@ -348,10 +315,10 @@ def _tools(value: Any) -> list[dict[str, Any]]:
         for key in tool:
             if key not in _TOOL_KEYS:
                 raise Untranslatable(f"{where}.{key[:64]}", _TARGET)
-        fn: dict[str, Any] = {"name": _name(tool.get("name"), f"{where}.name")}
+        fn: dict[str, Any] = {"name": need_name(tool.get("name"), f"{where}.name")}
         if tool.get("description") is not None:
-            fn["description"] = _str(tool["description"], f"{where}.description")
-        schema = _obj(tool.get("input_schema"), f"{where}.input_schema")
+            fn["description"] = need_str(tool["description"], f"{where}.description")
+        schema = need_object(tool.get("input_schema"), f"{where}.input_schema")
         fn["parameters"] = schema
         strict = tool.get("strict")
         if strict is not None:
@@ -363,7 +330,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
 
 
 def _tool_choice(value: Any, chat: dict[str, Any]) -> None:
-    choice = _obj(value, "tool_choice")
+    choice = need_object(value, "tool_choice")
     kind = choice.get("type")
     if kind == "auto":
         chat["tool_choice"] = "auto"
@@ -372,7 +339,7 @@ def _tool_choice(value: Any, chat: dict[str, Any]) -> None:
     elif kind == "none":
         chat["tool_choice"] = "none"
     elif kind == "tool":
-        name = _name(choice.get("name"), "tool_choice.name")
+        name = need_name(choice.get("name"), "tool_choice.name")
         chat["tool_choice"] = {"type": "function", "function": {"name": name}}
     else:
         raise bad_request("'tool_choice.type' must be one of auto, any, tool, none")
@@ -387,10 +354,10 @@ def _tool_choice(value: Any, chat: dict[str, Any]) -> None:
 def _output_format(value: Any, where: str) -> dict[str, Any] | None:
     if value is None:
         return None
-    fmt = _obj(value, where)
+    fmt = need_object(value, where)
     if fmt.get("type") != "json_schema":
         raise bad_request(f"'{where}.type' must be 'json_schema'")
-    schema = _obj(fmt.get("schema"), f"{where}.schema")
+    schema = need_object(fmt.get("schema"), f"{where}.schema")
     return {
         "type": "json_schema",
         "json_schema": {"name": "output", "schema": schema, "strict": True},
@@ -400,12 +367,12 @@ def _output_format(value: Any, where: str) -> dict[str, Any] | None:
 def _thinking_shown(value: Any) -> bool:
     if value is None:
         return False
-    cfg = _obj(value, "thinking")
+    cfg = need_object(value, "thinking")
     kind = cfg.get("type")
     if kind not in ("enabled", "disabled", "adaptive"):
         raise bad_request("'thinking.type' must be one of enabled, disabled, adaptive")
     if cfg.get("budget_tokens") is not None:
-        _int(cfg["budget_tokens"], "thinking.budget_tokens")
+        need_int(cfg["budget_tokens"], "thinking.budget_tokens")
     return kind != "disabled" and cfg.get("display") != "omitted"
 
 
@@ -430,27 +397,28 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
             messages.insert(0, {"role": "system", "content": system})
     if "max_tokens" not in body:
         raise bad_request("'max_tokens' is required")
-    max_tokens = _int(body["max_tokens"], "max_tokens", 1)
+    max_tokens = need_int(body["max_tokens"], "max_tokens", 1)
 
     chat: dict[str, Any] = {"model": model_id, "messages": messages}
     key = "max_completion_tokens" if uses_completion_tokens(model_id) else "max_tokens"
     chat[key] = max_tokens
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:
-            chat[name] = _number(body[name], name)
+            chat[name] = need_number(body[name], name)
     if body.get("top_k") is not None:
-        _int(body["top_k"], "top_k")  # validated, then dropped: Chat has no top_k
+        need_int(body["top_k"], "top_k")  # validated, then dropped: Chat has no top_k
     stops = body.get("stop_sequences")
     if stops is not None:
         stops = [
-            _str(s, f"stop_sequences[{i}]") for i, s in enumerate(_list(stops, "stop_sequences"))
+            need_str(s, f"stop_sequences[{i}]")
+            for i, s in enumerate(need_array(stops, "stop_sequences"))
         ]
         if stops:
             chat["stop"] = stops
     if body.get("metadata") is not None:
-        user = _obj(body["metadata"], "metadata").get("user_id")
+        user = need_object(body["metadata"], "metadata").get("user_id")
         if user is not None:
-            user = _str(user, "metadata.user_id")
+            user = need_str(user, "metadata.user_id")
             if len(user) > _MAX_SHORT:
                 raise bad_request(f"'metadata.user_id' must be at most {_MAX_SHORT} characters")
             chat["user"] = user
@@ -465,7 +433,7 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
             chat.pop("parallel_tool_calls", None)
     fmt = _output_format(body.get("output_format"), "output_format")
     if body.get("output_config") is not None:
-        cfg = _obj(body["output_config"], "output_config")
+        cfg = need_object(body["output_config"], "output_config")
         fmt = _output_format(cfg.get("format"), "output_config.format") or fmt
     if fmt is not None:
         chat["response_format"] = fmt
@@ -488,12 +456,6 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
 # ---------------------------------------------------------------- response
 
 
-def _clean_id(value: Any, limit: int = 128) -> str:
-    if not isinstance(value, str):
-        return ""
-    return "".join(c for c in value[:limit] if c in _ID_CHARS)
-
-
 def _provider_model(body: dict[str, Any], ctx: Context) -> str:
     model = body.get("model")
     if isinstance(model, str) and model:
@@ -502,25 +464,21 @@ def _provider_model(body: dict[str, Any], ctx: Context) -> str:
     return fallback if isinstance(fallback, str) else ""
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 def _usage(usage: Any) -> dict[str, Any]:
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
     details = usage.get("prompt_tokens_details")
-    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    cached = cached or _count(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
-    prompt = _count(usage.get("prompt_tokens"))
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = cached or token_count(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
+    prompt = token_count(usage.get("prompt_tokens"))
     out: dict[str, Any] = {
         "input_tokens": max(prompt - cached, 0),
-        "output_tokens": _count(usage.get("completion_tokens")),
+        "output_tokens": token_count(usage.get("completion_tokens")),
     }
     if cached:
         out["cache_read_input_tokens"] = cached
     details = usage.get("completion_tokens_details")
-    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    reasoning = token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
     if reasoning:
         out["output_tokens_details"] = {"thinking_tokens": reasoning}
     return out
@@ -541,7 +499,7 @@ def _tool_input(arguments: Any) -> dict[str, Any]:
 
 def _block_id(value: Any, message_id: str, n: int) -> str:
     """An Anthropic-charset tool id; derived from the message id when the provider gave none."""
-    ident = _clean_id(value)
+    ident = clean_id(value)
     return ident or f"toolu_{message_id[4:]}_{n}"
 
 
@@ -557,25 +515,6 @@ def _stop_reason(finish: Any, has_tools: bool, matched: Any, ctx: Context) -> tu
     return "end_turn", None
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # some providers answer with parts
-        return "".join(
-            p["text"]
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        )
-    return ""
-
-
-def _reasoning_of(obj: dict[str, Any]) -> str:
-    value = obj.get("reasoning_content")
-    if not isinstance(value, str):
-        value = obj.get("reasoning")
-    return value if isinstance(value, str) else ""
-
-
 def _provider_error(message: str) -> GatewayError:
     return GatewayError(502, "api_error", f"provider reply: {message}")
 
@@ -589,12 +528,12 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
     message = choice.get("message")
     if not isinstance(message, dict):
         raise _provider_error("choices[0].message is not an object")
-    msg_id = "msg_" + (_clean_id(body.get("id")) or "chat")
+    msg_id = "msg_" + (clean_id(body.get("id")) or "chat")
     content: list[dict[str, Any]] = []
-    reasoning = _reasoning_of(message)
+    reasoning = reasoning_of(message)
     if reasoning and ctx.get("thinking"):
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = _text_of(message.get("content"))
+    text = text_of(message.get("content"))
     refusal = message.get("refusal")
     if isinstance(refusal, str) and refusal:
         text = f"{text}\n{refusal}" if text else refusal
@@ -696,7 +635,7 @@ class MessagesStream:
 
     def _start(self, chunk: dict[str, Any], out: list[SseOut]) -> None:
         self._started = True
-        ident = _clean_id(chunk.get("id"))
+        ident = clean_id(chunk.get("id"))
         if ident:
             self._msg_id = "msg_" + ident
         model = chunk.get("model")
@@ -885,7 +824,7 @@ class MessagesStream:
             choice = choices[0]
             delta = choice.get("delta")
             if isinstance(delta, dict) and not self._finished:
-                reasoning = _reasoning_of(delta)
+                reasoning = reasoning_of(delta)
                 if reasoning and self._thinking:
                     self._piece("thinking", reasoning, out)
                 text = delta.get("content")

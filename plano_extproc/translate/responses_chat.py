@@ -74,21 +74,32 @@ Stream
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from plano_extproc.errors import GatewayError, bad_request
 from plano_extproc.providers import ClientApi
 from plano_extproc.translate.base import Context, SseOut, Untranslatable
+from plano_extproc.translate.chat_reply import reasoning_of, text_of
+from plano_extproc.translate.fields import (
+    clean_id,
+    client_id,
+    need_array,
+    need_bool,
+    need_int,
+    need_name,
+    need_number_in,
+    need_object,
+    need_str,
+    reply_model,
+    token_count,
+)
 from plano_extproc.translate.messages_chat import uses_completion_tokens
 
 client: ClientApi = ClientApi.RESPONSES
 provider: ClientApi = ClientApi.CHAT
 
 _TARGET = ClientApi.CHAT.label
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_MAX_NAME = 64
-_MAX_ID = 40
+_MAX_ID = 40  # OpenAI's cap on tool call ids
 _MAX_SHORT = 256
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
 _DETAILS = frozenset({"low", "high", "auto"})
@@ -153,58 +164,15 @@ _TOOL_KEYS = frozenset({"type", "name", "description", "parameters", "strict"})
 # ---------------------------------------------------------------- validation helpers
 
 
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise bad_request(f"'{where}' must be an object")
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise bad_request(f"'{where}' must be an array")
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise bad_request(f"'{where}' must be a string")
-    return value
-
-
 def _short(value: Any, where: str) -> str:
-    text = _str(value, where)
+    text = need_str(value, where)
     if len(text) > _MAX_SHORT:
         raise bad_request(f"'{where}' must be at most {_MAX_SHORT} characters")
     return text
 
 
-def _number(value: Any, where: str, low: float, high: float) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise bad_request(f"'{where}' must be a number from {low:g} to {high:g}")
-    return value
-
-
-def _int(value: Any, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise bad_request(f"'{where}' must be an integer >= {minimum}")
-    return value
-
-
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise bad_request(f"'{where}' must be a boolean")
-    return value
-
-
-def _name(value: Any, where: str) -> str:
-    name = _str(value, where)
-    if not 0 < len(name) <= _MAX_NAME or not _ID_CHARS.issuperset(name):
-        raise bad_request(f"'{where}' must be 1-{_MAX_NAME} characters of [a-zA-Z0-9_-]")
-    return name
-
-
 def _kind(item: dict[str, Any], where: str) -> str:
-    return _str(item.get("type"), f"{where}.type")
+    return need_str(item.get("type"), f"{where}.type")
 
 
 def _label(value: Any) -> str:
@@ -213,12 +181,7 @@ def _label(value: Any) -> str:
 
 def _call_id(value: Any, where: str) -> str:
     """A client call id as the provider gets it: kept when Chat-safe, else a stable digest."""
-    ident = _str(value, where)
-    if not ident or len(ident) > 1024:
-        raise bad_request(f"'{where}' must be 1-1024 characters")
-    if len(ident) <= _MAX_ID and _ID_CHARS.issuperset(ident):
-        return ident
-    return "call_" + hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return client_id(value, where, _MAX_ID, "call_")
 
 
 # ---------------------------------------------------------------- request: input items
@@ -230,7 +193,7 @@ def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
         if part.get("file_id") is not None:
             raise Untranslatable(f"{where}.file_id", _TARGET, "Files API ids exist only at OpenAI")
         raise bad_request(f"'{where}.image_url' is required")
-    url = _str(url, f"{where}.image_url")
+    url = need_str(url, f"{where}.image_url")
     if not url.startswith(("https://", "http://", "data:")):
         raise bad_request(f"'{where}.image_url' must be an http(s) URL or a data URL")
     spec: dict[str, Any] = {"url": url}
@@ -238,7 +201,7 @@ def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
     if detail in _DETAILS:
         spec["detail"] = detail
     elif detail is not None:
-        _str(detail, f"{where}.detail")  # e.g. "original": no Chat equivalent, default kept
+        need_str(detail, f"{where}.detail")  # e.g. "original": no Chat equivalent, default kept
     return {"type": "image_url", "image_url": spec}
 
 
@@ -247,14 +210,14 @@ def _parts(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     out: list[dict[str, Any]] = []
-    for j, part in enumerate(_list(content, where)):
+    for j, part in enumerate(need_array(content, where)):
         at = f"{where}[{j}]"
-        part = _obj(part, at)
+        part = need_object(part, at)
         kind = _kind(part, at)
         if kind in ("input_text", "output_text"):
-            out.append({"type": "text", "text": _str(part.get("text"), f"{at}.text")})
+            out.append({"type": "text", "text": need_str(part.get("text"), f"{at}.text")})
         elif kind == "refusal":
-            out.append({"type": "text", "text": _str(part.get("refusal"), f"{at}.refusal")})
+            out.append({"type": "text", "text": need_str(part.get("refusal"), f"{at}.refusal")})
         elif kind == "input_image" and images:
             out.append(_image(part, at))
         elif kind in ("input_image", "input_file", "input_audio"):
@@ -306,8 +269,8 @@ class _Messages:
                 "id": _call_id(item.get("call_id"), f"{where}.call_id"),
                 "type": "function",
                 "function": {
-                    "name": _name(item.get("name"), f"{where}.name"),
-                    "arguments": _str(item.get("arguments"), f"{where}.arguments"),
+                    "name": need_name(item.get("name"), f"{where}.name"),
+                    "arguments": need_str(item.get("arguments"), f"{where}.arguments"),
                 },
             }
         )
@@ -320,7 +283,7 @@ class _Messages:
         if isinstance(output, str):
             texts.append(output)
         else:
-            for part in _parts(_list(output, f"{where}.output"), f"{where}.output", True):
+            for part in _parts(need_array(output, f"{where}.output"), f"{where}.output", True):
                 (texts.append(part["text"]) if part["type"] == "text" else images.append(part))
         text = "\n".join(texts)
         if images:
@@ -365,12 +328,12 @@ def _input(value: Any, msgs: _Messages) -> None:
     if isinstance(value, str):
         msgs.add({"role": "user", "content": value}, "input")
         return
-    items = _list(value, "input")
+    items = need_array(value, "input")
     if not items:
         raise bad_request("'input' must contain at least one item")
     for i, item in enumerate(items):
         where = f"input[{i}]"
-        item = _obj(item, where)
+        item = need_object(item, where)
         kind = item.get("type")
         if kind is None or kind == "message":
             _message(item, where, msgs)
@@ -398,22 +361,22 @@ def _input(value: Any, msgs: _Messages) -> None:
 
 def _tools(value: Any) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(_list(value, "tools")):
+    for i, tool in enumerate(need_array(value, "tools")):
         where = f"tools[{i}]"
-        tool = _obj(tool, where)
+        tool = need_object(tool, where)
         kind = tool.get("type")
         if kind != "function":
             raise Untranslatable(f"{where}.type", _TARGET, f"'{_label(kind)}' tools")
         for key, val in tool.items():
             if key not in _TOOL_KEYS and val is not None and val is not False:
                 raise Untranslatable(f"{where}.{key[:64]}", _TARGET)
-        fn: dict[str, Any] = {"name": _name(tool.get("name"), f"{where}.name")}
+        fn: dict[str, Any] = {"name": need_name(tool.get("name"), f"{where}.name")}
         if tool.get("description") is not None:
-            fn["description"] = _str(tool["description"], f"{where}.description")
+            fn["description"] = need_str(tool["description"], f"{where}.description")
         if tool.get("parameters") is not None:
-            fn["parameters"] = _obj(tool["parameters"], f"{where}.parameters")
+            fn["parameters"] = need_object(tool["parameters"], f"{where}.parameters")
         if tool.get("strict") is not None:
-            fn["strict"] = _bool(tool["strict"], f"{where}.strict")
+            fn["strict"] = need_bool(tool["strict"], f"{where}.strict")
         out.append({"type": "function", "function": fn})
     return out
 
@@ -425,7 +388,7 @@ def _tool_choice(value: Any) -> tuple[Any, Any]:
     if isinstance(value, dict):
         kind = value.get("type")
         if kind == "function":
-            name = _name(value.get("name"), "tool_choice.name")
+            name = need_name(value.get("name"), "tool_choice.name")
             return {"type": "function", "function": {"name": name}}, {
                 "type": "function",
                 "name": name,
@@ -436,10 +399,10 @@ def _tool_choice(value: Any) -> tuple[Any, Any]:
 
 
 def _text_format(value: Any) -> dict[str, Any] | None:
-    cfg = _obj(value, "text")
+    cfg = need_object(value, "text")
     if cfg.get("format") is None:
         return None
-    fmt = _obj(cfg["format"], "text.format")
+    fmt = need_object(cfg["format"], "text.format")
     kind = fmt.get("type")
     if kind == "text":
         return None
@@ -448,13 +411,13 @@ def _text_format(value: Any) -> dict[str, Any] | None:
     if kind != "json_schema":
         raise bad_request("'text.format.type' must be text, json_object or json_schema")
     spec: dict[str, Any] = {
-        "name": _name(fmt.get("name"), "text.format.name"),
-        "schema": _obj(fmt.get("schema"), "text.format.schema"),
+        "name": need_name(fmt.get("name"), "text.format.name"),
+        "schema": need_object(fmt.get("schema"), "text.format.schema"),
     }
     if fmt.get("description") is not None:
-        spec["description"] = _str(fmt["description"], "text.format.description")
+        spec["description"] = need_str(fmt["description"], "text.format.description")
     if fmt.get("strict") is not None:
-        spec["strict"] = _bool(fmt["strict"], "text.format.strict")
+        spec["strict"] = need_bool(fmt["strict"], "text.format.strict")
     return {"type": "json_schema", "json_schema": spec}
 
 
@@ -463,15 +426,15 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         if value is None or key in _HANDLED or key in _DROPPED:
             continue
         raise Untranslatable(key[:64], _TARGET, _REFUSED.get(key, ""))
-    if body.get("background") is not None and _bool(body["background"], "background"):
+    if body.get("background") is not None and need_bool(body["background"], "background"):
         raise Untranslatable("background", _TARGET, "background responses need stored state")
-    if body.get("top_logprobs") is not None and _int(body["top_logprobs"], "top_logprobs", 0):
+    if body.get("top_logprobs") is not None and need_int(body["top_logprobs"], "top_logprobs", 0):
         raise Untranslatable("top_logprobs", _TARGET, "logprobs are not carried back")
     if body.get("truncation") not in (None, "auto", "disabled"):
         raise bad_request("'truncation' must be auto or disabled")
     if body.get("include") is not None:
-        for i, value in enumerate(_list(body["include"], "include")):
-            if _str(value, f"include[{i}]") not in _HARMLESS_INCLUDES:
+        for i, value in enumerate(need_array(body["include"], "include")):
+            if need_str(value, f"include[{i}]") not in _HARMLESS_INCLUDES:
                 raise Untranslatable(f"include[{i}]", _TARGET, f"'{value[:64]}' output")
 
 
@@ -482,7 +445,7 @@ def convert(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     requested = requested[:_MAX_SHORT] if isinstance(requested, str) else ""
     msgs = _Messages()
     if body.get("instructions") is not None:
-        instructions = _str(body["instructions"], "instructions")
+        instructions = need_str(body["instructions"], "instructions")
         if instructions:
             msgs.add({"role": "system", "content": instructions}, "instructions")
     if "input" not in body:
@@ -494,14 +457,16 @@ def convert(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     origins["messages"] = "input"
 
     if body.get("max_output_tokens") is not None:
-        limit = _int(body["max_output_tokens"], "max_output_tokens", 1)
+        limit = need_int(body["max_output_tokens"], "max_output_tokens", 1)
         key = "max_completion_tokens" if uses_completion_tokens(model_id) else "max_tokens"
         chat[key] = ctx["max_output_tokens"] = limit
         origins[key] = "max_output_tokens"
     if body.get("temperature") is not None:
-        chat["temperature"] = ctx["temperature"] = _number(body["temperature"], "temperature", 0, 2)
+        chat["temperature"] = ctx["temperature"] = need_number_in(
+            body["temperature"], "temperature", 0, 2
+        )
     if body.get("top_p") is not None:
-        chat["top_p"] = ctx["top_p"] = _number(body["top_p"], "top_p", 0, 1)
+        chat["top_p"] = ctx["top_p"] = need_number_in(body["top_p"], "top_p", 0, 1)
     for key in ("user", "safety_identifier"):
         if body.get(key) is not None and _short(body[key], key) and "user" not in chat:
             chat["user"] = body[key]
@@ -513,7 +478,7 @@ def convert(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     ctx["tool_choice"] = echo
     parallel = True
     if body.get("parallel_tool_calls") is not None:
-        parallel = _bool(body["parallel_tool_calls"], "parallel_tool_calls")
+        parallel = need_bool(body["parallel_tool_calls"], "parallel_tool_calls")
     ctx["parallel_tool_calls"] = parallel
     if tools:
         chat["tools"] = tools
@@ -525,7 +490,7 @@ def convert(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
         origins[f"tools[{i}].function"] = f"tools[{i}]"
     origins["tool_choice.function"] = "tool_choice"
     if body.get("reasoning") is not None:
-        effort = _obj(body["reasoning"], "reasoning").get("effort")
+        effort = need_object(body["reasoning"], "reasoning").get("effort")
         if effort is not None:
             if effort not in _EFFORTS:
                 raise bad_request(
@@ -539,7 +504,7 @@ def convert(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
             chat["response_format"] = fmt
             origins["response_format"] = "text.format"
     stream = body.get("stream")
-    if stream is not None and _bool(stream, "stream"):
+    if stream is not None and need_bool(stream, "stream"):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
         ctx["stream"] = True
@@ -555,33 +520,27 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
 # ---------------------------------------------------------------- response
 
 
-def _clean_id(value: Any, limit: int = 128) -> str:
-    if not isinstance(value, str):
-        return ""
-    return "".join(c for c in value[:limit] if c in _ID_CHARS)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 def _usage(usage: Any) -> dict[str, Any] | None:
     if not isinstance(usage, dict):
         return None
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens"))
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens"))
     details = usage.get("prompt_tokens_details")
     details = details if isinstance(details, dict) else {}
-    cached = _count(details.get("cached_tokens")) or _count(usage.get("prompt_cache_hit_tokens"))
-    written = _count(details.get("cache_write_tokens"))
+    cached = token_count(details.get("cached_tokens")) or token_count(
+        usage.get("prompt_cache_hit_tokens")
+    )
+    written = token_count(details.get("cache_write_tokens"))
     out_details = usage.get("completion_tokens_details")
-    reasoning = _count(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    reasoning = (
+        token_count(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    )
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": _count(usage.get("total_tokens")) or prompt + completion,
+        "total_tokens": token_count(usage.get("total_tokens")) or prompt + completion,
     }
 
 
@@ -591,32 +550,6 @@ def _status(finish: Any) -> tuple[str, dict[str, Any] | None]:
     if finish == "content_filter":
         return "incomplete", {"reason": "content_filter"}
     return "completed", None
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # some providers answer with parts
-        return "".join(
-            p["text"]
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        )
-    return ""
-
-
-def _reasoning_of(obj: dict[str, Any]) -> str:
-    value = obj.get("reasoning_content")
-    if not isinstance(value, str):
-        value = obj.get("reasoning")
-    return value if isinstance(value, str) else ""
-
-
-def _model(value: Any, ctx: Context) -> str:
-    if isinstance(value, str) and value:
-        return value[:_MAX_SHORT]
-    fallback = ctx.get("model")
-    return fallback[:_MAX_SHORT] if isinstance(fallback, str) else ""
 
 
 def _echo_number(ctx: Context, key: str) -> Any:
@@ -689,15 +622,15 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
         raise GatewayError(
             502, "server_error", "provider reply: choices[0].message is not an object"
         )
-    base = _clean_id(body.get("id")) or "chat"
+    base = clean_id(body.get("id")) or "chat"
     status, incomplete = _status(choice.get("finish_reason"))
     item_status = "completed" if status == "completed" else "incomplete"
     output: list[dict[str, Any]] = []
-    reasoning = _reasoning_of(message)
+    reasoning = reasoning_of(message)
     if reasoning:
         output.append(_reasoning_item(f"rs_{base}", reasoning))
     parts: list[dict[str, Any]] = []
-    text = _text_of(message.get("content"))
+    text = text_of(message.get("content"))
     if text:
         parts.append({"type": "output_text", "text": text, "annotations": []})
     refusal = message.get("refusal")
@@ -722,7 +655,12 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
             )
         )
     out = _envelope(
-        f"resp_{base}", body.get("created"), _model(body.get("model"), ctx), ctx, status, output
+        f"resp_{base}",
+        body.get("created"),
+        reply_model(body.get("model"), ctx),
+        ctx,
+        status,
+        output,
     )
     out["incomplete_details"] = incomplete
     out["usage"] = _usage(body.get("usage"))
@@ -796,7 +734,7 @@ class ResponsesStream:
         self._seq = 0
         self._base = "chat"
         self._created: Any = 0
-        self._model = _model(None, ctx)
+        self._model = reply_model(None, ctx)
         self._started = False
         self._done = False
         self._items: list[_Item] = []
@@ -824,10 +762,10 @@ class ResponsesStream:
     def _start(self, chunk: dict[str, Any] | None, out: list[SseOut]) -> None:
         self._started = True
         if chunk is not None:
-            self._base = _clean_id(chunk.get("id")) or self._base
+            self._base = clean_id(chunk.get("id")) or self._base
             created = chunk.get("created")
             self._created = created if isinstance(created, int | float) else 0
-            self._model = _model(chunk.get("model"), self._ctx)
+            self._model = reply_model(chunk.get("model"), self._ctx)
         out.append(self._ev("response.created", {"response": self._envelope("in_progress", [])}))
         out.append(
             self._ev("response.in_progress", {"response": self._envelope("in_progress", [])})
@@ -997,10 +935,10 @@ class ResponsesStream:
     def _choice(self, choice: dict[str, Any], out: list[SseOut]) -> None:
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            reasoning = _reasoning_of(delta)
+            reasoning = reasoning_of(delta)
             if reasoning:
                 self._text("reasoning", "summary_text", reasoning, out)
-            text = _text_of(delta.get("content"))
+            text = text_of(delta.get("content"))
             if text:
                 self._text("message", "output_text", text, out)
             refusal = delta.get("refusal")
