@@ -1,14 +1,18 @@
 """Translated streams through the real gateway: time to first byte and memory over a soak.
 
-Starts a recording fake OpenAI provider (tests/fakes.py, real SSE wire format) and
-``plano-extproc up`` (router none, one ext_proc worker), all on 127.0.0.1 with free ports.
+Starts a fake OpenAI provider and ``plano-extproc up`` (router none, one ext_proc worker), all on
+127.0.0.1 with free ports.
 
-1. Time to first byte, A/B in one run: a native stream (OpenAI Chat client -> OpenAI model)
+1. Time to first byte, A/B in one run, against a provider that streams like a model generates
+   (``--ttfb-events`` events, one per write, ``--pace-ms`` apart): a native stream (OpenAI Chat
+   client -> OpenAI model)
    and a translated one (Anthropic Messages client -> the same OpenAI model: the request is
    translated to Chat and every SSE event back to Anthropic's grammar), interleaved request by
    request, ``--requests`` each; p50/p99 of the time from sending the request to the first
    body byte, and to the end of the stream.
-2. Soak: ``--clients`` concurrent clients stream translated answers of ``--events`` events for
+2. Soak, against the scripted fake of tests/fakes.py (real SSE wire format, a whole answer per
+   write: the most events per second): ``--clients`` concurrent clients stream translated
+   answers of ``--events`` events for
    ``--soak`` seconds; the ext_proc workers' RSS is sampled every ``--every`` seconds. Flat
    memory means no per-stream state outlives its stream.
 
@@ -18,6 +22,7 @@ Starts a recording fake OpenAI provider (tests/fakes.py, real SSE wire format) a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -28,15 +33,55 @@ import time
 from pathlib import Path
 
 import httpx
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.overhead import children, machine
 from tests.conftest import seed_config
-from tests.fakes import FakeProvider, Script, Usage
+from tests.fakes import FakeProvider, FakeServer, Script, Usage
 from tests.gateway_proc import GatewayProcess
 
 MODEL = "openai/gpt-4o-mini"
+
+
+class PacedChatProvider(FakeServer):
+    """An OpenAI Chat provider that streams like a model generates: one event per write,
+    ``pace`` seconds apart (the scripted fake writes a whole answer at once, so its time to
+    first byte would include translating every event)."""
+
+    def __init__(self, events: int, pace: float) -> None:
+        super().__init__()
+        self.events = events
+        self.pace = pace
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+
+        def event(delta: dict[str, object], finish: str | None = None) -> bytes:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        await resp.write(event({"role": "assistant", "content": ""}))
+        for i in range(self.events):
+            await asyncio.sleep(self.pace)
+            await resp.write(event({"content": f"w{i} "}))
+        await resp.write(event({}, "stop"))
+        usage = {"prompt_tokens": 5, "completion_tokens": self.events, "total_tokens": 5}
+        await resp.write(
+            f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode()
+        )
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
 
 def rss_kib(pid: int) -> int:
@@ -104,18 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak", type=int, default=600, help="soak seconds (0: skip)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent soak clients")
     ap.add_argument("--every", type=int, default=30, help="RSS sample interval, seconds")
+    ap.add_argument(
+        "--pace-ms", type=float, default=5.0, help="TTFB part: ms between provider events"
+    )
+    ap.add_argument("--ttfb-events", type=int, default=20, help="TTFB part: events per answer")
     args = ap.parse_args(argv)
 
-    fake = FakeProvider("openai").start()
-    assert isinstance(fake, FakeProvider)
-    words = [f"w{i} " for i in range(args.events)]
-    fake.script = Script(text=words, usage=Usage(), ping=False)
+    paced = PacedChatProvider(args.ttfb_events, args.pace_ms / 1000).start()
     tmp = Path(tempfile.mkdtemp(prefix="plano-tx-stream-"))
-    cfg = seed_config(fake.base_url, fake.base_url, router="  router:\n    type: none")
+    cfg = seed_config(paced.base_url, paced.base_url, router="  router:\n    type: none")
     gw = GatewayProcess(cfg, tmp).start()
     try:
-        assert gw.proc is not None
-        workers = children(gw.proc.pid)
         kinds = {"native chat>chat": native_request, "translated messages>chat": translated_request}
         ttfb: dict[str, list[float]] = {k: [] for k in kinds}
         total: dict[str, list[float]] = {k: [] for k in kinds}
@@ -123,17 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(20):  # warm-up
                 for make in kinds.values():
                     one_stream(client, make(gw.url))
-            for i in range(args.requests):
+            for _ in range(args.requests):
                 for name, make in kinds.items():
                     first, end, _ = one_stream(client, make(gw.url))
                     ttfb[name].append(first * 1000)
                     total[name].append(end * 1000)
-                if i % 50 == 0:
-                    drop_records(fake)
         print(f"machine: {machine()}")
         print(
-            f"{args.requests} streams per kind, interleaved, {args.events} text events each, "
-            "one ext_proc worker, sequential client\n"
+            f"{args.requests} streams per kind, interleaved, {args.ttfb_events} text events each "
+            f"{args.pace_ms:g} ms apart (one per write), one ext_proc worker, sequential client\n"
         )
         print("| stream | TTFB p50 ms | TTFB p99 ms | whole stream p50 ms |")
         print("|---|---:|---:|---:|")
@@ -146,8 +188,21 @@ def main(argv: list[str] | None = None) -> int:
             ttfb["native chat>chat"]
         )
         print(f"\nadded TTFB p50 (translated - native): {added:+.2f} ms")
-        if args.soak <= 0:
-            return 0
+    finally:
+        gw.stop()
+        paced.stop()
+    if args.soak <= 0:
+        return 0
+
+    # Soak: the scripted fake writes whole answers at once (the most events per second).
+    fake = FakeProvider("openai").start()
+    assert isinstance(fake, FakeProvider)
+    fake.script = Script(text=[f"w{i} " for i in range(args.events)], usage=Usage(), ping=False)
+    cfg = seed_config(fake.base_url, fake.base_url, router="  router:\n    type: none")
+    gw = GatewayProcess(cfg, tmp).start()
+    try:
+        assert gw.proc is not None
+        workers = children(gw.proc.pid)
 
         stop = time.monotonic() + args.soak
         counts = [0] * args.clients
@@ -185,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("| t s | streams | worker RSS MiB |")
         print("|---:|---:|---:|")
-        for t, n, mib in samples:
-            print(f"| {t:.0f} | {n} | {mib:.1f} |")
+        for at, n, mib in samples:
+            print(f"| {at:.0f} | {n} | {mib:.1f} |")
     finally:
         gw.stop()
         fake.stop()
