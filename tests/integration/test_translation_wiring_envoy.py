@@ -12,7 +12,9 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -321,3 +323,36 @@ def test_client_disconnect_mid_stream_frees_the_streams(
         {"model": "openai/gpt-4o", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]},
     )
     assert ok.status_code == 200 and ok.json()["type"] == "message"
+
+
+# --------------------------------------------------------------------------- several workers
+
+
+def test_translation_is_stateless_across_workers(
+    tmp_path: Path, providers: tuple[ScriptedProvider, ScriptedProvider], orch: FakeOrchestrator
+) -> None:
+    """With two ext_proc workers a response stream may land on another worker than the
+    request's routing stream: the context travels in Envoy metadata, so every answer is
+    translated whichever worker serves it (24 concurrent requests, JSON and SSE)."""
+    oa, an = providers
+    cfg = orchestrated_seed_config(oa.base_url, an.base_url, orch.base_url, timeout_ms=500)
+    with GatewayProcess(cfg, tmp_path, workers=2) as g:
+        client = anthropic.Anthropic(base_url=g.url, api_key="client-key", max_retries=0)
+
+        def one(i: int) -> str:
+            kw: dict[str, Any] = {
+                "model": "openai/gpt-4o",
+                "max_tokens": 32,
+                "messages": [{"role": "user", "content": f"{PLAIN} {i}"}],
+            }
+            if i % 2:
+                with client.messages.stream(**kw) as stream:
+                    return "".join(stream.text_stream)
+            msg = client.messages.create(**kw)
+            assert msg.content[0].type == "text"
+            return msg.content[0].text
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(one, range(24)))
+        assert answers == ["hello from openai (gpt-4o)"] * 24
+        assert stat(g, RESPONSE_STREAMS) == 24
