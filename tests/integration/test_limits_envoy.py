@@ -562,3 +562,34 @@ def test_istio_ext_proc_cluster_has_the_rendered_circuit_breakers() -> None:
     ours = render_bootstrap(parse_config(cm["data"]["config.yaml"], env=keys), extproc=[])
     [rendered] = [c for c in ours["static_resources"]["clusters"] if c["name"] == cluster["name"]]
     assert cluster["circuit_breakers"] == rendered["circuit_breakers"]
+
+
+def test_retries_do_not_overflow_envoys_default_of_three(
+    tmp_path: Path, paced: tuple[PacedProvider, PacedProvider]
+) -> None:
+    """Envoy allows 3 concurrent retries per cluster by default; beyond that a retry is silently
+    skipped and the client gets the first failure. Provider clusters get a retry cap sized
+    like their request cap, so 16 failing requests at once each get their retry."""
+    oai, ant = paced
+    oai.mode, oai.seconds, oai.fail_status = "delay", 0.3, 503
+    cfg = limits_config(oai.base_url, ant.base_url, free_port()).replace(
+        f"max_concurrent_requests: {MAX_CONCURRENT}",
+        "max_concurrent_requests: 64\n    max_retries: 1",
+    )
+    with GatewayProcess(cfg, tmp_path) as g:
+
+        def one(_: int) -> int:
+            return httpx.post(g.url + CHAT, content=chat(), timeout=30).status_code
+
+        threads = 16
+        results: list[int] = []
+        workers = [threading.Thread(target=lambda: results.append(one(0))) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(30)
+        assert results == [503] * threads
+        assert len(oai.requests) == 2 * threads  # every request was tried twice
+        stats = httpx.get(f"http://127.0.0.1:{g.admin_port}/stats?filter=retry_overflow").text
+        overflow = sum(int(line.rsplit(": ", 1)[1]) for line in stats.splitlines() if ": " in line)
+        assert overflow == 0, stats

@@ -137,6 +137,7 @@ def test_every_cluster_caps_requests_and_pending_ones() -> None:
     for cluster in by_name.values():
         [t] = cluster["circuit_breakers"]["thresholds"]
         assert (t["max_requests"], t["max_pending_requests"]) == (100, 100)
+        assert t["max_retries"] == 100  # not Envoy's default 3 concurrent retries
         # Room for every pending request's own connection: none waits for a free slot.
         assert t["max_connections"] >= t["max_requests"] + t["max_pending_requests"]
 
