@@ -471,16 +471,18 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
     return routes
 
 
-# The response modes of a translated request: headers first (the servicer then picks the body
-# mode by status and content-type with mode_override); the request side is over by then.
-TRANSLATED_MODES = {
+# The response filter's static modes: nothing is sent, so no gRPC stream is opened.
+_INERT_MODES = {
     "request_header_mode": "SKIP",
     "request_body_mode": "NONE",
     "request_trailer_mode": "SKIP",
-    "response_header_mode": "SEND",
+    "response_header_mode": "SKIP",
     "response_body_mode": "NONE",
     "response_trailer_mode": "SKIP",
 }
+# The response modes of a translated request: headers first (the servicer then picks the body
+# mode by status and content-type with mode_override); the request side is over by then.
+TRANSLATED_MODES = {**_INERT_MODES, "response_header_mode": "SEND"}
 
 
 def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str, Any]]:
@@ -628,14 +630,7 @@ def _response_filter() -> dict[str, Any]:
             "allow_mode_override": True,
             "metadata_options": {"forwarding_namespaces": {"untyped": [DECISION_METADATA]}},
             "message_timeout": "10s",
-            "processing_mode": {
-                "request_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SKIP",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            },
+            "processing_mode": dict(_INERT_MODES),
         },
     }
 

@@ -102,17 +102,17 @@ MAX_CONTEXT_BYTES = 4096
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Translation:
-    """What the response phase needs: the pair ("messages>chat_completions") and the
-    translator's context. ``metadata`` is the JSON sent as ``plano.tx``."""
+    """What the response phase needs: the pair ("messages>chat_completions") and ``metadata``,
+    the JSON sent as ``plano.tx`` ({"pair", "ctx": the translator's context}), built once."""
 
     pair: str
-    context: dict[str, Any]
+    metadata: str
 
-    @property
-    def metadata(self) -> str:
-        return _compact({"pair": self.pair, "ctx": self.context})
+    @classmethod
+    def build(cls, pair: str, context: dict[str, Any]) -> Translation:
+        return cls(pair, _compact({"pair": pair, "ctx": context}))
 
 
 @dataclass(slots=True)
@@ -342,7 +342,7 @@ class Gateway:
             ) from None
         new_body = _compact(translated).encode("utf-8")
         await body.release()
-        translation = Translation(pair_name(info.api, target), context)
+        translation = Translation.build(pair_name(info.api, target), context)
         if len(translation.metadata.encode()) > MAX_CONTEXT_BYTES:
             raise GatewayError(
                 500, "server_error", f"the {translation.pair} translation context is too large"

@@ -97,12 +97,8 @@ class ResponseTranslation:
         if pair is None or not isinstance(context, dict):
             raise ContextError(f"translation context names no known pair: {raw[:200]!r}")
         client, provider = pair
-        try:
-            found = translator(client, provider)
-        except KeyError as e:
-            raise ContextError(f"no translator for {name}: {e}") from None
-        if found is None:
-            raise ContextError(f"{name} is a native pair")
+        found = translator(client, provider)
+        assert found is not None  # parse_pair names only pairs that have a translator
         return cls(client, provider, found, context)
 
     # ------------------------------------------------------------------ headers
