@@ -78,7 +78,12 @@ from typing import Any
 from plano_extproc.errors import GatewayError, bad_request
 from plano_extproc.providers import ClientApi
 from plano_extproc.translate.base import Context, SseOut, Untranslatable
-from plano_extproc.translate.chat_reply import reasoning_of, text_of
+from plano_extproc.translate.chat import (
+    message_content,
+    reasoning_of,
+    text_of,
+    tool_message_text,
+)
 from plano_extproc.translate.fields import (
     clean_id,
     client_id,
@@ -179,13 +184,6 @@ def _system(value: Any) -> str:
     return "\n\n".join(t for t in texts if t)
 
 
-def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """Text-only content as one string (widest provider support), else the part list."""
-    if all(p["type"] == "text" for p in parts):
-        return "\n".join(p["text"] for p in parts)
-    return parts
-
-
 def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Any]]:
     """One ``role: tool`` message and the image parts that must follow in a user message."""
     call_id = _tool_id(block.get("tool_use_id"), f"{where}.tool_use_id")
@@ -207,10 +205,7 @@ def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     is_error = block.get("is_error")
     if is_error is not None and not isinstance(is_error, bool):
         raise bad_request(f"'{where}.is_error' must be a boolean")
-    text = "\n".join(texts)
-    if images:
-        note = f"[{len(images)} image(s) attached in the next user message]"
-        text = f"{text}\n{note}" if text else note
+    text = tool_message_text(texts, len(images))
     if is_error:
         text = f"[tool error] {text}"
     extra: list[Any] = []
@@ -239,7 +234,7 @@ def _user(content: Any, where: str) -> list[dict[str, Any]]:
             raise Untranslatable(f"{at}.type", _TARGET, f"'{kind}' content blocks")
     out = tool_msgs
     if parts or not tool_msgs:
-        out = [*tool_msgs, {"role": "user", "content": _content(parts)}]
+        out = [*tool_msgs, {"role": "user", "content": message_content(parts)}]
     return out
 
 

@@ -79,7 +79,12 @@ from typing import Any
 from plano_extproc.errors import GatewayError, bad_request
 from plano_extproc.providers import ClientApi
 from plano_extproc.translate.base import Context, SseOut, Untranslatable
-from plano_extproc.translate.chat_reply import reasoning_of, text_of
+from plano_extproc.translate.chat import (
+    message_content,
+    reasoning_of,
+    text_of,
+    tool_message_text,
+)
 from plano_extproc.translate.fields import (
     clean_id,
     client_id,
@@ -229,13 +234,6 @@ def _parts(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """Text-only content as one string (widest provider support), else the part list."""
-    if all(p["type"] == "text" for p in parts):
-        return "\n".join(p["text"] for p in parts)
-    return parts
-
-
 class _Messages:
     """Builds the Chat message list and remembers where each message came from, so errors a
     composed translator raises in Chat terms can name the client's field (``origins``)."""
@@ -285,10 +283,7 @@ class _Messages:
         else:
             for part in _parts(need_array(output, f"{where}.output"), f"{where}.output", True):
                 (texts.append(part["text"]) if part["type"] == "text" else images.append(part))
-        text = "\n".join(texts)
-        if images:
-            note = f"[{len(images)} image(s) attached in the next user message]"
-            text = f"{text}\n{note}" if text else note
+        text = tool_message_text(texts, len(images))
         pending = self._images
         self._images = []  # add() must not flush them before this tool message
         self.add({"role": "tool", "tool_call_id": ident, "content": text}, where)
@@ -321,7 +316,10 @@ def _message(item: dict[str, Any], where: str, msgs: _Messages) -> None:
         if text:  # an empty assistant turn asks for nothing (Chat rejects one without calls)
             msgs.add({"role": "assistant", "content": text}, where)
         return
-    msgs.add({"role": "system" if role == "developer" else role, "content": _content(parts)}, where)
+    msgs.add(
+        {"role": "system" if role == "developer" else role, "content": message_content(parts)},
+        where,
+    )
 
 
 def _input(value: Any, msgs: _Messages) -> None:

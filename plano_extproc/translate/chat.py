@@ -1,7 +1,7 @@
-"""Reading an OpenAI Chat Completions provider's reply or chunk, shared by the translators
-whose provider is Chat (``messages_chat``, ``responses_chat``).
+"""OpenAI Chat Completions shapes shared by the translators whose provider is Chat
+(``messages_chat``, ``responses_chat``): message content they build, replies they read.
 
-Only what both read the same way lives here. Usage and finish reasons stay in each translator:
+Only what both do the same way lives here. Usage and finish reasons stay in each translator:
 they map to different client shapes (Anthropic usage excludes cached input, Responses usage
 includes it; stop reasons vs. response status).
 """
@@ -9,6 +9,23 @@ includes it; stop reasons vs. response status).
 from __future__ import annotations
 
 from typing import Any
+
+
+def message_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Text-only content as one string (widest provider support), else the part list."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def tool_message_text(texts: list[str], images: int) -> str:
+    """A ``role: tool`` message's text. Chat tool messages carry no images: when the result had
+    some, the text says they follow in the next user message (where the caller puts them)."""
+    text = "\n".join(texts)
+    if images:
+        note = f"[{images} image(s) attached in the next user message]"
+        text = f"{text}\n{note}" if text else note
+    return text
 
 
 def text_of(content: Any) -> str:
