@@ -99,9 +99,7 @@ def response_headers_reply(plan: HeadersPlan) -> pb.ProcessingResponse:
     common = out.response_headers.response
     mutation = common.header_mutation
     if plan.status is not None:
-        option = mutation.set_headers.add(append_action=_OVERWRITE)
-        option.header.key = ":status"
-        option.header.raw_value = str(plan.status).encode()
+        _add_headers(mutation, ((":status", str(plan.status)),))
     _add_headers(mutation, plan.set)
     mutation.remove_headers.extend(plan.remove)
     if plan.body_mode is not None:
@@ -122,9 +120,7 @@ def response_body_reply(
     else:
         common.body_mutation.clear_body = True  # this chunk produced no client bytes
     if status is not None:
-        option = common.header_mutation.set_headers.add(append_action=_OVERWRITE)
-        option.header.key = ":status"
-        option.header.raw_value = str(status).encode()
+        _add_headers(common.header_mutation, ((":status", str(status)),))
     return out
 
 
