@@ -56,7 +56,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plano_extproc.config import load_config
-from plano_extproc.envoy_config import EXTPROC_CLUSTER, render_bootstrap, render_yaml
+from plano_extproc.envoy_config import render_bootstrap, render_yaml
+from plano_extproc.names import EXTPROC_CLUSTER
 from plano_extproc.supervisor import envoy_binary, free_port, wait_http_ok
 from tests.conftest import seed_config
 

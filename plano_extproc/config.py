@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from plano_extproc.names import MAX_SLOTS
 from plano_extproc.providers import (
     PROVIDER_INTERFACES,
     PROVIDERS,
@@ -145,6 +146,19 @@ class RawRouter(_Strict):
     threads: int = Field(default=2, ge=1, le=64)  # embedded: onnxruntime intra-op threads
 
 
+class RawFailover(_Strict):
+    """plano-extproc extension: failover across a routed request's models (on by default)."""
+
+    enabled: bool = True
+    max_attempts: int = Field(default=3, ge=1, le=MAX_SLOTS)
+    on_status: list[int] | None = None  # None: 429 and every 5xx
+    attempt_timeout: str | None = None
+    cooldown_default: str | None = None
+    cooldown_max: str | None = None
+    eject_after_failures: int = Field(default=3, ge=1, le=1000)
+    eject_for: str | None = None
+
+
 class RawRouting(_Strict):
     session_ttl_seconds: int = Field(default=600, ge=1)
     session_max_entries: int = Field(default=10000, ge=1)
@@ -154,6 +168,7 @@ class RawRouting(_Strict):
     llm_provider: str | None = None
     model: str | None = None
     router: RawRouter | None = None
+    failover: RawFailover | None = None
 
 
 class RawSpanAttributes(_Strict):
@@ -290,6 +305,29 @@ class SessionCacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverConfig:
+    """Failover of a routed request across its route's models (``routing.failover``)."""
+
+    enabled: bool = True
+    max_attempts: int = 3  # attempts per request, at most one per candidate model
+    # Statuses that move on to the next model; None: 429 and every 5xx (Anthropic's 529 too).
+    # Connection failures, resets and the per-attempt timeout always do.
+    on_status: tuple[int, ...] | None = None
+    # No response byte for this long: the attempt is abandoned for the next model. It is an
+    # idle timer: a stream that keeps sending is never cut or sent again. 0 = none.
+    attempt_timeout_seconds: float = 60.0
+    cooldown_default_seconds: float = 5.0  # a 429 without Retry-After
+    cooldown_max_seconds: float = 60.0  # a Retry-After is honoured up to this
+    eject_after_failures: int = 3  # consecutive failures (any reason) before an ejection
+    eject_seconds: float = 30.0
+
+    def retries_on(self, status: int) -> bool:
+        if self.on_status is None:
+            return status == 429 or 500 <= status <= 599
+        return status in self.on_status
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
     type: Literal["embedded", "orchestrator", "none"] = "embedded"
     model: str | None = None  # orchestrator: the provider name serving the router LLM
@@ -375,6 +413,7 @@ class Config:
     metrics_sources: tuple[MetricsSourceConfig, ...] = ()
     route_on_user_only: bool = False
     tracing: TracingConfig | None = None
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
 
     @property
     def default_provider(self) -> Provider | None:
@@ -828,6 +867,7 @@ def _normalise(
     connect_timeout = _parse_duration(
         overrides.upstream_connect_timeout, "overrides.upstream_connect_timeout", problems, 5.0
     )
+    failover = _failover(routing.failover, listener, problems)
     for w in warnings:
         log.warning("%s", w)
     if problems:
@@ -846,6 +886,57 @@ def _normalise(
         metrics_sources=tuple(metrics_sources),
         route_on_user_only=routing.route_on_user_only,
         tracing=tracing,
+        failover=failover,
+    )
+
+
+def _failover(
+    raw: RawFailover | None, listener: ListenerConfig, problems: list[str]
+) -> FailoverConfig:
+    if raw is None:
+        defaults = FailoverConfig()
+        if 0 < listener.timeout_seconds <= defaults.attempt_timeout_seconds:
+            # A short listener timeout would fire first: the attempt timer yields to it.
+            return FailoverConfig(attempt_timeout_seconds=0.0)
+        return defaults
+    at = "routing.failover"
+    on_status: tuple[int, ...] | None = None
+    if raw.on_status is not None:
+        bad = [c for c in raw.on_status if not (400 <= c <= 599)]
+        if bad or not raw.on_status:
+            problems.append(
+                f"{at}.on_status: list HTTP statuses from 400 to 599 (got {raw.on_status!r})"
+            )
+        on_status = tuple(sorted(set(raw.on_status)))
+    d = FailoverConfig()
+    attempt = _parse_duration(
+        raw.attempt_timeout, f"{at}.attempt_timeout", problems, d.attempt_timeout_seconds
+    )
+    if raw.attempt_timeout is None and 0 < listener.timeout_seconds <= attempt:
+        attempt = 0.0
+    elif attempt > 0 and 0 < listener.timeout_seconds <= attempt:
+        problems.append(
+            f"{at}.attempt_timeout: must be below the listener timeout "
+            f"({listener.timeout_seconds:g}s), which would end the request first; 0 = none"
+        )
+    default = _positive_duration(
+        raw.cooldown_default, f"{at}.cooldown_default", problems, d.cooldown_default_seconds
+    )
+    cap = _positive_duration(
+        raw.cooldown_max, f"{at}.cooldown_max", problems, d.cooldown_max_seconds
+    )
+    if default > cap:
+        problems.append(f"{at}.cooldown_default: must not exceed cooldown_max ({cap:g}s)")
+    eject = _positive_duration(raw.eject_for, f"{at}.eject_for", problems, d.eject_seconds)
+    return FailoverConfig(
+        enabled=raw.enabled,
+        max_attempts=raw.max_attempts,
+        on_status=on_status,
+        attempt_timeout_seconds=attempt,
+        cooldown_default_seconds=default,
+        cooldown_max_seconds=cap,
+        eject_after_failures=raw.eject_after_failures,
+        eject_seconds=eject,
     )
 
 

@@ -22,12 +22,25 @@ from typing import Any
 import yaml
 
 from plano_extproc.config import Config, Provider, TracingConfig
-from plano_extproc.rewrite import ROUTE_HEADER, TRANSLATE_HEADER
+from plano_extproc.names import (
+    API_KEY,
+    ATTEMPT_COUNT_HEADER,
+    ATTEMPT_FILTER,
+    ATTEMPTS_HEADER,
+    DECISION_METADATA,
+    EXTPROC_CLUSTER,
+    MAX_RETRIES_HEADER,
+    MAX_SLOTS,
+    MODEL_HEADER,
+    MODEL_KEY,
+    RESPONSE_FILTER,
+    ROUTE_HEADER,
+    ROUTE_KEY,
+    ROUTE_RESPONSE_HEADER,
+    TRANSLATE_HEADER,
+    slot_header,
+)
 
-EXTPROC_CLUSTER = "plano_extproc"
-# The second ext_proc filter: inert (every mode SKIP/NONE, so no gRPC stream is opened) except
-# on the translated provider routes, whose per-route config turns on response headers.
-RESPONSE_FILTER = "plano.response_translation"
 _T = "type.googleapis.com/envoy."
 
 
@@ -138,6 +151,21 @@ def _provider_cluster(p: Provider, config: Config) -> dict[str, Any]:
         "lb_policy": "ROUND_ROBIN",
         "circuit_breakers": circuit_breakers(config.listener.max_concurrent_requests),
         "load_assignment": _load_assignment(p.cluster, [(p.host, p.port)]),
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [
+                    _attempt_filter(),
+                    {
+                        "name": "envoy.filters.http.upstream_codec",
+                        "typed_config": {
+                            "@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                        },
+                    },
+                ],
+            }
+        },
     }
     if p.tls:
         sni = p.http_host or p.host
@@ -210,9 +238,6 @@ def _extproc_cluster(endpoints: list[tuple[str, int]], max_requests: int) -> dic
 
 
 OTEL_CLUSTER = "plano_otel_collector"
-DECISION_METADATA = "plano"  # dynamic-metadata namespace the ext_proc fills with its decision
-MODEL_HEADER = "x-plano-model"  # response headers telling the client what served it
-ROUTE_RESPONSE_HEADER = "x-plano-route"
 
 
 def _otel_cluster(tracing: TracingConfig) -> dict[str, Any]:
@@ -385,12 +410,27 @@ def _cel_filter(expression: str) -> dict[str, Any]:
 def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
     cel = _cel_filter(reply.when)
     if anthropic:
+        # The client's API as the routing ext_proc reported it (an attempt may have set
+        # :path to another API's); the path when the ext_proc has not answered yet.
+        def api(value: dict[str, Any], invert: bool = False) -> dict[str, Any]:
+            matcher: dict[str, Any] = {
+                "filter": DECISION_METADATA,
+                "path": [{"key": API_KEY}],
+                "value": value,
+            }
+            if invert:
+                matcher["invert"] = True
+            return {"metadata_filter": {"matcher": matcher}}
+
+        said = api({"string_match": {"exact": "messages"}})
+        unsaid = api({"present_match": True}, invert=True)
         path = {
             "header_filter": {
                 "header": {"name": ":path", "string_match": {"prefix": ANTHROPIC_PATH}}
             }
         }
-        filter_: dict[str, Any] = {"and_filter": {"filters": [path, cel]}}
+        client = {"or_filter": {"filters": [said, {"and_filter": {"filters": [unsaid, path]}}]}}
+        filter_: dict[str, Any] = {"and_filter": {"filters": [client, cel]}}
         body: dict[str, Any] = {
             "type": "error",
             "error": {"type": reply.anthropic_type, "message": reply.message},
@@ -453,6 +493,8 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
             "typed_per_filter_config": disabled,
         }
     ]
+    if config.failover.enabled and config.failover.max_attempts > 1:
+        routes.append(_failover_route(config, timeout))
     for p in _one_per_cluster(config):
         routes.extend(_provider_routes(p, config, timeout))
     routes.append(
@@ -485,6 +527,170 @@ _INERT_MODES = {
 TRANSLATED_MODES = {**_INERT_MODES, "response_header_mode": "SEND"}
 
 
+def _decision_headers(pairs: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    """Response headers copied from the ``plano`` metadata (absent when the key is), and
+    the number of upstream attempts Envoy made (connection failures included)."""
+    values = [(name, f"%DYNAMIC_METADATA({DECISION_METADATA}:{key})%") for name, key in pairs]
+    values.append((ATTEMPTS_HEADER, "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"))
+    return [
+        {
+            "header": {"key": name, "value": value},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            "keep_empty_value": False,
+        }
+        for name, value in values
+    ]
+
+
+# Headers a client could use to steer Envoy's retries or the failover slots: stripped at the
+# front (the routing ext_proc sets its own).
+ENVOY_CONTROL_HEADERS = (
+    ATTEMPT_COUNT_HEADER,
+    MAX_RETRIES_HEADER,
+    "x-envoy-retry-on",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout",
+)
+NO_UPSTREAM_CLUSTER = "plano_no_upstream"  # no endpoints: a slot that names nothing fails
+
+
+def _cluster_action(cluster: str) -> dict[str, Any]:
+    return {
+        "action": {
+            "name": "cluster",
+            "typed_config": {
+                "@type": _T + "extensions.router.cluster_specifiers.matcher.v3.ClusterAction",
+                "cluster": cluster,
+            },
+        }
+    }
+
+
+def _header_input(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": _T + "type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": name,
+        },
+    }
+
+
+# Only the failover route turns the attempt filter on: the request's headers and body (the
+# attempt builds its model's request), then the response headers (the outcome, and the
+# body mode when the answer is translated).
+ATTEMPT_MODES = {
+    "request_header_mode": "SEND",
+    "request_body_mode": "BUFFERED",
+    "request_trailer_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "response_body_mode": "NONE",
+    "response_trailer_mode": "SKIP",
+}
+
+
+def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
+    """One route for every request with several models to try (the routing ext_proc set
+    slot 0). Envoy reads the cluster of each attempt from the slot named by the attempt
+    count (``refresh_cluster_on_retry``): the matcher maps (count k, slot k's cluster id) to
+    the cluster; anything else goes to a cluster with no endpoints. Retries need no
+    back-off worth the name: the next attempt goes to another provider."""
+    fo = config.failover
+    clusters = [p.cluster for p in _one_per_cluster(config)]
+    by_count = {
+        str(k): {
+            "matcher": {
+                "matcher_tree": {
+                    "input": _header_input(slot_header(k)),
+                    "exact_match_map": {"map": {c: _cluster_action(c) for c in clusters}},
+                },
+                "on_no_match": _cluster_action(NO_UPSTREAM_CLUSTER),
+            }
+        }
+        for k in range(fo.max_attempts)
+    }
+    specifier = {
+        "extension": {
+            "name": "envoy.router.cluster_specifier_plugin.matcher",
+            "typed_config": {
+                "@type": _T + "extensions.router.cluster_specifiers.matcher.v3."
+                "MatcherClusterSpecifier",
+                "cluster_matcher": {
+                    "matcher_tree": {
+                        "input": _header_input(ATTEMPT_COUNT_HEADER),
+                        "exact_match_map": {"map": by_count},
+                    },
+                    "on_no_match": _cluster_action(NO_UPSTREAM_CLUSTER),
+                },
+            },
+        }
+    }
+    if fo.on_status is None:
+        retry_on, codes = "5xx,reset,connect-failure,refused-stream,retriable-status-codes", [429]
+    else:
+        retry_on, codes = (
+            "reset,connect-failure,refused-stream,retriable-status-codes",
+            list(fo.on_status),
+        )
+    retry: dict[str, Any] = {
+        "retry_on": retry_on,
+        "retriable_status_codes": codes,
+        "num_retries": fo.max_attempts - 1,
+        # Each retry resolves the cluster again, from the next slot (Envoy >= 1.39).
+        "refresh_cluster_on_retry": True,
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.02s"},
+    }
+    if fo.attempt_timeout_seconds > 0:
+        # An idle timer, re-armed by every byte the provider sends: a slow start moves on,
+        # a long answer that keeps streaming is neither cut nor sent again.
+        retry["per_try_idle_timeout"] = _duration(fo.attempt_timeout_seconds)
+    return {
+        "name": "failover",
+        "match": {"prefix": "/", "headers": [{"name": slot_header(0), "present_match": True}]},
+        "route": {
+            "inline_cluster_specifier_plugin": specifier,
+            "timeout": "0s",
+            "idle_timeout": timeout,
+            "retry_policy": retry,
+        },
+        "response_headers_to_add": _decision_headers(
+            ((MODEL_HEADER, MODEL_KEY), (ROUTE_RESPONSE_HEADER, ROUTE_KEY))
+        ),
+        "typed_per_filter_config": {
+            ATTEMPT_FILTER: {
+                "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {"processing_mode": dict(ATTEMPT_MODES)},
+            }
+        },
+    }
+
+
+def _attempt_filter() -> dict[str, Any]:
+    """The ext_proc in each provider cluster's upstream chain: inert (no stream) unless the
+    failover route turns it on, then one stream per attempt. No gRPC timeout: the stream
+    lives as long as the attempt's answer. ``allow_all_routing``: it sets ``:authority``."""
+    return {
+        "name": ATTEMPT_FILTER,
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "stat_prefix": "attempt",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "failure_mode_allow": False,
+            "allow_mode_override": True,
+            "mutation_rules": {"allow_all_routing": True},
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [DECISION_METADATA]},
+                "receiving_namespaces": {"untyped": [DECISION_METADATA]},
+            },
+            "message_timeout": "10s",
+            "processing_mode": dict(_INERT_MODES),
+        },
+    }
+
+
 def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str, Any]]:
     """Two routes per provider cluster: the translated one (ext_proc set TRANSLATE_HEADER),
     which enables the response-translation filter, then the native one, which does not.
@@ -510,14 +716,9 @@ def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str
             "per_try_timeout": timeout,
             "retry_back_off": {"base_interval": "0.5s", "max_interval": "5s"},
         }
-    decision_headers = [
-        {
-            "header": {"key": name, "value": f"%DYNAMIC_METADATA({DECISION_METADATA}:{key})%"},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            "keep_empty_value": False,
-        }
-        for name, key in ((MODEL_HEADER, "model"), (ROUTE_RESPONSE_HEADER, "route"))
-    ]
+    decision_headers = _decision_headers(
+        ((MODEL_HEADER, MODEL_KEY), (ROUTE_RESPONSE_HEADER, ROUTE_KEY))
+    )
     upstream = {"name": ROUTE_HEADER, "string_match": {"exact": p.cluster}}
     translated = {
         "name": f"to_{p.cluster}_translated",
@@ -670,7 +871,13 @@ def render_bootstrap(
         "route_config": {
             "name": "plano_routes",
             "virtual_hosts": [
-                {"name": "plano", "domains": ["*"], "routes": _routes(config, timeout)}
+                {
+                    "name": "plano",
+                    "domains": ["*"],
+                    "routes": _routes(config, timeout),
+                    # x-envoy-attempt-count on each attempt: the failover slot it reads.
+                    "include_request_attempt_count": True,
+                }
             ],
         },
         "local_reply_config": _local_reply_config(config),
@@ -682,8 +889,13 @@ def render_bootstrap(
                     "@type": _T + "extensions.filters.http.header_mutation.v3.HeaderMutation",
                     "mutations": {
                         "request_mutations": [
-                            {"remove": ROUTE_HEADER},
-                            {"remove": TRANSLATE_HEADER},
+                            {"remove": name}
+                            for name in (
+                                ROUTE_HEADER,
+                                TRANSLATE_HEADER,
+                                *(slot_header(k) for k in range(MAX_SLOTS)),
+                                *ENVOY_CONTROL_HEADERS,
+                            )
                         ]
                     },
                 },
@@ -700,6 +912,8 @@ def render_bootstrap(
                     "allow_mode_override": True,
                     # The decision the ext_proc reports (response headers, span tags).
                     "metadata_options": {"receiving_namespaces": {"untyped": [DECISION_METADATA]}},
+                    # The failover plan sets Envoy's attempt count and retry cap.
+                    "mutation_rules": {"allow_envoy": True, "allow_all_routing": True},
                     "message_timeout": message_timeout,
                     "processing_mode": {
                         "request_header_mode": "SEND",
@@ -739,6 +953,15 @@ def render_bootstrap(
         ]
     clusters = [_extproc_cluster(extproc, lc.max_concurrent_requests)]
     clusters += [_provider_cluster(p, config) for p in _one_per_cluster(config)]
+    clusters.append(
+        {
+            "name": NO_UPSTREAM_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": NO_UPSTREAM_CLUSTER, "endpoints": []},
+            "circuit_breakers": circuit_breakers(lc.max_concurrent_requests),
+        }
+    )
     if config.tracing is not None:
         clusters.append(_otel_cluster(config.tracing))
     return {

@@ -28,15 +28,23 @@ from plano_extproc.body import JsonBody
 from plano_extproc.catalog import Catalog
 from plano_extproc.config import Config, Provider
 from plano_extproc.conversation import extract, is_user_turn, tool_names
+from plano_extproc.cooldown import Cooldowns
+from plano_extproc.dispatch import (
+    Translation,
+    can_serve,
+    dispatch_api,
+    native_request,
+    translated_request,
+)
 from plano_extproc.errors import GatewayError, bad_request, not_found
+from plano_extproc.failover import FailoverPlan
+from plano_extproc.failover import plan as failover_plan
 from plano_extproc.identifiers import header_safe
 from plano_extproc.model_metrics import ModelMetrics
-from plano_extproc.providers import PROVIDERS, ClientApi
-from plano_extproc.rewrite import TRANSLATE_HEADER, HeaderPlan, upstream_headers
+from plano_extproc.providers import ClientApi
+from plano_extproc.rewrite import HeaderPlan
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
 from plano_extproc.routing.preferences import INLINE_KEYS, parse_inline
-from plano_extproc.translate import pair_name, provider_api, translator
-from plano_extproc.translate.base import PairTranslator
 
 log = logging.getLogger("plano_extproc.gateway")
 
@@ -97,24 +105,6 @@ class Immediate:
         return cls(err.status, err.body(anthropic=anthropic), details=f"plano_{err.type}")
 
 
-# The response context travels in Envoy dynamic metadata to another ext_proc stream: bounded.
-MAX_CONTEXT_BYTES = 4096
-_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-@dataclass(frozen=True, slots=True)
-class Translation:
-    """What the response phase needs: the pair ("messages>chat_completions") and ``metadata``,
-    the JSON sent as ``plano.tx`` ({"pair", "ctx": the translator's context}), built once."""
-
-    pair: str
-    metadata: str
-
-    @classmethod
-    def build(cls, pair: str, context: dict[str, Any]) -> Translation:
-        return cls(pair, _compact({"pair": pair, "ctx": context}))
-
-
 @dataclass(slots=True)
 class Upstream:
     provider: Provider
@@ -125,6 +115,9 @@ class Upstream:
     pinned: bool | None = None
     replayed: bool = False  # route_on_user_only: a non-user turn reused the session's choice
     translation: Translation | None = None  # None: native pair, the response is untouched
+    # Two or more models to try in order (the body then keeps the client's API); None: one.
+    failover: FailoverPlan | None = None
+    api: ClientApi | None = None  # the client's: Envoy's own error replies take its format
 
 
 @dataclass(slots=True)
@@ -155,28 +148,6 @@ def _utf8(header_value: str, what: str) -> str:
         raise InvalidAffinityId(f"{what} is not valid UTF-8") from None
 
 
-def _speaks(interface: str) -> str:
-    spec = PROVIDERS.get(interface)
-    if interface == "amazon_bedrock":
-        return "Bedrock Converse"
-    if spec is None or not spec.native:
-        return "its own API"
-    return " / ".join(sorted(api.label for api in spec.native))
-
-
-def dispatch_api(provider: Provider, client: ClientApi) -> tuple[ClientApi, PairTranslator | None]:
-    """The API ``provider`` is called with for a ``client`` request, and the translator (None
-    for a native pair); a 400 when no translation between the two exists."""
-    target = provider_api(provider.interface, client)  # only pairs that have a translator
-    if target is None:
-        raise bad_request(
-            f"model {provider.name} (provider '{provider.interface}') cannot serve "
-            f"{client.label} requests: translation between {client.label} and "
-            f"{_speaks(provider.interface)} is not available"
-        )
-    return target, translator(client, target)
-
-
 class Gateway:
     def __init__(
         self,
@@ -184,12 +155,14 @@ class Gateway:
         router: Router,
         cache: SessionCache | None,
         metrics: ModelMetrics | None = None,
+        cooldowns: Cooldowns | None = None,
     ) -> None:
         self.config = config
         self.catalog = Catalog(config)
         self.router = router
         self.cache = cache
         self.metrics = metrics
+        self.cooldowns = cooldowns
         self._model_ids = {p.name: p.model_id for p in config.providers}
         self._models_body = json.dumps(
             {
@@ -275,14 +248,21 @@ class Gateway:
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
         decision = await self._select(info, requested, inline, messages, body.values)
-        provider = decision.dispatch
+        candidates = self._candidates(decision, inline, info.api)
+        if len(candidates) > 1:
+            return await self._failover(info, body, decision, candidates)
+        provider = candidates[0] if candidates else decision.dispatch
         assert provider is not None
         target, pair = dispatch_api(provider, info.api)
         translation: Translation | None = None
         if pair is None:
-            plan, new_body = await self._native(info, body, provider)
+            plan, new_body = await native_request(
+                info.api, info.query, info.headers, body, provider
+            )
         else:
-            plan, new_body, translation = await self._translated(info, body, provider, target, pair)
+            plan, new_body, translation = await translated_request(
+                info.api, info.query, info.headers, body, provider, target, pair, info.request_id
+            )
         log.debug(
             "request_id=%s dispatch model=%s route=%s translate=%s",
             info.request_id,
@@ -299,60 +279,68 @@ class Gateway:
             pinned=decision.pinned,
             replayed=decision.replayed,
             translation=translation,
+            api=info.api,
         )
 
-    async def _native(
-        self, info: RequestInfo, body: JsonBody, provider: Provider
-    ) -> tuple[HeaderPlan, bytes | None]:
-        """A native pair: the client's bytes, edited only where a member must change (None:
-        unchanged)."""
+    async def _failover(
+        self, info: RequestInfo, body: JsonBody, decision: Decision, candidates: list[Provider]
+    ) -> Upstream:
+        """Several models to try: each attempt's stream builds its model's request from the
+        client's body, which only loses our own fields here."""
         assert info.api is not None
-        plan = upstream_headers(provider, info.api, info.query, info.headers)
+        fo = failover_plan(info.api, info.query, info.headers, candidates)
         remove = tuple(k for k in INLINE_KEYS if k in body.values)
-        set_values = {}
-        if body.values.get("model") != provider.model_id:
-            set_values["model"] = provider.model_id
-        new_body: bytes | None = None
-        if remove or set_values:
-            new_body = body.edited(remove=remove, set_values=set_values)
-            plan.set.append(("content-length", str(len(new_body))))
-        await body.release()  # large bodies: freed a slice per loop turn, not all at once
-        return plan, new_body
-
-    async def _translated(
-        self,
-        info: RequestInfo,
-        body: JsonBody,
-        provider: Provider,
-        target: ClientApi,
-        pair: PairTranslator,
-    ) -> tuple[HeaderPlan, bytes, Translation]:
-        """A non-native pair: the provider gets the translator's body (re-serialised) with
-        headers planned for ``target``; the response phase gets the context."""
-        assert info.api is not None
-        values = {k: v for k, v in body.values.items() if k not in INLINE_KEYS}
-        try:
-            translated, context = pair.request(values, provider.model_id)
-        except GatewayError:
-            raise
-        except Exception:  # a translator bug must not look like a transport failure
-            log.exception("request_id=%s %s translation failed", info.request_id, info.api)
-            raise GatewayError(
-                500, "server_error", f"translating the request for model {provider.name} failed"
-            ) from None
-        new_body = _compact(translated).encode("utf-8")
+        new_body = body.edited(remove=remove, set_values={}) if remove else None
         await body.release()
-        translation = Translation.build(pair_name(info.api, target), context)
-        if len(translation.metadata.encode()) > MAX_CONTEXT_BYTES:
-            raise GatewayError(
-                500, "server_error", f"the {translation.pair} translation context is too large"
-            )
-        plan = upstream_headers(provider, target, info.query, info.headers)
-        plan.set.append(("content-length", str(len(new_body))))
-        # The response is read and rewritten: it must arrive uncompressed.
-        plan.set.append(("accept-encoding", "identity"))
-        plan.set.append((TRANSLATE_HEADER, "1"))
-        return plan, new_body, translation
+        if new_body is not None:
+            fo.headers.set.append(("content-length", str(len(new_body))))
+        log.debug(
+            "request_id=%s dispatch models=%s route=%s",
+            info.request_id,
+            ",".join(c.name for c in candidates),
+            decision.route,
+        )
+        return Upstream(
+            provider=candidates[0],
+            headers=fo.headers,
+            body=new_body,
+            route=decision.route,
+            router_error=decision.router_error,
+            pinned=decision.pinned,
+            replayed=decision.replayed,
+            failover=fo,
+            api=info.api,
+        )
+
+    def _candidates(
+        self,
+        decision: Decision,
+        inline: tuple[RoutePreference, ...] | None,
+        api: ClientApi,
+    ) -> list[Provider]:
+        """The models a routed request tries, in order: the chosen one, then the rest of its
+        route; those that cannot serve the client's API left out, resting ones skipped (all
+        kept when all rest), at most ``max_attempts``. Empty: a single attempt at
+        ``decision.dispatch`` (failover off, or the request was not routed)."""
+        fo = self.config.failover
+        if not fo.enabled or fo.max_attempts < 2 or decision.route is None:
+            return []
+        prefs = inline if inline is not None else self.config.preferences
+        pref = next((p for p in prefs if p.name == decision.route), None)
+        names = [decision.dispatch.name] if decision.dispatch is not None else []
+        names += decision.models
+        if pref is not None:
+            names += pref.models
+        seen: set[str] = set()
+        found: list[Provider] = []
+        for name in names:
+            p = self.catalog.lookup(name)
+            if p is not None and p.name not in seen and can_serve(p, api):
+                seen.add(p.name)
+                found.append(p)
+        if self.cooldowns is not None:
+            found = self.cooldowns.available(found, lambda p: p.name)
+        return found[: fo.max_attempts]
 
     async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
         assert info.api is not None

@@ -38,6 +38,7 @@ class Metrics:
         self.pinned = 0
         self.replayed = 0
         self.decision_seconds = 0.0
+        self.failovers: Counter[tuple[str, str, str]] = Counter()  # (from, to, reason)
 
     def count_immediate(self, status: int, kind: str | None = None) -> None:
         self.requests[(kind or "other", f"{status // 100}xx")] += 1
@@ -52,6 +53,10 @@ class Metrics:
             self.pinned += 1
         if up.replayed:
             self.replayed += 1
+
+    def count_failover(self, from_model: str, to_model: str, reason: str) -> None:
+        key = (self._model_label(from_model), self._model_label(to_model), reason)
+        self.failovers[key] += 1
 
     def _route_label(self, route: str | None) -> str:
         if route is None:
@@ -86,6 +91,12 @@ class Metrics:
             f'plano_extproc_router_skips_total{{reason="not_user_turn"}} {self.replayed}',
             "# TYPE plano_extproc_decision_seconds_total counter",
             f"plano_extproc_decision_seconds_total {self.decision_seconds:.6f}",
+            "# TYPE plano_extproc_failovers_total counter",
+            *(
+                f'plano_extproc_failovers_total{{from="{label(a)}",to="{label(b)}",'
+                f'reason="{label(r)}"}} {n}'
+                for (a, b, r), n in sorted(self.failovers.items())
+            ),
         ]
         if cache_health is not None:
             lines += [

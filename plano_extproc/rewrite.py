@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from plano_extproc.config import Provider
 from plano_extproc.errors import GatewayError
+from plano_extproc.names import ROUTE_HEADER
 from plano_extproc.providers import (
     ANTHROPIC_VERSION,
     PROVIDERS,
@@ -18,10 +19,6 @@ from plano_extproc.providers import (
     upstream_path,
 )
 
-ROUTE_HEADER = "x-plano-upstream"
-# Set by the ext_proc on translated requests only: selects the provider route that turns on
-# the response-translation filter. Stripped from clients at the front, never sent upstream.
-TRANSLATE_HEADER = "x-plano-translate"
 # Credential headers a client may send; never forwarded unless the provider uses passthrough_auth.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
 

@@ -9,6 +9,8 @@ stops the gateway with a clear message (a supervisor above us, e.g. systemd, res
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import errno
 import json
@@ -30,12 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plano_extproc.config import Config
-from plano_extproc.envoy_config import (
-    EXTPROC_CLUSTER,
-    BootstrapError,
-    render_bootstrap,
-    render_yaml,
-)
+from plano_extproc.cooldown import COOLDOWN_FILE_ENV
+from plano_extproc.envoy_config import BootstrapError, render_bootstrap, render_yaml
+from plano_extproc.names import EXTPROC_CLUSTER
 
 _PR_SET_PDEATHSIG = 1
 
@@ -320,6 +319,11 @@ def _worker_argv(
     ]
 
 
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def start_workers(
     sup: Supervisor,
     config_path: str,
@@ -341,6 +345,13 @@ def start_workers(
         if admin_base == 0
         else [admin_base + i for i in range(workers)]
     )
+    if not os.environ.get(COOLDOWN_FILE_ENV):
+        # The failover cooldown table every worker maps (plano_extproc.cooldown); inherited
+        # by workers started later (restarts) too.
+        fd, path = tempfile.mkstemp(prefix="plano-cooldowns-")
+        os.close(fd)
+        os.environ[COOLDOWN_FILE_ENV] = path
+        atexit.register(_unlink_quietly, path)
     kids = [
         sup.spawn(
             f"ext_proc worker {i}",

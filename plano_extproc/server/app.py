@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from plano_extproc.affinity.base import SessionCache
 from plano_extproc.config import Config
+from plano_extproc.cooldown import Cooldowns
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
 from plano_extproc.model_metrics import ModelMetrics
@@ -137,7 +138,8 @@ async def start(
     await metrics.start()
     if not config.preferences:
         log.warning("no routing_preferences configured: routes are inactive, models pass as sent")
-    gateway = Gateway(config, router, cache, metrics)
+    cooldowns = Cooldowns.from_env([p.name for p in config.providers], config.failover)
+    gateway = Gateway(config, router, cache, metrics, cooldowns)
     counters = Metrics(
         routes=[r.name for r in config.preferences], models=[p.name for p in config.providers]
     )

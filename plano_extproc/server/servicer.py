@@ -20,10 +20,22 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from plano_extproc.envoy_config import DECISION_METADATA
+from plano_extproc.errors import GatewayError
+from plano_extproc.failover import Attempt, AttemptRequest, PlanError
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.identifiers import ascii_header, header_safe
 from plano_extproc.metrics import Metrics
+from plano_extproc.names import (
+    API_KEY,
+    DECISION_METADATA,
+    FAILOVER_KEY,
+    FAILURE_PREFIX,
+    MODEL_KEY,
+    ROUTE_KEY,
+    TX_KEY,
+    failure_key,
+)
+from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ContextError, HeadersPlan, ResponseTranslation
 
 log = logging.getLogger("plano_extproc.server")
@@ -67,11 +79,15 @@ def upstream_response(up: Upstream) -> pb.ProcessingResponse:
     # span tags without another ext_proc round trip (envoy_config: DECISION_METADATA).
     decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
     # Envoy copies these into response headers verbatim: ascii_header keeps CR/LF out.
-    decision["model"].string_value = ascii_header(up.provider.name)
+    decision[MODEL_KEY].string_value = ascii_header(up.provider.name)
     if up.route is not None:
-        decision["route"].string_value = ascii_header(up.route)
+        decision[ROUTE_KEY].string_value = ascii_header(up.route)
     if up.translation is not None:  # read by the response-translation filter's stream
-        decision["tx"].string_value = up.translation.metadata
+        decision[TX_KEY].string_value = up.translation.metadata
+    if up.api is not None:  # Envoy's own error replies use the client's error format
+        decision[API_KEY].string_value = up.api.value
+    if up.failover is not None:  # read by each attempt's stream
+        decision[FAILOVER_KEY].string_value = up.failover.metadata
     common = out.request_body.response
     common.header_mutation.SetInParent()
     _add_headers(common.header_mutation, up.headers.set)
@@ -80,6 +96,39 @@ def upstream_response(up: Upstream) -> pb.ProcessingResponse:
         common.body_mutation.body = up.body
     common.clear_route_cache = True
     return out
+
+
+def attempt_request_reply(req: AttemptRequest) -> pb.ProcessingResponse:
+    """The attempt's upstream request; the model that serves it reported as metadata (the
+    last attempt's write wins: x-plano-model names the one that served)."""
+    out = pb.ProcessingResponse()
+    decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
+    decision[MODEL_KEY].string_value = ascii_header(req.model)
+    common = out.request_body.response
+    common.header_mutation.SetInParent()
+    _add_headers(common.header_mutation, req.headers.set)
+    common.header_mutation.remove_headers.extend(req.headers.remove)
+    if req.body is not None:
+        common.body_mutation.body = req.body
+    return out
+
+
+def attempt_failed_reply(attempt: int, reason: str) -> pb.ProcessingResponse:
+    """A failing response Envoy will retry elsewhere: untouched, the reason kept for the
+    next attempt's stream (logs and metrics name it)."""
+    out = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
+    decision[failure_key(attempt)].string_value = reason
+    return out
+
+
+def _failover_plan(metadata: Any) -> str | None:
+    """The ``plano.fo`` plan forwarded to a provider cluster's attempt filter, if any."""
+    namespaces = metadata.filter_metadata
+    if DECISION_METADATA not in namespaces:
+        return None
+    fields = namespaces[DECISION_METADATA].fields
+    return fields[FAILOVER_KEY].string_value if FAILOVER_KEY in fields else None
 
 
 @dataclass(slots=True)
@@ -138,18 +187,28 @@ class ExtProcStream:
     a task when there is something to wait for.
     """
 
-    __slots__ = ("gateway", "info", "metrics", "response")
+    __slots__ = ("attempt", "gateway", "headers", "info", "metrics", "response")
 
     def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
         self.gateway = gateway
         self.metrics = metrics
         self.info: RequestInfo | None = None
-        # Set on the response-translation filter's streams (they start at response headers).
+        # Set on the response-translation filter's streams (they start at response headers),
+        # and on a failover attempt whose response is translated.
         self.response: ResponseTranslation | None = None
+        # Set on failover attempt streams (the provider cluster's upstream filter).
+        self.attempt: Attempt | None = None
+        self.headers: dict[str, str] = {}
 
     def step(self, req: pb.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
         which = req.WhichOneof("request")
+        if self.attempt is not None:
+            return self._attempt_step(req, which)
         if which == "request_headers":
+            if req.HasField("metadata_context"):
+                plan = _failover_plan(req.metadata_context)
+                if plan is not None:  # the provider cluster's filter: a failover attempt
+                    return self._attempt_start(req, plan)
             info = RequestInfo.build(
                 _headers_map(req.request_headers), req.request_headers.end_of_stream
             )
@@ -203,6 +262,87 @@ class ExtProcStream:
             return Reply(response_body_reply(out), body.end_of_stream)
         result = response.on_buffered(body.body)
         return Reply(response_body_reply(result.body, result.status, clear_if_empty=False), True)
+
+    # ------------------------------------------------------------------ failover attempts
+
+    def _attempt_step(
+        self, req: pb.ProcessingRequest, which: str | None
+    ) -> Reply | Coroutine[Any, Any, Reply]:
+        attempt = self.attempt
+        assert attempt is not None
+        if which == "request_body":
+            return self._attempt_body(attempt, req.request_body.body)
+        if which == "response_headers":
+            headers = _headers_map(req.response_headers)
+            try:
+                status = int(headers.get(":status", "0"))
+            except ValueError:
+                status = 0
+            plan, reason = attempt.on_response_headers(
+                status, headers, req.response_headers.end_of_stream
+            )
+            if reason is not None:
+                return Reply(attempt_failed_reply(attempt.attempt, reason), True)
+            if plan is None:
+                return Reply(_REPLY_RESPONSE_HEADERS, True)
+            self.response = attempt.response
+            return Reply(response_headers_reply(plan), plan.body_mode is None)
+        if which == "response_body" and self.response is not None:
+            return self._response_body(req.response_body)
+        if which == "request_trailers":
+            return Reply(_REPLY_TRAILERS, False)
+        if which == "response_body":
+            return Reply(_REPLY_RESPONSE_BODY, False)
+        return Reply(_REPLY_RESPONSE_TRAILERS, False)
+
+    def _attempt_start(self, req: pb.ProcessingRequest, plan: str) -> Reply:
+        fields = req.metadata_context.filter_metadata[DECISION_METADATA].fields
+        headers = _headers_map(req.request_headers)
+        failures = {k: v.string_value for k, v in fields.items() if k.startswith(FAILURE_PREFIX)}
+        gw = self.gateway
+        try:
+            attempt = Attempt.start(
+                gw.catalog, gw.config.failover, gw.cooldowns, plan, headers, failures
+            )
+        except PlanError as e:
+            log.error("failover attempt impossible: %s", e)
+            imm = Immediate(502, b'{"error": {"type": "server_error", "message": '
+                            b'"the gateway lost the failover plan of this request"}}',
+                            details="plano_failover_plan")  # fmt: skip
+            return Reply(immediate_response(imm), True)
+        self.attempt = attempt
+        self.headers = headers
+        switch = attempt.switch
+        if switch is not None:
+            log.info(
+                "request_id=%s failover %s -> %s (attempt %d, %s)",
+                header_safe(headers.get("x-request-id", "")),
+                switch.from_model,
+                switch.to_model,
+                attempt.attempt,
+                switch.reason,
+            )
+            self.metrics.count_failover(switch.from_model, switch.to_model, switch.reason)
+        return Reply(_CONTINUE_HEADERS, False)
+
+    async def _attempt_body(self, attempt: Attempt, body: bytes) -> Reply:
+        request_id = self.headers.get("x-request-id", "")
+        try:
+            req = await attempt.on_body(body, self.headers, request_id)
+        except GatewayError as e:
+            # This model cannot take the request (e.g. a field its API lacks): the client
+            # hears why, in its own format; no later model is tried.
+            log.info(
+                "request_id=%s model %s refused the request: %s",
+                header_safe(request_id),
+                attempt.provider.name,
+                header_safe(e.message),
+            )
+            anthropic = attempt.client is ClientApi.MESSAGES
+            imm = Immediate(e.status, e.body(anthropic=anthropic), details=f"plano_{e.type}")
+            return Reply(immediate_response(imm), True)
+        self.headers = {}
+        return Reply(attempt_request_reply(req), False)
 
     async def _body(self, body: bytes) -> Reply:
         info = self.info

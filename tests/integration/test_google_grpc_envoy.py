@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from plano_extproc.config import parse_config
-from plano_extproc.envoy_config import EXTPROC_CLUSTER, render_bootstrap, render_yaml
+from plano_extproc.envoy_config import render_bootstrap, render_yaml
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
+from plano_extproc.names import EXTPROC_CLUSTER
 from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExtProcStream

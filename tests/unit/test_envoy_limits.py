@@ -124,7 +124,7 @@ def test_timeout_is_an_idle_limit_and_the_total_limit_is_opt_in() -> None:
     assert "max_stream_duration" not in h["common_http_protocol_options"]
     routes = h["route_config"]["virtual_hosts"][0]["routes"]
     proxied = [r["route"] for r in routes if "route" in r]
-    assert len(proxied) == 4  # a translated and a native route per provider
+    assert len(proxied) == 5  # the failover route; a translated and a native one per provider
     for action in proxied:
         assert (action["timeout"], action["idle_timeout"]) == ("0s", "30.000s")
     h = hcm(render("    max_stream_duration: 10m"))
@@ -133,7 +133,7 @@ def test_timeout_is_an_idle_limit_and_the_total_limit_is_opt_in() -> None:
 
 def test_every_cluster_caps_requests_and_pending_ones() -> None:
     by_name = clusters(render("    max_concurrent_requests: 100"))
-    assert set(by_name) >= {"plano_extproc"} and len(by_name) == 3
+    assert set(by_name) >= {"plano_extproc", "plano_no_upstream"} and len(by_name) == 4
     for cluster in by_name.values():
         [t] = cluster["circuit_breakers"]["thresholds"]
         assert (t["max_requests"], t["max_pending_requests"]) == (100, 100)
@@ -177,7 +177,21 @@ def _expressions(mapper: dict[str, Any]) -> tuple[bool, str]:
     """(has the Anthropic path filter, the CEL expression) of one local-reply mapper."""
     f = mapper["filter"]
     if "and_filter" in f:
-        path, cel = f["and_filter"]["filters"]
+        client, cel = f["and_filter"]["filters"]
+        # The client's API reported by the routing ext_proc (an attempt may have rewritten
+        # :path); the path only while the ext_proc has not answered.
+        said, fallback = client["or_filter"]["filters"]
+        api = {"filter": "plano", "path": [{"key": "api"}]}
+        assert said["metadata_filter"]["matcher"] == {
+            **api,
+            "value": {"string_match": {"exact": "messages"}},
+        }
+        unsaid, path = fallback["and_filter"]["filters"]
+        assert unsaid["metadata_filter"]["matcher"] == {
+            **api,
+            "value": {"present_match": True},
+            "invert": True,
+        }
         assert path["header_filter"]["header"] == {
             "name": ":path",
             "string_match": {"prefix": "/v1/messages"},
@@ -232,5 +246,9 @@ def test_local_reply_messages_name_the_knob_and_its_value() -> None:
 def test_retry_attempts_wait_as_long_as_the_listener_timeout() -> None:
     # A slow non-streaming model must not be retried (or cut) sooner than `timeout` allows.
     routes = hcm(render("    max_retries: 2\n"))["route_config"]["virtual_hosts"][0]["routes"]
-    policies = [r["route"]["retry_policy"] for r in routes if "retry_policy" in r.get("route", {})]
+    policies = [
+        r["route"]["retry_policy"]
+        for r in routes
+        if "retry_policy" in r.get("route", {}) and "cluster" in r["route"]
+    ]
     assert policies and all(p["per_try_timeout"] == "30.000s" for p in policies)

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from plano_extproc.config import parse_config
-from plano_extproc.envoy_config import (
+from plano_extproc.envoy_config import render_bootstrap
+from plano_extproc.names import (
     DECISION_METADATA,
     EXTPROC_CLUSTER,
     RESPONSE_FILTER,
-    render_bootstrap,
+    ROUTE_HEADER,
+    TRANSLATE_HEADER,
 )
-from plano_extproc.rewrite import ROUTE_HEADER, TRANSLATE_HEADER
 from tests.gateway_proc import assert_envoy_accepts
 
 CONFIG = """
@@ -69,7 +70,7 @@ def test_clients_cannot_send_the_internal_headers() -> None:
 
 def test_each_provider_has_a_translated_route_before_its_native_one() -> None:
     routes = hcm(render())["route_config"]["virtual_hosts"][0]["routes"]
-    provider_routes = [r for r in routes if "route" in r]
+    provider_routes = [r for r in routes if "cluster" in r.get("route", {})]
     assert len(provider_routes) == 4
     for translated, native in zip(provider_routes[::2], provider_routes[1::2], strict=True):
         cluster = native["route"]["cluster"]

@@ -10,8 +10,9 @@ import pytest
 
 from plano_extproc.affinity.memory import MemorySessionCache
 from plano_extproc.config import Config, parse_config
+from plano_extproc.failover import Attempt
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream, trace_id_from
-from plano_extproc.rewrite import TRANSLATE_HEADER
+from plano_extproc.names import TRANSLATE_HEADER
 from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import build_router
 from tests.conftest import SEED_RULES
@@ -85,27 +86,44 @@ def msgs(text: str) -> list[dict[str, str]]:
 
 
 async def test_routed_proxy_request(gateway: Gateway) -> None:
-    out = await run(
-        gateway,
-        req("/v1/chat/completions?x=1"),
-        {"model": "gpt-4o-mini", "messages": msgs("write a binary search")},
+    raw = json.dumps({"model": "gpt-4o-mini", "messages": msgs("write a binary search")})
+    info = req("/v1/chat/completions?x=1", authorization="Bearer client-key")
+    out = await run(gateway, info, raw.encode())
+    assert isinstance(out, Upstream) and out.failover is not None
+    # The route's models in order: the first one serves unless it fails.
+    anthropic, gpt4o = (
+        gateway.catalog.lookup("anthropic/claude-sonnet-4-20250514"),
+        (gateway.catalog.lookup("openai/gpt-4o")),
     )
-    assert isinstance(out, Upstream)
-    # The route's first model serves the Chat client: translated to Anthropic's native API.
-    assert out.provider.name == "anthropic/claude-sonnet-4-20250514"
-    assert out.route == "code_generation"
+    assert anthropic is not None and gpt4o is not None
+    assert out.failover.candidates == (anthropic, gpt4o)
+    assert out.provider is anthropic and out.route == "code_generation"
     headers = dict(out.headers.set)
-    assert headers[":path"] == "/v1/messages?x=1"
+    assert headers["x-plano-try-0"] == anthropic.cluster
+    assert headers["x-plano-try-1"] == gpt4o.cluster
+    assert (headers["x-envoy-attempt-count"], headers["x-envoy-max-retries"]) == ("0", "1")
+    assert "authorization" in out.headers.remove  # client credentials never go upstream
+    assert out.body is None  # the client's body, replayed to every attempt
+    # Attempt 1 (the anthropic cluster's stream): translated to Anthropic's native API.
+    now = {**info.headers, **headers, "x-envoy-attempt-count": "1"}
+    for name in out.headers.remove:
+        now.pop(name, None)
+    attempt = Attempt.start(
+        gateway.catalog, gateway.config.failover, None, out.failover.metadata, now, {}
+    )
+    made = await attempt.on_body(raw.encode(), now, "rid")
+    headers = dict(made.headers.set)
+    assert made.model == anthropic.name
+    assert headers[":path"] == "/v1/messages?x=1" and headers[":authority"] == anthropic.authority
     assert headers["x-api-key"] == "sk-a" and headers["anthropic-version"] == "2023-06-01"
-    assert "authorization" not in headers and "authorization" in out.headers.remove
+    assert "authorization" not in headers and "authorization" in made.headers.remove
     assert headers["accept-encoding"] == "identity"
-    assert headers[TRANSLATE_HEADER] == "1"
-    assert out.body is not None and json.loads(out.body)["model"] == "claude-sonnet-4-20250514"
-    assert headers["content-length"] == str(len(out.body))
-    assert out.translation is not None
-    assert out.translation.pair == "chat_completions>messages"
-    meta = json.loads(out.translation.metadata)
-    assert meta["pair"] == "chat_completions>messages" and isinstance(meta["ctx"], dict)
+    assert TRANSLATE_HEADER not in headers  # that route is not taken: never sent upstream
+    assert made.body is not None and json.loads(made.body)["model"] == "claude-sonnet-4-20250514"
+    assert headers["content-length"] == str(len(made.body))
+    assert attempt.response is not None and attempt.response.pair_label == (
+        "chat_completions>messages"
+    )
 
 
 async def test_router_timeout_fails_open(gateway: Gateway, orch: FakeOrchestrator) -> None:

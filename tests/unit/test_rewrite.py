@@ -7,6 +7,7 @@ import pytest
 from plano_extproc.catalog import Catalog
 from plano_extproc.config import Provider, parse_config
 from plano_extproc.errors import GatewayError
+from plano_extproc.names import ROUTE_HEADER
 from plano_extproc.providers import (
     ANTHROPIC_VERSION,
     AZURE_API_VERSION,
@@ -16,7 +17,6 @@ from plano_extproc.providers import (
 )
 from plano_extproc.rewrite import (
     CREDENTIAL_HEADERS,
-    ROUTE_HEADER,
     HeaderPlan,
     auth_headers,
     client_credential,

@@ -202,8 +202,8 @@ def test_header_path_cannot_carry_control_characters() -> None:
     # its control characters percent-encoded, so no CR/LF can split the response.
     from dataclasses import replace
 
-    from plano_extproc.envoy_config import DECISION_METADATA
     from plano_extproc.gateway import Upstream
+    from plano_extproc.names import DECISION_METADATA
     from plano_extproc.rewrite import HeaderPlan
     from plano_extproc.server.servicer import upstream_response
 

@@ -1,0 +1,131 @@
+"""What one provider gets for one client request: its API, headers and body.
+
+Shared by the routing stream (a request's single attempt) and by each failover attempt's
+stream, so both build exactly the same upstream request for the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from plano_extproc.body import JsonBody
+from plano_extproc.config import Provider
+from plano_extproc.errors import GatewayError, bad_request
+from plano_extproc.names import TRANSLATE_HEADER
+from plano_extproc.providers import PROVIDERS, ClientApi
+from plano_extproc.rewrite import HeaderPlan, upstream_headers
+from plano_extproc.routing.preferences import INLINE_KEYS
+from plano_extproc.translate import pair_name, provider_api, translator
+from plano_extproc.translate.base import PairTranslator
+
+log = logging.getLogger("plano_extproc.gateway")
+
+# The response context travels in Envoy dynamic metadata to another ext_proc stream: bounded.
+MAX_CONTEXT_BYTES = 4096
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """What the response phase needs: the pair ("messages>chat_completions") and ``metadata``,
+    the JSON sent as ``plano.tx`` ({"pair", "ctx": the translator's context}), built once."""
+
+    pair: str
+    metadata: str
+
+    @classmethod
+    def build(cls, pair: str, context: dict[str, Any]) -> Translation:
+        return cls(pair, compact_json({"pair": pair, "ctx": context}))
+
+
+def _speaks(interface: str) -> str:
+    spec = PROVIDERS.get(interface)
+    if interface == "amazon_bedrock":
+        return "Bedrock Converse"
+    if spec is None or not spec.native:
+        return "its own API"
+    return " / ".join(sorted(api.label for api in spec.native))
+
+
+def dispatch_api(provider: Provider, client: ClientApi) -> tuple[ClientApi, PairTranslator | None]:
+    """The API ``provider`` is called with for a ``client`` request, and the translator (None
+    for a native pair); a 400 when no translation between the two exists."""
+    target = provider_api(provider.interface, client)  # only pairs that have a translator
+    if target is None:
+        raise bad_request(
+            f"model {provider.name} (provider '{provider.interface}') cannot serve "
+            f"{client.label} requests: translation between {client.label} and "
+            f"{_speaks(provider.interface)} is not available"
+        )
+    return target, translator(client, target)
+
+
+def can_serve(provider: Provider, client: ClientApi) -> bool:
+    return provider_api(provider.interface, client) is not None
+
+
+async def native_request(
+    client: ClientApi,
+    query: str,
+    headers: Mapping[str, str],
+    body: JsonBody,
+    provider: Provider,
+    *,
+    unchanged_size: int | None = None,
+) -> tuple[HeaderPlan, bytes | None]:
+    """A native pair: the client's bytes, edited only where a member must change (None:
+    unchanged; then content-length is set to ``unchanged_size`` when given)."""
+    plan = upstream_headers(provider, client, query, headers)
+    remove = tuple(k for k in INLINE_KEYS if k in body.values)
+    set_values = {}
+    if body.values.get("model") != provider.model_id:
+        set_values["model"] = provider.model_id
+    new_body: bytes | None = None
+    if remove or set_values:
+        new_body = body.edited(remove=remove, set_values=set_values)
+        plan.set.append(("content-length", str(len(new_body))))
+    elif unchanged_size is not None:
+        plan.set.append(("content-length", str(unchanged_size)))
+    await body.release()  # large bodies: freed a slice per loop turn, not all at once
+    return plan, new_body
+
+
+async def translated_request(
+    client: ClientApi,
+    query: str,
+    headers: Mapping[str, str],
+    body: JsonBody,
+    provider: Provider,
+    target: ClientApi,
+    pair: PairTranslator,
+    request_id: str,
+) -> tuple[HeaderPlan, bytes, Translation]:
+    """A non-native pair: the provider gets the translator's body (re-serialised) with
+    headers planned for ``target``; the response phase gets the context."""
+    values = {k: v for k, v in body.values.items() if k not in INLINE_KEYS}
+    try:
+        translated, context = pair.request(values, provider.model_id)
+    except GatewayError:
+        raise
+    except Exception:  # a translator bug must not look like a transport failure
+        log.exception("request_id=%s %s translation failed", request_id, client)
+        raise GatewayError(
+            500, "server_error", f"translating the request for model {provider.name} failed"
+        ) from None
+    new_body = compact_json(translated).encode("utf-8")
+    await body.release()
+    translation = Translation.build(pair_name(client, target), context)
+    if len(translation.metadata.encode()) > MAX_CONTEXT_BYTES:
+        raise GatewayError(
+            500, "server_error", f"the {translation.pair} translation context is too large"
+        )
+    plan = upstream_headers(provider, target, query, headers)
+    plan.set.append(("content-length", str(len(new_body))))
+    # The response is read and rewritten: it must arrive uncompressed.
+    plan.set.append(("accept-encoding", "identity"))
+    plan.set.append((TRANSLATE_HEADER, "1"))
+    return plan, new_body, translation

@@ -1,0 +1,244 @@
+"""Failover across a routed request's models inside one client request, free of gRPC.
+
+Two halves, each a different ext_proc stream:
+
+- the routing stream (``plan``) orders the candidates and hands Envoy one slot header per
+  attempt (``x-plano-try-<k>`` = the provider cluster of attempt k+1), the attempt count
+  ``0`` (so the first route resolution reads slot 0), the per-request retry cap, and the plan
+  as dynamic metadata ``plano.fo``; the body keeps the client's API (our fields removed),
+  since Envoy replays exactly that body to every attempt;
+- each attempt's stream (``Attempt``), opened by the ext_proc filter in the provider cluster's
+  upstream chain, picks candidate ``attempt - 1`` and builds that model's request (path, host,
+  credentials, body, translated when its API is not the client's), then sees that attempt's
+  response: a failing status is recorded (cooldowns) and left to Envoy's retry when another
+  candidate remains; the final response is translated when needed in the same stream.
+
+Measured on Envoy 1.40 (../shared/reference/translation-failover.md §A6-A9, G): header
+mutations persist across attempts (so every attempt sets every header it owns and removes
+what an earlier attempt may have set), the body is replayed from the router's buffer, a
+connection that fails is retried without opening an attempt stream, and dynamic metadata an
+attempt writes is merged (last write wins), which is how ``x-plano-model`` names the model
+that served. The plan carries model names, never prompt text; stateless across streams, so
+any worker can serve any attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from plano_extproc.body import JsonBody
+from plano_extproc.catalog import Catalog
+from plano_extproc.config import FailoverConfig, Provider
+from plano_extproc.cooldown import Cooldowns, retry_after_seconds
+from plano_extproc.dispatch import (
+    compact_json,
+    dispatch_api,
+    native_request,
+    translated_request,
+)
+from plano_extproc.names import (
+    ATTEMPT_COUNT_HEADER,
+    MAX_RETRIES_HEADER,
+    TRANSLATE_HEADER,
+    failure_key,
+    slot_header,
+)
+from plano_extproc.providers import ClientApi
+from plano_extproc.response_phase import HeadersPlan, ResponseTranslation
+from plano_extproc.rewrite import CREDENTIAL_HEADERS, HeaderPlan, client_credential
+
+log = logging.getLogger("plano_extproc.failover")
+
+NO_RESPONSE = "no_response"  # refused, reset or timed out: the attempt saw no status
+MAX_PLAN_CHARS = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverPlan:
+    candidates: tuple[Provider, ...]
+    headers: HeaderPlan
+    metadata: str  # plano.fo
+
+
+def plan(
+    client: ClientApi, query: str, headers: Mapping[str, str], candidates: Sequence[Provider]
+) -> FailoverPlan:
+    """The routing stream's part for ``candidates`` (two or more, in attempt order)."""
+    ctx: dict[str, object] = {
+        "api": client.value,
+        "q": query,
+        "c": [c.name for c in candidates],
+    }
+    if any(c.passthrough_auth for c in candidates):
+        # Attempts may each rewrite the credential headers: the client's own credential
+        # travels in the plan (dynamic metadata, never a header or a log) for the models
+        # configured to forward it, and reaches no other model.
+        credential = client_credential(headers)
+        if credential:
+            ctx["cred"] = credential
+    if "anthropic-version" in headers:
+        ctx["av"] = True  # the client's own: kept for every attempt
+    hp = HeaderPlan(remove=list(CREDENTIAL_HEADERS))
+    hp.set = [(slot_header(k), c.cluster) for k, c in enumerate(candidates)]
+    hp.set.append((ATTEMPT_COUNT_HEADER, "0"))
+    hp.set.append((MAX_RETRIES_HEADER, str(len(candidates) - 1)))
+    return FailoverPlan(tuple(candidates), hp, compact_json(ctx))
+
+
+class PlanError(ValueError):
+    """The plan metadata is missing or does not fit this attempt."""
+
+
+@dataclass(slots=True)
+class AttemptRequest:
+    headers: HeaderPlan
+    body: bytes | None
+    model: str
+
+
+@dataclass(slots=True)
+class Switch:
+    """A failover, for logs and metrics: ``from_model`` failed (``reason``), ``to_model`` next."""
+
+    from_model: str
+    to_model: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One attempt's stream: its candidate, its request, its response."""
+
+    catalog: Catalog
+    policy: FailoverConfig
+    cooldowns: Cooldowns | None
+    client: ClientApi
+    query: str
+    names: list[str]
+    index: int  # 0-based: candidate index and attempt number - 1
+    provider: Provider
+    credential: str | None
+    client_av: bool
+    switch: Switch | None = None
+    response: ResponseTranslation | None = None
+    other_header_names: set[str] = field(default_factory=set)
+
+    @classmethod
+    def start(
+        cls,
+        catalog: Catalog,
+        policy: FailoverConfig,
+        cooldowns: Cooldowns | None,
+        raw_plan: str,
+        headers: Mapping[str, str],
+        failures: Mapping[str, str],
+    ) -> Attempt:
+        """At the attempt's request headers: which candidate, and what happened before."""
+        if len(raw_plan) > MAX_PLAN_CHARS:
+            raise PlanError("failover plan too large")
+        try:
+            value = json.loads(raw_plan)
+            client = ClientApi(value["api"])
+            names = [str(n) for n in value["c"]]
+            query = str(value.get("q", ""))
+        except (ValueError, KeyError, TypeError):
+            raise PlanError("failover plan unreadable") from None
+        try:
+            attempt = int(headers.get(ATTEMPT_COUNT_HEADER, ""))
+        except ValueError:
+            raise PlanError("attempt count missing") from None
+        if not 1 <= attempt <= len(names):
+            raise PlanError(f"attempt {attempt} outside a plan of {len(names)} models")
+        index = attempt - 1
+        provider = catalog.lookup(names[index])
+        if provider is None:
+            raise PlanError(f"model {names[index]!r} of the plan is not configured")
+        credential = value.get("cred")
+        self = cls(
+            catalog=catalog,
+            policy=policy,
+            cooldowns=cooldowns,
+            client=client,
+            query=query,
+            names=names,
+            index=index,
+            provider=provider,
+            credential=credential if isinstance(credential, str) else None,
+            client_av=bool(value.get("av")),
+        )
+        if index > 0:
+            previous = names[index - 1]
+            reason = failures.get(failure_key(attempt - 1))
+            if reason is None:  # its stream never saw a status: count the failure here
+                reason = NO_RESPONSE
+                if cooldowns is not None:
+                    cooldowns.failed(previous)
+            self.switch = Switch(previous, provider.name, reason)
+        for name in names:
+            other = catalog.lookup(name)
+            if other is not None and other.name != provider.name:
+                self.other_header_names.update(k for k, _ in other.headers)
+        return self
+
+    @property
+    def attempt(self) -> int:
+        return self.index + 1
+
+    @property
+    def last(self) -> bool:
+        return self.index + 1 >= len(self.names)
+
+    async def on_body(
+        self, raw: bytes, headers: Mapping[str, str], request_id: str
+    ) -> AttemptRequest:
+        """This candidate's request. ``headers`` are the request's current headers: the
+        client's, minus its credentials, plus whatever earlier attempts set."""
+        provider = self.provider
+        view = {k: v for k, v in headers.items() if k not in CREDENTIAL_HEADERS}
+        if self.credential is not None and provider.passthrough_auth:
+            view["authorization"] = f"Bearer {self.credential}"
+        target, pair = dispatch_api(provider, self.client)
+        body = await JsonBody.parse_async(raw)
+        new_body: bytes | None
+        if pair is None:
+            hp, new_body = await native_request(
+                self.client, self.query, view, body, provider, unchanged_size=len(raw)
+            )
+        else:
+            hp, new_body, translation = await translated_request(
+                self.client, self.query, view, body, provider, target, pair, request_id
+            )
+            self.response = ResponseTranslation.from_metadata(translation.metadata)
+        hp.set = [h for h in hp.set if h[0] != TRANSLATE_HEADER]  # that route is not taken
+        hp.set.append((":authority", provider.authority))
+        mine = {k for k, _ in hp.set}
+        # What an earlier attempt set and this one does not: its credentials, its
+        # provider's configured headers, an anthropic-version the client never sent.
+        stale = set(CREDENTIAL_HEADERS) | self.other_header_names
+        if not self.client_av:
+            stale.add("anthropic-version")
+        hp.remove = sorted(h for h in stale if h not in mine)
+        return AttemptRequest(hp, new_body, provider.name)
+
+    def on_response_headers(
+        self, status: int, headers: Mapping[str, str], end_of_stream: bool
+    ) -> tuple[HeadersPlan | None, str | None]:
+        """The attempt's response: (what to do with it, why it failed when Envoy will try the
+        next candidate). None as the plan: pass it through untouched."""
+        name = self.provider.name
+        failing = self.policy.retries_on(status)
+        if self.cooldowns is not None:
+            if status == 429:
+                self.cooldowns.rate_limited(name, retry_after_seconds(headers))
+            elif failing:
+                self.cooldowns.failed(name)
+            elif 200 <= status < 300:
+                self.cooldowns.succeeded(name)
+        if failing and not self.last:
+            return None, str(status)  # Envoy retries with the next slot
+        if self.response is None:
+            return None, None
+        return self.response.on_headers(status, headers, end_of_stream), None

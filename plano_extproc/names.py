@@ -1,0 +1,54 @@
+"""The names the Envoy bootstrap and the ext_proc share: headers, metadata keys, filters.
+
+Both sides import them from here, so a rename cannot leave the two disagreeing.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- request headers
+# Set by the routing ext_proc to pick a provider route (single attempt). A header_mutation
+# filter in front strips every client copy of these, so only the ext_proc can set them.
+ROUTE_HEADER = "x-plano-upstream"
+# Set on translated single-attempt requests: selects the provider route that turns on the
+# response-translation filter. Never sent upstream.
+TRANSLATE_HEADER = "x-plano-translate"
+# Failover: slot k names the provider cluster of attempt k+1 (opaque cluster ids only).
+SLOT_HEADER_PREFIX = "x-plano-try-"
+MAX_SLOTS = 8  # most attempts one request can make (routing.failover.max_attempts <= this)
+# Envoy's own: the attempt number (1-based; the routing ext_proc sets "0" so the first route
+# resolution reads slot 0) and the per-request retry cap.
+ATTEMPT_COUNT_HEADER = "x-envoy-attempt-count"
+MAX_RETRIES_HEADER = "x-envoy-max-retries"
+
+
+def slot_header(k: int) -> str:
+    return f"{SLOT_HEADER_PREFIX}{k}"
+
+
+# ---------------------------------------------------------------- response headers
+MODEL_HEADER = "x-plano-model"  # the model that served
+ROUTE_RESPONSE_HEADER = "x-plano-route"
+ATTEMPTS_HEADER = "x-plano-attempts"  # how many upstream attempts Envoy made
+
+# ---------------------------------------------------------------- dynamic metadata
+DECISION_METADATA = "plano"  # the namespace; keys below
+MODEL_KEY = "model"
+ROUTE_KEY = "route"
+TX_KEY = "tx"  # single-attempt translation context (read by the response filter)
+FAILOVER_KEY = "fo"  # the failover plan (read by each attempt's stream)
+API_KEY = "api"  # the client's API: Envoy's own error replies take its error format
+FAILURE_PREFIX = "failed_"
+
+
+def failure_key(attempt: int) -> str:
+    """Why attempt ``attempt`` failed, written by its stream, read by the next one."""
+    return f"{FAILURE_PREFIX}{attempt}"
+
+
+# ---------------------------------------------------------------- filters and clusters
+EXTPROC_CLUSTER = "plano_extproc"
+# The second ext_proc filter: inert except on translated single-attempt routes.
+RESPONSE_FILTER = "plano.response_translation"
+# The upstream ext_proc in each provider cluster: inert except on the failover route, where
+# it runs once per attempt.
+ATTEMPT_FILTER = "plano.attempt"
