@@ -412,7 +412,7 @@ def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
     if anthropic:
         # The client's API as the routing ext_proc reported it (an attempt may have set
         # :path to another API's); the path when the ext_proc has not answered yet.
-        def api(value: dict[str, Any], invert: bool = False) -> dict[str, Any]:
+        def api(value: dict[str, Any], absent: bool, invert: bool = False) -> dict[str, Any]:
             matcher: dict[str, Any] = {
                 "filter": DECISION_METADATA,
                 "path": [{"key": API_KEY}],
@@ -420,10 +420,11 @@ def _mapper(reply: LocalReply, anthropic: bool) -> dict[str, Any]:
             }
             if invert:
                 matcher["invert"] = True
-            return {"metadata_filter": {"matcher": matcher}}
+            # Envoy's default matches a missing key: say what a missing key means.
+            return {"metadata_filter": {"matcher": matcher, "match_if_key_not_found": absent}}
 
-        said = api({"string_match": {"exact": "messages"}})
-        unsaid = api({"present_match": True}, invert=True)
+        said = api({"string_match": {"exact": "messages"}}, absent=False)
+        unsaid = api({"present_match": True}, absent=True, invert=True)
         path = {
             "header_filter": {
                 "header": {"name": ":path", "string_match": {"prefix": ANTHROPIC_PATH}}

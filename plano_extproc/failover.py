@@ -42,6 +42,7 @@ from plano_extproc.dispatch import (
 from plano_extproc.names import (
     ATTEMPT_COUNT_HEADER,
     MAX_RETRIES_HEADER,
+    ROUTE_HEADER,
     TRANSLATE_HEADER,
     failure_key,
     slot_header,
@@ -212,7 +213,9 @@ class Attempt:
                 self.client, self.query, view, body, provider, target, pair, request_id
             )
             self.response = ResponseTranslation.from_metadata(translation.metadata)
-        hp.set = [h for h in hp.set if h[0] != TRANSLATE_HEADER]  # that route is not taken
+        # Routing headers of the single-attempt routes: this route is taken already, and
+        # nothing would strip them before the provider.
+        hp.set = [h for h in hp.set if h[0] not in (ROUTE_HEADER, TRANSLATE_HEADER)]
         hp.set.append((":authority", provider.authority))
         mine = {k for k, _ in hp.set}
         # What an earlier attempt set and this one does not: its credentials, its

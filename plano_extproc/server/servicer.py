@@ -314,7 +314,7 @@ class ExtProcStream:
         self.headers = headers
         switch = attempt.switch
         if switch is not None:
-            log.info(
+            log.warning(
                 "request_id=%s failover %s -> %s (attempt %d, %s)",
                 header_safe(headers.get("x-request-id", "")),
                 switch.from_model,

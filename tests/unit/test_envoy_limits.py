@@ -186,12 +186,14 @@ def _expressions(mapper: dict[str, Any]) -> tuple[bool, str]:
             **api,
             "value": {"string_match": {"exact": "messages"}},
         }
+        assert said["metadata_filter"]["match_if_key_not_found"] is False
         unsaid, path = fallback["and_filter"]["filters"]
         assert unsaid["metadata_filter"]["matcher"] == {
             **api,
             "value": {"present_match": True},
             "invert": True,
         }
+        assert unsaid["metadata_filter"]["match_if_key_not_found"] is True
         assert path["header_filter"]["header"] == {
             "name": ":path",
             "string_match": {"prefix": "/v1/messages"},
