@@ -123,6 +123,7 @@ def test_istio_patch_matches_the_rendered_ext_proc_filter() -> None:
             "allow_mode_override",
             "metadata_options",
             "stat_prefix",
+            "mutation_rules",
         ):
             assert istio.get(key) == rendered["typed_config"].get(key), (patched["name"], key)
         seconds = [
