@@ -82,11 +82,23 @@ def plan(
             ctx["cred"] = credential
     if "anthropic-version" in headers:
         ctx["av"] = True  # the client's own: kept for every attempt
+    # A header some candidate's config sets overwrites the client's copy in that attempt, and
+    # Envoy keeps the overwrite for the next: the client's values travel in the plan.
+    configured = {k for c in candidates for k, _ in c.headers}
+    kept = {k: headers[k] for k in sorted(configured) if k in headers}
+    if kept:
+        ctx["h"] = kept
     hp = HeaderPlan(remove=list(CREDENTIAL_HEADERS))
     hp.set = [(slot_header(k), c.cluster) for k, c in enumerate(candidates)]
     hp.set.append((ATTEMPT_COUNT_HEADER, "0"))
     hp.set.append((MAX_RETRIES_HEADER, str(len(candidates) - 1)))
     return FailoverPlan(tuple(candidates), hp, compact_json(ctx))
+
+
+def _string_map(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
 
 
 class PlanError(ValueError):
@@ -123,6 +135,7 @@ class Attempt:
     provider: Provider
     credential: str | None
     client_av: bool
+    client_headers: dict[str, str] = field(default_factory=dict)
     switch: Switch | None = None
     response: ResponseTranslation | None = None
     other_header_names: set[str] = field(default_factory=set)
@@ -169,6 +182,7 @@ class Attempt:
             provider=provider,
             credential=credential if isinstance(credential, str) else None,
             client_av=bool(value.get("av")),
+            client_headers=_string_map(value.get("h")),
         )
         if index > 0:
             previous = names[index - 1]
@@ -223,6 +237,9 @@ class Attempt:
         stale = set(CREDENTIAL_HEADERS) | self.other_header_names
         if not self.client_av:
             stale.add("anthropic-version")
+        restore = [(k, v) for k, v in self.client_headers.items() if k in stale and k not in mine]
+        hp.set.extend(restore)
+        mine.update(k for k, _ in restore)
         hp.remove = sorted(h for h in stale if h not in mine)
         return AttemptRequest(hp, new_body, provider.name)
 

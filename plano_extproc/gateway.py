@@ -37,7 +37,7 @@ from plano_extproc.dispatch import (
     translated_request,
 )
 from plano_extproc.errors import GatewayError, bad_request, not_found
-from plano_extproc.failover import FailoverPlan
+from plano_extproc.failover import MAX_PLAN_CHARS, FailoverPlan
 from plano_extproc.failover import plan as failover_plan
 from plano_extproc.identifiers import header_safe
 from plano_extproc.model_metrics import ModelMetrics
@@ -250,7 +250,16 @@ class Gateway:
         decision = await self._select(info, requested, inline, messages, body.values)
         candidates = self._candidates(decision, inline, info.api)
         if len(candidates) > 1:
-            return await self._failover(info, body, decision, candidates)
+            fo = failover_plan(info.api, info.query, info.headers, candidates)
+            if len(fo.metadata) <= MAX_PLAN_CHARS:
+                return await self._failover(info, body, decision, fo)
+            # A huge query string or credential: served, without failover, not refused.
+            log.warning(
+                "request_id=%s failover plan of %d characters exceeds %d: one attempt only",
+                info.request_id,
+                len(fo.metadata),
+                MAX_PLAN_CHARS,
+            )
         provider = candidates[0] if candidates else decision.dispatch
         assert provider is not None
         target, pair = dispatch_api(provider, info.api)
@@ -283,12 +292,12 @@ class Gateway:
         )
 
     async def _failover(
-        self, info: RequestInfo, body: JsonBody, decision: Decision, candidates: list[Provider]
+        self, info: RequestInfo, body: JsonBody, decision: Decision, fo: FailoverPlan
     ) -> Upstream:
         """Several models to try: each attempt's stream builds its model's request from the
         client's body, which only loses our own fields here."""
         assert info.api is not None
-        fo = failover_plan(info.api, info.query, info.headers, candidates)
+        candidates = fo.candidates
         remove = tuple(k for k in INLINE_KEYS if k in body.values)
         new_body = body.edited(remove=remove, set_values={}) if remove else None
         await body.release()

@@ -696,3 +696,33 @@ def test_a_short_listener_timeout_turns_the_default_attempt_timer_off(timeout: s
 def test_a_longer_listener_timeout_keeps_the_default_attempt_timer() -> None:
     assert parse("", "61s").failover.attempt_timeout_seconds == 60.0
     assert parse("  failover: {max_attempts: 2}", "61s").failover.attempt_timeout_seconds == 60.0
+
+
+# ---------------------------------------------------------------- found by review
+
+
+async def test_a_client_header_a_candidate_overwrites_reaches_the_next_candidate() -> None:
+    """Attempt 1's provider config overwrites the client's anthropic-beta; attempt 2 (which
+    configures none) gets the client's own value back, not attempt 1's and not nothing."""
+    headers = {**CHAT_HEADERS, "anthropic-beta": "client-beta"}
+    (_, _, sent1), (_, _, sent2) = await run_attempts(
+        ClientApi.CHAT, headers, chat_body(), CLAUDE, GPT4O
+    )
+    assert sent1["anthropic-beta"] == "tools-2024-04-04"
+    assert sent2["anthropic-beta"] == "client-beta"
+    # Without a client copy, attempt 1's configured value is removed (as before).
+    (_, _, sent1), (_, _, sent2) = await run_attempts(
+        ClientApi.CHAT, CHAT_HEADERS, chat_body(), CLAUDE, GPT4O
+    )
+    assert "anthropic-beta" not in sent2
+
+
+async def test_a_plan_too_large_for_an_attempt_is_served_in_one_attempt(
+    orch: FakeOrchestrator,
+) -> None:
+    """A ~17 KB query string (within max_request_headers_kb) would make the plan larger than
+    an attempt accepts: the request is served by the route's first model, once, not a 502."""
+    async with gateway_for(orch) as gw:
+        out = await send(gw, routed(), path="/v1/chat/completions?q=" + "x" * 17000)
+        assert out.failover is None and out.provider.name == CLAUDE
+        assert dict(out.headers.set)[":path"].endswith("x" * 17000)
