@@ -68,6 +68,26 @@ def can_serve(provider: Provider, client: ClientApi) -> bool:
     return provider_api(provider.interface, client) is not None
 
 
+def accepts(provider: Provider, client: ClientApi, values: Mapping[str, Any]) -> bool:
+    """Whether ``provider`` can take this request: any native pair; a translated one unless
+    its translator refuses the body (e.g. a field its API lacks). Failover skips a model that
+    would refuse: an attempt's own refusal cannot hand over to the next model (Envoy does
+    not retry a reply an upstream filter makes itself)."""
+    target = provider_api(provider.interface, client)
+    if target is None:
+        return False
+    pair = translator(client, target)
+    if pair is None:
+        return True
+    try:
+        pair.request({k: v for k, v in values.items() if k not in INLINE_KEYS}, provider.model_id)
+    except GatewayError:
+        return False
+    except Exception:  # a translator bug: the attempt reports it as a 500
+        return True
+    return True
+
+
 async def native_request(
     client: ClientApi,
     query: str,

@@ -31,6 +31,7 @@ from plano_extproc.conversation import extract, is_user_turn, tool_names
 from plano_extproc.cooldown import Cooldowns
 from plano_extproc.dispatch import (
     Translation,
+    accepts,
     can_serve,
     dispatch_api,
     native_request,
@@ -248,7 +249,7 @@ class Gateway:
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
         decision = await self._select(info, requested, inline, messages, body.values)
-        candidates = self._candidates(decision, inline, info.api)
+        candidates = self._candidates(decision, inline, info.api, body.values)
         if len(candidates) > 1:
             fo = failover_plan(info.api, info.query, info.headers, candidates)
             if len(fo.metadata) <= MAX_PLAN_CHARS:
@@ -326,11 +327,13 @@ class Gateway:
         decision: Decision,
         inline: tuple[RoutePreference, ...] | None,
         api: ClientApi,
+        values: dict[str, Any],
     ) -> list[Provider]:
         """The models a routed request tries, in order: the chosen one, then the rest of its
-        route; those that cannot serve the client's API left out, resting ones skipped (all
-        kept when all rest), at most ``max_attempts``. Empty: a single attempt at
-        ``decision.dispatch`` (failover off, or the request was not routed)."""
+        route; those that cannot serve the client's API or would refuse this body left out,
+        resting ones skipped (all kept when all rest), at most ``max_attempts``. Empty: a
+        single attempt at ``decision.dispatch`` (failover off, the request was not routed,
+        or no model takes it: the first one's refusal is the answer)."""
         fo = self.config.failover
         if not fo.enabled or fo.max_attempts < 2 or decision.route is None:
             return []
@@ -349,7 +352,13 @@ class Gateway:
                 found.append(p)
         if self.cooldowns is not None:
             found = self.cooldowns.available(found, lambda p: p.name)
-        return found[: fo.max_attempts]
+        taken: list[Provider] = []
+        for p in found:
+            if len(taken) == fo.max_attempts:
+                break
+            if accepts(p, api, values):
+                taken.append(p)
+        return taken
 
     async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
         assert info.api is not None

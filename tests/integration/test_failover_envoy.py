@@ -639,3 +639,38 @@ def test_when_every_model_rests_they_are_tried_anyway(
         model="gpt-4o", messages=[{"role": "user", "content": CODE}]
     )
     assert raw.headers["x-plano-model"] == CLAUDE and raw.headers["x-plano-attempts"] == "1"
+
+
+# ------------------------------------------------------------------------------ untranslatable
+
+
+def test_a_model_that_cannot_take_the_request_yields_to_the_next(
+    gw: GatewayProcess, fakes: dict[str, Any]
+) -> None:
+    """previous_response_id has no Anthropic equivalent: Claude (the route's first model) is
+    skipped, never called, and OpenAI's native Responses API serves the request."""
+    raw = oai(gw).responses.with_raw_response.create(
+        model="gpt-4o", input=CODE, previous_response_id="resp_earlier"
+    )
+    assert raw.parse().output_text == "hello from openai (gpt-4o)"
+    assert raw.headers["x-plano-model"] == GPT4O and raw.headers["x-plano-attempts"] == "1"
+    assert not fakes["an"].requests
+    [rec] = fakes["oa"].requests
+    assert rec.path == "/v1/responses" and rec.json["previous_response_id"] == "resp_earlier"
+
+
+def test_a_model_that_cannot_take_the_request_is_not_tried_even_last(
+    gw: GatewayProcess, fakes: dict[str, Any]
+) -> None:
+    """The only other candidate would refuse the body: the first model's failure is final."""
+    fakes["oa"].fail_status = 503
+    inline = [{"name": "code", "description": "writing code", "models": [GPT4O, CLAUDE]}]
+    with pytest.raises(openai.InternalServerError) as e:
+        oai(gw).responses.create(
+            model="gpt-4o",
+            input=CODE,
+            previous_response_id="resp_earlier",
+            extra_body={"routing_preferences": inline},
+        )
+    assert e.value.response.headers["x-plano-attempts"] == "1"
+    assert len(fakes["oa"].requests) == 1 and not fakes["an"].requests

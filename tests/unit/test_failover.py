@@ -726,3 +726,21 @@ async def test_a_plan_too_large_for_an_attempt_is_served_in_one_attempt(
         out = await send(gw, routed(), path="/v1/chat/completions?q=" + "x" * 17000)
         assert out.failover is None and out.provider.name == CLAUDE
         assert dict(out.headers.set)[":path"].endswith("x" * 17000)
+
+
+async def test_models_that_would_refuse_the_body_are_left_out(orch: FakeOrchestrator) -> None:
+    """previous_response_id cannot be translated for Anthropic: Claude is skipped for that
+    request only; with no model taking it, the single attempt's refusal is the answer."""
+    async with gateway_for(orch) as gw:
+        body = {"model": MINI, "input": "write a binary search", "previous_response_id": "r1"}
+        out = await send(gw, body, path="/v1/responses")
+        assert names(out) == [GPT4O, MINI]
+        out = await send(gw, {**body, "previous_response_id": None}, path="/v1/responses")
+        assert names(out) == [CLAUDE, GPT4O, MINI]
+        info = RequestInfo.build({":path": "/v1/responses", ":method": "POST"})
+        assert gw.on_headers(info) is None
+        only = {**body, "routing_preferences": [
+            {"name": "code_generation", "description": "code", "models": [CLAUDE]}]}  # fmt: skip
+        refused = await gw.on_body(info, json.dumps(only).encode())
+        assert isinstance(refused, Immediate) and refused.status == 400
+        assert b"previous_response_id" in refused.body
