@@ -120,6 +120,31 @@ class Upstream:
     failover: FailoverPlan | None = None
     api: ClientApi | None = None  # the client's: Envoy's own error replies take its format
 
+    @classmethod
+    def of(
+        cls,
+        decision: Decision,
+        info: RequestInfo,
+        provider: Provider,
+        headers: HeaderPlan,
+        body: bytes | None,
+        *,
+        translation: Translation | None = None,
+        failover: FailoverPlan | None = None,
+    ) -> Upstream:
+        return cls(
+            provider=provider,
+            headers=headers,
+            body=body,
+            route=decision.route,
+            router_error=decision.router_error,
+            pinned=decision.pinned,
+            replayed=decision.replayed,
+            translation=translation,
+            failover=failover,
+            api=info.api,
+        )
+
 
 @dataclass(slots=True)
 class Decision:
@@ -280,17 +305,7 @@ class Gateway:
             decision.route,
             translation.pair if translation is not None else None,
         )
-        return Upstream(
-            provider=provider,
-            headers=plan,
-            body=new_body,
-            route=decision.route,
-            router_error=decision.router_error,
-            pinned=decision.pinned,
-            replayed=decision.replayed,
-            translation=translation,
-            api=info.api,
-        )
+        return Upstream.of(decision, info, provider, plan, new_body, translation=translation)
 
     async def _failover(
         self, info: RequestInfo, body: JsonBody, decision: Decision, fo: FailoverPlan
@@ -310,17 +325,7 @@ class Gateway:
             ",".join(c.name for c in candidates),
             decision.route,
         )
-        return Upstream(
-            provider=candidates[0],
-            headers=fo.headers,
-            body=new_body,
-            route=decision.route,
-            router_error=decision.router_error,
-            pinned=decision.pinned,
-            replayed=decision.replayed,
-            failover=fo,
-            api=info.api,
-        )
+        return Upstream.of(decision, info, candidates[0], fo.headers, new_body, failover=fo)
 
     def _candidates(
         self,

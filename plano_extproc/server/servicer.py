@@ -37,6 +37,7 @@ from plano_extproc.names import (
 )
 from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ContextError, HeadersPlan, ResponseTranslation
+from plano_extproc.rewrite import HeaderPlan
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -88,14 +89,21 @@ def upstream_response(up: Upstream) -> pb.ProcessingResponse:
         decision[API_KEY].string_value = up.api.value
     if up.failover is not None:  # read by each attempt's stream
         decision[FAILOVER_KEY].string_value = up.failover.metadata
+    _rewrite_request(out, up.headers, up.body).clear_route_cache = True
+    return out
+
+
+def _rewrite_request(
+    out: pb.ProcessingResponse, plan: HeaderPlan, body: bytes | None
+) -> pb.CommonResponse:
+    """The request-body reply's header and body mutations (None: the body is kept)."""
     common = out.request_body.response
     common.header_mutation.SetInParent()
-    _add_headers(common.header_mutation, up.headers.set)
-    common.header_mutation.remove_headers.extend(up.headers.remove)
-    if up.body is not None:
-        common.body_mutation.body = up.body
-    common.clear_route_cache = True
-    return out
+    _add_headers(common.header_mutation, plan.set)
+    common.header_mutation.remove_headers.extend(plan.remove)
+    if body is not None:
+        common.body_mutation.body = body
+    return common
 
 
 def attempt_request_reply(req: AttemptRequest) -> pb.ProcessingResponse:
@@ -104,12 +112,7 @@ def attempt_request_reply(req: AttemptRequest) -> pb.ProcessingResponse:
     out = pb.ProcessingResponse()
     decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
     decision[MODEL_KEY].string_value = ascii_header(req.model)
-    common = out.request_body.response
-    common.header_mutation.SetInParent()
-    _add_headers(common.header_mutation, req.headers.set)
-    common.header_mutation.remove_headers.extend(req.headers.remove)
-    if req.body is not None:
-        common.body_mutation.body = req.body
+    _rewrite_request(out, req.headers, req.body)
     return out
 
 
