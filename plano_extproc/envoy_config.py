@@ -38,6 +38,10 @@ from plano_extproc.names import (
     ROUTE_KEY,
     ROUTE_RESPONSE_HEADER,
     TRANSLATE_HEADER,
+    failover_cluster,
+    failure_key,
+    first_cluster,
+    retry_after_key,
     slot_header,
 )
 
@@ -151,21 +155,6 @@ def _provider_cluster(p: Provider, config: Config) -> dict[str, Any]:
         "lb_policy": "ROUND_ROBIN",
         "circuit_breakers": circuit_breakers(config.listener.max_concurrent_requests),
         "load_assignment": _load_assignment(p.cluster, [(p.host, p.port)]),
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http_protocol_options": {}},
-                "http_filters": [
-                    _attempt_filter(),
-                    {
-                        "name": "envoy.filters.http.upstream_codec",
-                        "typed_config": {
-                            "@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"
-                        },
-                    },
-                ],
-            }
-        },
     }
     if p.tls:
         sni = p.http_host or p.host
@@ -494,7 +483,7 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
             "typed_per_filter_config": disabled,
         }
     ]
-    if config.failover.enabled and config.failover.max_attempts > 1:
+    if failover_on(config):
         routes.append(_failover_route(config, timeout))
     for p in _one_per_cluster(config):
         routes.extend(_provider_routes(p, config, timeout))
@@ -580,9 +569,7 @@ def _header_input(name: str) -> dict[str, Any]:
     }
 
 
-# Only the failover route turns the attempt filter on: the request's headers and body (the
-# attempt builds its model's request), then the response headers (the outcome, and the
-# body mode when the answer is translated).
+# The attempt filter's modes.
 ATTEMPT_MODES = {
     "request_header_mode": "SEND",
     "request_body_mode": "BUFFERED",
@@ -601,6 +588,7 @@ def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
     back-off worth the name: the next attempt goes to another provider."""
     fo = config.failover
     clusters = [p.cluster for p in _one_per_cluster(config)]
+    clusters = [f(c) for c in clusters for f in (first_cluster, failover_cluster)]
     by_count = {
         str(k): {
             "matcher": {
@@ -660,18 +648,65 @@ def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
         "response_headers_to_add": _decision_headers(
             ((MODEL_HEADER, MODEL_KEY), (ROUTE_RESPONSE_HEADER, ROUTE_KEY))
         ),
-        "typed_per_filter_config": {
-            ATTEMPT_FILTER: {
-                "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                "overrides": {"processing_mode": dict(ATTEMPT_MODES)},
-            }
-        },
     }
 
 
+def failover_on(config: Config) -> bool:
+    return config.failover.enabled and config.failover.max_attempts > 1
+
+
+_CODEC = {
+    "name": "envoy.filters.http.upstream_codec",
+    "typed_config": {"@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+}
+# Attempt 1 of a request whose first model the routing stream served itself: no ext_proc
+# stream; a failing status and its Retry-After go to the next attempt's stream as metadata.
+_RECORD_FAILURE = f"""
+function envoy_on_response(handle)
+  local status = handle:headers():get(":status")
+  local code = tonumber(status)
+  if code ~= nil and code >= 400 then
+    local meta = handle:streamInfo():dynamicMetadata()
+    meta:set("{DECISION_METADATA}", "{failure_key(1)}", status)
+    local wait = handle:headers():get("retry-after")
+    if wait ~= nil then
+      meta:set("{DECISION_METADATA}", "{retry_after_key(1)}", wait)
+    end
+  end
+end
+"""
+
+
+def _failover_clusters(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The provider's ``first`` and ``failover`` clusters: its own cluster's endpoint, TLS
+    and limits, with the upstream filters of their attempt (copies: no YAML anchors)."""
+    lua = {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": _RECORD_FAILURE},
+        },
+    }
+    out = []
+    for name, first in ((first_cluster(base["name"]), lua), (failover_cluster(base["name"]), None)):
+        cluster = copy.deepcopy(base)
+        cluster["name"] = name
+        cluster["load_assignment"]["cluster_name"] = name
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [first or _attempt_filter(), copy.deepcopy(_CODEC)],
+            }
+        }
+        out.append(cluster)
+    return out
+
+
 def _attempt_filter() -> dict[str, Any]:
-    """The ext_proc in each provider cluster's upstream chain: inert (no stream) unless the
-    failover route turns it on, then one stream per attempt. No gRPC timeout: the stream
+    """The ext_proc in each failover cluster's upstream chain: one stream per attempt (the
+    request's headers and body: it builds its model's request; the response headers: the
+    outcome, and the body mode when the answer is translated). No gRPC timeout: the stream
     lives as long as the attempt's answer. ``allow_all_routing``: it sets ``:authority``."""
     return {
         "name": ATTEMPT_FILTER,
@@ -687,7 +722,7 @@ def _attempt_filter() -> dict[str, Any]:
                 "receiving_namespaces": {"untyped": [DECISION_METADATA]},
             },
             "message_timeout": "10s",
-            "processing_mode": dict(_INERT_MODES),
+            "processing_mode": dict(ATTEMPT_MODES),
         },
     }
 
@@ -953,7 +988,10 @@ def render_bootstrap(
             }
         ]
     clusters = [_extproc_cluster(extproc, lc.max_concurrent_requests)]
-    clusters += [_provider_cluster(p, config) for p in _one_per_cluster(config)]
+    for p in _one_per_cluster(config):
+        clusters.append(_provider_cluster(p, config))
+        if failover_on(config):
+            clusters += _failover_clusters(clusters[-1])
     clusters.append(
         {
             "name": NO_UPSTREAM_CLUSTER,

@@ -44,7 +44,10 @@ from plano_extproc.names import (
     MAX_RETRIES_HEADER,
     ROUTE_HEADER,
     TRANSLATE_HEADER,
+    failover_cluster,
     failure_key,
+    first_cluster,
+    retry_after_key,
     slot_header,
 )
 from plano_extproc.providers import ClientApi
@@ -62,12 +65,20 @@ class FailoverPlan:
     candidates: tuple[Provider, ...]
     headers: HeaderPlan
     metadata: str  # plano.fo
+    first_built: bool  # attempt 1's request is the routing stream's (see ``plan``)
 
 
 def plan(
-    client: ClientApi, query: str, headers: Mapping[str, str], candidates: Sequence[Provider]
+    client: ClientApi,
+    query: str,
+    headers: Mapping[str, str],
+    candidates: Sequence[Provider],
+    first_built: bool = False,
 ) -> FailoverPlan:
-    """The routing stream's part for ``candidates`` (two or more, in attempt order)."""
+    """The routing stream's part for ``candidates`` (two or more, in attempt order).
+    ``first_built``: the routing stream builds attempt 1's request itself (a native first
+    model: no attempt stream for it, the cost of a single-model request when it succeeds);
+    otherwise the first model's attempt stream does, from the client's body."""
     ctx: dict[str, object] = {
         "api": client.value,
         "q": query,
@@ -89,10 +100,12 @@ def plan(
     if kept:
         ctx["h"] = kept
     hp = HeaderPlan(remove=list(CREDENTIAL_HEADERS))
-    hp.set = [(slot_header(k), c.cluster) for k, c in enumerate(candidates)]
+    hp.set = [(slot_header(k), failover_cluster(c.cluster)) for k, c in enumerate(candidates)]
+    if first_built:
+        hp.set[0] = (slot_header(0), first_cluster(candidates[0].cluster))
     hp.set.append((ATTEMPT_COUNT_HEADER, "0"))
     hp.set.append((MAX_RETRIES_HEADER, str(len(candidates) - 1)))
-    return FailoverPlan(tuple(candidates), hp, compact_json(ctx))
+    return FailoverPlan(tuple(candidates), hp, compact_json(ctx), first_built)
 
 
 def _string_map(value: object) -> dict[str, str]:
@@ -110,6 +123,14 @@ class AttemptRequest:
     headers: HeaderPlan
     body: bytes | None
     model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an attempt failed (its status) and the provider's Retry-After, in seconds."""
+
+    status: str
+    retry_after: str | None
 
 
 @dataclass(slots=True)
@@ -185,11 +206,18 @@ class Attempt:
             client_headers=_string_map(value.get("h")),
         )
         if index > 0:
+            # The previous attempt failed: its status and Retry-After came as metadata (from
+            # its stream, or from the Lua filter of a first attempt that had none); none: it
+            # never answered (refused, reset, timed out). Its cooldown is recorded here, once.
             previous = names[index - 1]
-            reason = failures.get(failure_key(attempt - 1))
-            if reason is None:  # its stream never saw a status: count the failure here
-                reason = NO_RESPONSE
-                if cooldowns is not None:
+            reason = failures.get(failure_key(attempt - 1)) or NO_RESPONSE
+            if cooldowns is not None:
+                if reason == "429":
+                    wait = failures.get(retry_after_key(attempt - 1))
+                    cooldowns.rate_limited(
+                        previous, retry_after_seconds({"retry-after": wait} if wait else {})
+                    )
+                else:
                     cooldowns.failed(previous)
             self.switch = Switch(previous, provider.name, reason)
         for name in names:
@@ -245,20 +273,22 @@ class Attempt:
 
     def on_response_headers(
         self, status: int, headers: Mapping[str, str], end_of_stream: bool
-    ) -> tuple[HeadersPlan | None, str | None]:
+    ) -> tuple[HeadersPlan | None, Failure | None]:
         """The attempt's response: (what to do with it, why it failed when Envoy will try the
-        next candidate). None as the plan: pass it through untouched."""
+        next candidate: the next attempt's stream records it). None as the plan: pass it
+        through untouched."""
         name = self.provider.name
         failing = self.policy.retries_on(status)
-        if self.cooldowns is not None:
+        wait = retry_after_seconds(headers)
+        if failing and not self.last:  # Envoy retries with the next slot
+            return None, Failure(str(status), None if wait is None else f"{wait:g}")
+        if self.cooldowns is not None:  # the final answer: nobody after us records it
             if status == 429:
-                self.cooldowns.rate_limited(name, retry_after_seconds(headers))
+                self.cooldowns.rate_limited(name, wait)
             elif failing:
                 self.cooldowns.failed(name)
             elif 200 <= status < 300:
                 self.cooldowns.succeeded(name)
-        if failing and not self.last:
-            return None, str(status)  # Envoy retries with the next slot
         if self.response is None:
             return None, None
         return self.response.on_headers(status, headers, end_of_stream), None

@@ -42,6 +42,7 @@ from plano_extproc.failover import MAX_PLAN_CHARS, FailoverPlan
 from plano_extproc.failover import plan as failover_plan
 from plano_extproc.identifiers import header_safe
 from plano_extproc.model_metrics import ModelMetrics
+from plano_extproc.names import ROUTE_HEADER
 from plano_extproc.providers import ClientApi
 from plano_extproc.rewrite import HeaderPlan
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
@@ -276,7 +277,8 @@ class Gateway:
         decision = await self._select(info, requested, inline, messages, body.values)
         candidates = self._candidates(decision, inline, info.api, body.values)
         if len(candidates) > 1:
-            fo = failover_plan(info.api, info.query, info.headers, candidates)
+            first_native = dispatch_api(candidates[0], info.api)[1] is None
+            fo = failover_plan(info.api, info.query, info.headers, candidates, first_native)
             if len(fo.metadata) <= MAX_PLAN_CHARS:
                 return await self._failover(info, body, decision, fo)
             # A huge query string or credential: served, without failover, not refused.
@@ -310,22 +312,36 @@ class Gateway:
     async def _failover(
         self, info: RequestInfo, body: JsonBody, decision: Decision, fo: FailoverPlan
     ) -> Upstream:
-        """Several models to try: each attempt's stream builds its model's request from the
-        client's body, which only loses our own fields here."""
+        """Several models to try. A native first model's request is built here, as for a
+        single model (its attempt opens no ext_proc stream); later attempts' streams rebuild
+        from that body, still in the client's API. Otherwise every attempt's stream builds
+        its model's request from the client's body, which only loses our own fields here."""
         assert info.api is not None
         candidates = fo.candidates
-        remove = tuple(k for k in INLINE_KEYS if k in body.values)
-        new_body = body.edited(remove=remove, set_values={}) if remove else None
-        await body.release()
-        if new_body is not None:
-            fo.headers.set.append(("content-length", str(len(new_body))))
+        hp = fo.headers
+        if fo.first_built:
+            first = candidates[0]
+            own, new_body = await native_request(info.api, info.query, info.headers, body, first)
+            own.set.append((":authority", first.authority))  # the route has no host rewrite
+            own.set = [h for h in own.set if h[0] != ROUTE_HEADER]
+            mine = {k for k, _ in own.set}
+            hp = HeaderPlan(
+                set=hp.set + own.set,
+                remove=[h for h in dict.fromkeys(hp.remove + own.remove) if h not in mine],
+            )
+        else:
+            remove = tuple(k for k in INLINE_KEYS if k in body.values)
+            new_body = body.edited(remove=remove, set_values={}) if remove else None
+            await body.release()
+            if new_body is not None:
+                hp.set.append(("content-length", str(len(new_body))))
         log.debug(
             "request_id=%s dispatch models=%s route=%s",
             info.request_id,
             ",".join(c.name for c in candidates),
             decision.route,
         )
-        return Upstream.of(decision, info, candidates[0], fo.headers, new_body, failover=fo)
+        return Upstream.of(decision, info, candidates[0], hp, new_body, failover=fo)
 
     def _candidates(
         self,

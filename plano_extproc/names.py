@@ -38,6 +38,8 @@ TX_KEY = "tx"  # single-attempt translation context (read by the response filter
 FAILOVER_KEY = "fo"  # the failover plan (read by each attempt's stream)
 API_KEY = "api"  # the client's API: Envoy's own error replies take its error format
 FAILURE_PREFIX = "failed_"
+RETRY_AFTER_PREFIX = "retry_after_"
+FAILURE_PREFIXES = (FAILURE_PREFIX, RETRY_AFTER_PREFIX)
 
 
 def failure_key(attempt: int) -> str:
@@ -49,6 +51,23 @@ def failure_key(attempt: int) -> str:
 EXTPROC_CLUSTER = "plano_extproc"
 # The second ext_proc filter: inert except on translated single-attempt routes.
 RESPONSE_FILTER = "plano.response_translation"
-# The upstream ext_proc in each provider cluster: inert except on the failover route, where
-# it runs once per attempt.
+# The upstream ext_proc in each provider's failover cluster: one stream per attempt.
 ATTEMPT_FILTER = "plano.attempt"
+# Failover reaches a provider through two more clusters than its own (same endpoint, TLS and
+# limits): "first" (attempt 1 when the routing stream built that request itself; a Lua filter
+# records a failing status for the next attempt) and "failover" (with the attempt filter).
+FIRST_SUFFIX = "__first"
+FAILOVER_SUFFIX = "__failover"
+
+
+def first_cluster(cluster: str) -> str:
+    return cluster + FIRST_SUFFIX
+
+
+def failover_cluster(cluster: str) -> str:
+    return cluster + FAILOVER_SUFFIX
+
+
+def retry_after_key(attempt: int) -> str:
+    """The Retry-After of the response that failed attempt ``attempt``."""
+    return f"{RETRY_AFTER_PREFIX}{attempt}"

@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from plano_extproc.errors import GatewayError
-from plano_extproc.failover import Attempt, AttemptRequest, PlanError
+from plano_extproc.failover import Attempt, AttemptRequest, Failure, PlanError
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.identifiers import ascii_header, header_safe
 from plano_extproc.metrics import Metrics
@@ -29,11 +29,12 @@ from plano_extproc.names import (
     API_KEY,
     DECISION_METADATA,
     FAILOVER_KEY,
-    FAILURE_PREFIX,
+    FAILURE_PREFIXES,
     MODEL_KEY,
     ROUTE_KEY,
     TX_KEY,
     failure_key,
+    retry_after_key,
 )
 from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ContextError, HeadersPlan, ResponseTranslation
@@ -116,12 +117,14 @@ def attempt_request_reply(req: AttemptRequest) -> pb.ProcessingResponse:
     return out
 
 
-def attempt_failed_reply(attempt: int, reason: str) -> pb.ProcessingResponse:
-    """A failing response Envoy will retry elsewhere: untouched, the reason kept for the
-    next attempt's stream (logs and metrics name it)."""
+def attempt_failed_reply(attempt: int, failure: Failure) -> pb.ProcessingResponse:
+    """A failing response Envoy will retry elsewhere: untouched, why kept for the next
+    attempt's stream (cooldowns, logs and metrics)."""
     out = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
     decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
-    decision[failure_key(attempt)].string_value = reason
+    decision[failure_key(attempt)].string_value = failure.status
+    if failure.retry_after is not None:
+        decision[retry_after_key(attempt)].string_value = failure.retry_after
     return out
 
 
@@ -301,7 +304,7 @@ class ExtProcStream:
     def _attempt_start(self, req: pb.ProcessingRequest, plan: str) -> Reply:
         fields = req.metadata_context.filter_metadata[DECISION_METADATA].fields
         headers = _headers_map(req.request_headers)
-        failures = {k: v.string_value for k, v in fields.items() if k.startswith(FAILURE_PREFIX)}
+        failures = {k: v.string_value for k, v in fields.items() if k.startswith(FAILURE_PREFIXES)}
         gw = self.gateway
         try:
             attempt = Attempt.start(
