@@ -1,9 +1,11 @@
 """Which models are cooling down, shared by every worker of one gateway.
 
 A model that answered 429 rests for its ``Retry-After`` (capped; a default when absent); a
-model that failed ``eject_after_failures`` times in a row (any reason: 429, 5xx, no answer) is
-ejected for ``eject_for``. A routed request skips resting models, unless all of its route's
-models rest: then it tries them in order anyway (availability over politeness).
+model that failed ``eject_after_failures`` times (any reason: 429, 5xx, no answer) within
+``EJECT_WINDOW_SECONDS``, those failures being at least half of its attempts there and no
+success seen since, is ejected for ``eject_for``. A routed request skips resting models,
+unless all of its route's models rest: then it tries them in order anyway (availability over
+politeness).
 
 The table is a few bytes per configured model in a file the supervisor creates and every
 worker maps (``COOLDOWN_FILE_ENV``); a lone ``serve`` keeps it in its own memory. Times are
@@ -28,7 +30,12 @@ from typing import TypeVar
 from plano_extproc.config import FailoverConfig
 
 COOLDOWN_FILE_ENV = "PLANO_EXTPROC_COOLDOWN_FILE"
-_SLOT = struct.Struct("<dd")  # rest until (monotonic seconds), consecutive failures
+# rest until (monotonic seconds), failures and attempts in the current window, window start
+_SLOT = struct.Struct("<dddd")
+# Failures count toward an ejection within this window, and only while they are at least half
+# of the model's attempts in it: a model whose first attempts succeed unseen (no stream
+# observes them) must not be ejected by a few scattered errors under heavy traffic.
+EJECT_WINDOW_SECONDS = 10.0
 T = TypeVar("T")
 
 
@@ -91,15 +98,15 @@ class Cooldowns:
     def from_env(cls, names: Sequence[str], policy: FailoverConfig) -> Cooldowns:
         return cls(names, policy, os.environ.get(COOLDOWN_FILE_ENV) or None)
 
-    def _read(self, name: str) -> tuple[int, float, float] | None:
+    def _read(self, name: str) -> tuple[int, float, float, float, float] | None:
         i = self._index.get(name)
         if i is None:
             return None
-        until, failures = _SLOT.unpack_from(self._table, i * _SLOT.size)
-        return i, until, failures
+        until, failures, attempts, start = _SLOT.unpack_from(self._table, i * _SLOT.size)
+        return i, until, failures, attempts, start
 
-    def _write(self, i: int, until: float, failures: float) -> None:
-        _SLOT.pack_into(self._table, i * _SLOT.size, until, failures)
+    def _write(self, i: int, until: float, failures: float, attempts: float, start: float) -> None:
+        _SLOT.pack_into(self._table, i * _SLOT.size, until, failures, attempts, start)
 
     def resting(self, name: str) -> float:
         """Seconds ``name`` still rests (0: available)."""
@@ -112,6 +119,17 @@ class Cooldowns:
         """The candidates not resting, in order; all of them when every one rests."""
         fresh = [c for c in candidates if self.resting(name(c)) == 0.0]
         return fresh or list(candidates)
+
+    def attempted(self, name: str) -> None:
+        """A request was sent to ``name`` (its outcome may never be seen)."""
+        slot = self._read(name)
+        if slot is None:
+            return
+        i, until, failures, attempts, start = slot
+        now = self.clock()
+        if now - start > EJECT_WINDOW_SECONDS:
+            failures, attempts, start = 0.0, 0.0, now
+        self._write(i, until, failures, attempts + 1, start)
 
     def rate_limited(self, name: str, retry_after: float | None) -> float:
         """A 429: rest for the hint (capped) and count the failure; the rest in seconds."""
@@ -128,17 +146,19 @@ class Cooldowns:
     def succeeded(self, name: str) -> None:
         slot = self._read(name)
         if slot is not None and (slot[1] or slot[2]):
-            self._write(slot[0], 0.0, 0.0)
+            self._write(slot[0], 0.0, 0.0, slot[3], slot[4])
 
     def _fail(self, name: str, rest: float) -> None:
         slot = self._read(name)
         if slot is None:
             return
-        i, until, failures = slot
+        i, until, failures, attempts, start = slot
         now = self.clock()
+        if now - start > EJECT_WINDOW_SECONDS:
+            failures, attempts, start = 0.0, 0.0, now
         until = max(until, now + rest)
         failures += 1
-        if failures >= self.policy.eject_after_failures:
+        if failures >= self.policy.eject_after_failures and 2 * failures >= attempts:
             until = max(until, now + self.policy.eject_seconds)
-            failures = 0  # the next ejection takes as many failures again
-        self._write(i, until, failures)
+            failures, attempts = 0.0, 0.0  # the next ejection takes as many failures again
+        self._write(i, until, failures, attempts, start)

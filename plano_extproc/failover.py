@@ -212,6 +212,7 @@ class Attempt:
             previous = names[index - 1]
             reason = failures.get(failure_key(attempt - 1)) or NO_RESPONSE
             if cooldowns is not None:
+                cooldowns.attempted(provider.name)  # (the routing stream counted the first)
                 if reason == "429":
                     wait = failures.get(retry_after_key(attempt - 1))
                     cooldowns.rate_limited(

@@ -280,6 +280,8 @@ class Gateway:
             first_native = dispatch_api(candidates[0], info.api)[1] is None
             fo = failover_plan(info.api, info.query, info.headers, candidates, first_native)
             if len(fo.metadata) <= MAX_PLAN_CHARS:
+                if self.cooldowns is not None:
+                    self.cooldowns.attempted(candidates[0].name)
                 return await self._failover(info, body, decision, fo)
             # A huge query string or credential: served, without failover, not refused.
             log.warning(

@@ -212,3 +212,23 @@ def test_retry_after_seconds(headers: dict[str, str], expected: float | None) ->
         assert got is None
     else:
         assert got == pytest.approx(expected)
+
+
+def test_scattered_failures_among_many_attempts_do_not_eject() -> None:
+    """First attempts that succeed are never seen (no stream observes them): failures must be
+    at least half of a window's attempts to eject, and the window restarts."""
+    from plano_extproc.cooldown import EJECT_WINDOW_SECONDS
+
+    now = [1000.0]
+    policy = FailoverConfig(eject_after_failures=3, eject_seconds=30.0)
+    table = Cooldowns(["m"], policy, None, lambda: now[0])
+    for _ in range(3):  # 3 failures among 100 attempts: a 3% error rate
+        for _ in range(33):
+            table.attempted("m")
+        table.failed("m")
+    assert table.resting("m") == 0.0
+    now[0] += EJECT_WINDOW_SECONDS + 1  # a new window: three failures of three attempts
+    for _ in range(3):
+        table.attempted("m")
+        table.failed("m")
+    assert table.resting("m") == 30.0
