@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from plano_extproc.cli import main
 from plano_extproc.config import parse_config
 from plano_extproc.envoy_config import BootstrapError, ca_bundle, render_bootstrap
+from plano_extproc.names import failover_cluster, first_cluster
 
 BASE = """
 version: v0.4.0
@@ -21,22 +23,29 @@ model_providers:
 """
 
 
-def tls_of(text: str, cluster_host: str) -> dict:  # type: ignore[type-arg]
-    boot = render_bootstrap(parse_config(text), extproc=[("127.0.0.1", 9091)])
-    [cluster] = [c for c in boot["static_resources"]["clusters"] if cluster_host in c["name"]]
-    return dict(cluster["transport_socket"]["typed_config"])
+def tls_of(text: str, model: str) -> dict[str, Any]:
+    """The TLS of ``model``'s cluster, after checking that its failover variants (the
+    ``first`` and ``failover`` clusters, same endpoint) carry the very same TLS."""
+    config = parse_config(text)
+    [name] = {p.cluster for p in config.providers if p.name == model}
+    boot = render_bootstrap(config, extproc=[("127.0.0.1", 9091)])
+    by_name = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    own = by_name[name]["transport_socket"]
+    for variant in (first_cluster(name), failover_cluster(name)):
+        assert by_name[variant]["transport_socket"] == own
+    return dict(own["typed_config"])
 
 
 def test_names_and_ips_are_checked_against_the_sni() -> None:
-    dns = tls_of(BASE, "api_openai_com")["common_tls_context"]["validation_context"]
+    dns = tls_of(BASE, "openai/gpt-4o")["common_tls_context"]["validation_context"]
     assert dns["match_typed_subject_alt_names"] == [
         {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}
     ]
-    ip = tls_of(BASE, "10_0_0_7")
+    ip = tls_of(BASE, "ollama/llama3")
     assert ip["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
         {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.7"}}
     ]
-    vhost = tls_of(BASE, "10_0_0_8")
+    vhost = tls_of(BASE, "openai/gpt-4o-mini")
     assert vhost["sni"] == "gw.corp"
     san = vhost["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
     assert san == [{"san_type": "DNS", "matcher": {"exact": "gw.corp"}}]
@@ -46,7 +55,7 @@ def test_configured_ca_bundle_is_used(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     text = BASE + f"overrides: {{upstream_tls_ca_path: {ca}}}\n"
-    vc = tls_of(text, "api_openai_com")["common_tls_context"]["validation_context"]
+    vc = tls_of(text, "openai/gpt-4o")["common_tls_context"]["validation_context"]
     assert vc["trusted_ca"] == {"filename": str(ca)}
 
 

@@ -1,5 +1,6 @@
-"""The failover route, the attempt filter in every provider cluster and the front filters
-that keep clients from steering either, in the rendered bootstrap.
+"""The failover route, each provider's ``first`` and ``failover`` clusters (the Lua filter
+that records a first attempt's failure, the attempt filter) and the front filters that keep
+clients from steering them, in the rendered bootstrap.
 
 Pure rendering checks, plus ``envoy --mode validate``; what Envoy does with them is measured
 in the integration tests.
@@ -7,6 +8,7 @@ in the integration tests.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ import yaml
 
 from plano_extproc.config import Config, parse_config
 from plano_extproc.envoy_config import (
+    ATTEMPT_MODES,
     ENVOY_CONTROL_HEADERS,
     NO_UPSTREAM_CLUSTER,
+    failover_on,
     render_bootstrap,
     render_yaml,
 )
@@ -29,6 +33,10 @@ from plano_extproc.names import (
     MAX_RETRIES_HEADER,
     MAX_SLOTS,
     ROUTE_HEADER,
+    failover_cluster,
+    failure_key,
+    first_cluster,
+    retry_after_key,
     slot_header,
 )
 from tests.gateway_proc import assert_envoy_accepts
@@ -89,6 +97,16 @@ def provider_clusters(cfg: Config) -> list[str]:
     return sorted({p.cluster for p in cfg.providers})
 
 
+def variant_clusters(cfg: Config) -> list[str]:
+    """Both failover variants of every provider cluster."""
+    return sorted(f(c) for c in provider_clusters(cfg) for f in (first_cluster, failover_cluster))
+
+
+def upstream_filters(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    options = cluster.get("typed_extension_protocol_options", {})
+    return [f for http in options.values() for f in http.get("http_filters", [])]
+
+
 def seconds(duration: str) -> float:
     assert duration.endswith("s")
     return float(duration[:-1])
@@ -129,8 +147,12 @@ def test_the_matcher_maps_count_and_slot_to_a_cluster(attempts: int) -> None:
         tree = inner["matcher_tree"]
         assert tree["input"]["typed_config"]["header_name"] == slot_header(k)
         mapped = tree["exact_match_map"]["map"]
-        assert sorted(mapped) == provider_clusters(cfg)
+        # Slots name a provider's first or failover cluster, never its own (no upstream
+        # filter there: an attempt through it would be neither recorded nor rebuilt).
+        assert sorted(mapped) == variant_clusters(cfg)
+        assert not set(mapped) & set(provider_clusters(cfg))
         assert all(action_cluster(v) == c for c, v in mapped.items())
+        assert set(mapped) <= set(clusters(render(cfg)))
         # A slot that names no provider cluster goes nowhere.
         assert action_cluster(inner["on_no_match"]) == NO_UPSTREAM_CLUSTER
     assert clusters(render(cfg))[NO_UPSTREAM_CLUSTER]["load_assignment"]["endpoints"] == []
@@ -165,14 +187,10 @@ def test_no_attempt_timer_when_it_is_off() -> None:
         assert "per_try_idle_timeout" not in failover_route(render(cfg))["route"]["retry_policy"]
 
 
-def test_the_failover_route_turns_the_attempt_filter_on() -> None:
-    per_route = failover_route(render())["typed_per_filter_config"]
-    assert set(per_route) == {ATTEMPT_FILTER}
-    modes = per_route[ATTEMPT_FILTER]["overrides"]["processing_mode"]
-    assert modes["request_header_mode"] == "SEND"
-    assert modes["request_body_mode"] == "BUFFERED"
-    assert modes["response_header_mode"] == "SEND"
-    assert modes["request_trailer_mode"] == modes["response_trailer_mode"] == "SKIP"
+def test_the_failover_route_overrides_no_filter() -> None:
+    """The failover clusters' attempt filter is on by itself; a route override would also
+    reach the first clusters' attempts, which must open no stream."""
+    assert "typed_per_filter_config" not in failover_route(render())
 
 
 @pytest.mark.parametrize("failover", ["{enabled: false}", "{max_attempts: 1}"])
@@ -180,40 +198,98 @@ def test_no_failover_route_when_off(failover: str) -> None:
     assert "failover" not in [r["name"] for r in routes(render(config(failover)))]
 
 
-# ---------------------------------------------------------------- the attempt filter
+# ---------------------------------------------------------------- the clusters
 
 
-def test_every_provider_cluster_has_an_inert_attempt_filter_before_the_codec() -> None:
+def test_provider_clusters_have_no_upstream_filter() -> None:
+    """Single-model routes go to the provider's own cluster: nothing between the router and
+    the codec (the cost of a request with one model stays that of a plain proxy)."""
+    for cfg in (config(), config("{enabled: false}")):
+        cs = clusters(render(cfg))
+        for name in provider_clusters(cfg):
+            assert "typed_extension_protocol_options" not in cs[name]
+            assert upstream_filters(cs[name]) == []
+
+
+def test_each_provider_has_a_first_and_a_failover_cluster() -> None:
     cfg = config()
     cs = clusters(render(cfg))
-    for name in provider_clusters(cfg):
-        options = cs[name]["typed_extension_protocol_options"]
-        [http] = options.values()
-        filters = http["http_filters"]
+    names = set(provider_clusters(cfg)) | set(variant_clusters(cfg))
+    assert set(cs) == names | {EXTPROC_CLUSTER, NO_UPSTREAM_CLUSTER}
+    for base in provider_clusters(cfg):
+        own = cs[base]
+        for name in (first_cluster(base), failover_cluster(base)):
+            variant = cs[name]
+            assert variant["load_assignment"]["cluster_name"] == name
+            # The provider's endpoint, limits and discovery: only the name and the upstream
+            # filters differ.
+            same = {k: v for k, v in variant.items() if k != "typed_extension_protocol_options"}
+            assert same == {
+                **own,
+                "name": name,
+                "load_assignment": {**own["load_assignment"], "cluster_name": name},
+            }
+        # Copies, not shared objects (shared ones would render as YAML anchors).
+        assert cs[first_cluster(base)]["circuit_breakers"] is not own["circuit_breakers"]
+
+
+def test_a_first_cluster_records_a_failing_status_with_lua_before_the_codec() -> None:
+    cfg = config()
+    cs = clusters(render(cfg))
+    for base in provider_clusters(cfg):
+        filters = upstream_filters(cs[first_cluster(base)])
+        assert [f["name"] for f in filters] == [
+            "envoy.filters.http.lua",
+            "envoy.filters.http.upstream_codec",
+        ]
+        assert ATTEMPT_FILTER not in json.dumps(filters)  # attempt 1 opens no stream
+        source = filters[0]["typed_config"]["default_source_code"]["inline_string"]
+        assert "envoy_on_response" in source and ">= 400" in source
+        # The keys the next attempt's stream reads (plano.failed_1, plano.retry_after_1).
+        assert f'"{DECISION_METADATA}", "{failure_key(1)}"' in source
+        assert f'"{DECISION_METADATA}", "{retry_after_key(1)}"' in source
+        assert (failure_key(1), retry_after_key(1)) == ("failed_1", "retry_after_1")
+        assert '"retry-after"' in source
+
+
+def test_a_failover_cluster_has_the_attempt_filter_before_the_codec() -> None:
+    cfg = config()
+    cs = clusters(render(cfg))
+    for base in provider_clusters(cfg):
+        filters = upstream_filters(cs[failover_cluster(base)])
         assert [f["name"] for f in filters] == [
             ATTEMPT_FILTER,
             "envoy.filters.http.upstream_codec",
         ]
         tc = filters[0]["typed_config"]
         assert tc["grpc_service"] == {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}}
-        assert tc["allow_mode_override"] is True and tc["failure_mode_allow"] is False
+        assert tc["failure_mode_allow"] is False
+        assert tc["mutation_rules"]["allow_all_routing"] is True  # it sets :authority
+        # On by itself: one stream per attempt, no route needs to turn it on.
         modes = tc["processing_mode"]
-        assert {v for k, v in modes.items() if k.endswith("header_mode")} == {"SKIP"}
-        assert {v for k, v in modes.items() if k.endswith("trailer_mode")} == {"SKIP"}
-        assert modes["request_body_mode"] == modes["response_body_mode"] == "NONE"
+        assert modes == ATTEMPT_MODES
+        assert modes["request_header_mode"] == "SEND"
+        assert modes["request_body_mode"] == "BUFFERED"
+        assert modes["response_header_mode"] == "SEND"
+        assert modes["request_trailer_mode"] == modes["response_trailer_mode"] == "SKIP"
         md = tc["metadata_options"]
         assert md["forwarding_namespaces"] == {"untyped": [DECISION_METADATA]}
         assert md["receiving_namespaces"] == {"untyped": [DECISION_METADATA]}
+    # Nowhere else: not in the provider clusters, not in the first clusters.
+    with_attempt = [n for n, c in cs.items() if ATTEMPT_FILTER in json.dumps(upstream_filters(c))]
+    assert sorted(with_attempt) == sorted(failover_cluster(c) for c in provider_clusters(cfg))
 
 
-def test_the_attempt_filter_is_rendered_even_with_failover_off() -> None:
-    """Inert, so harmless; the clusters do not depend on the failover switch."""
-    on, off = render(), render(config("{enabled: false}"))
-    for name in provider_clusters(config()):
-        assert (
-            clusters(on)[name]["typed_extension_protocol_options"]
-            == clusters(off)[name]["typed_extension_protocol_options"]
-        )
+@pytest.mark.parametrize("failover", ["{enabled: false}", "{max_attempts: 1}"])
+def test_no_variant_clusters_when_failover_is_off(failover: str) -> None:
+    on, off = config(), config(failover)
+    assert failover_on(on) and not failover_on(off)
+    cs_on, cs_off = clusters(render(on)), clusters(render(off))
+    assert set(cs_off) == set(provider_clusters(off)) | {EXTPROC_CLUSTER, NO_UPSTREAM_CLUSTER}
+    assert not any(n.endswith(("__first", "__failover")) for n in cs_off)
+    # The provider clusters themselves do not depend on the switch.
+    for name in provider_clusters(on):
+        assert cs_on[name] == cs_off[name]
 
 
 # ---------------------------------------------------------------- the front of the chain
@@ -234,7 +310,9 @@ def test_clients_cannot_send_slots_or_envoy_control_headers() -> None:
 def test_the_routing_ext_proc_may_set_envoy_headers() -> None:
     filters = hcm(render())["http_filters"]
     [routing] = [f for f in filters if f["name"] == "envoy.filters.http.ext_proc"]
-    assert routing["typed_config"]["mutation_rules"]["allow_envoy"] is True
+    rules = routing["typed_config"]["mutation_rules"]
+    # Envoy's attempt count and retry cap; :authority of a first model it builds itself.
+    assert rules == {"allow_envoy": True, "allow_all_routing": True}
 
 
 def test_each_attempt_carries_its_count() -> None:

@@ -133,7 +133,11 @@ def test_timeout_is_an_idle_limit_and_the_total_limit_is_opt_in() -> None:
 
 def test_every_cluster_caps_requests_and_pending_ones() -> None:
     by_name = clusters(render("    max_concurrent_requests: 100"))
-    assert set(by_name) >= {"plano_extproc", "plano_no_upstream"} and len(by_name) == 4
+    # Each provider's own cluster and its two failover variants (failover is on by default).
+    providers = {p.cluster for p in parse_config(config()).providers}
+    variants = {f"{c}{suffix}" for c in providers for suffix in ("__first", "__failover")}
+    assert len(providers) == 2
+    assert set(by_name) == {"plano_extproc", "plano_no_upstream"} | providers | variants
     for cluster in by_name.values():
         [t] = cluster["circuit_breakers"]["thresholds"]
         assert (t["max_requests"], t["max_pending_requests"]) == (100, 100)

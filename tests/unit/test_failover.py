@@ -25,6 +25,7 @@ from plano_extproc.failover import (
     Attempt,
     AttemptRequest,
     FailoverPlan,
+    Failure,
     PlanError,
     plan,
 )
@@ -34,7 +35,10 @@ from plano_extproc.names import (
     MAX_RETRIES_HEADER,
     ROUTE_HEADER,
     TRANSLATE_HEADER,
+    failover_cluster,
     failure_key,
+    first_cluster,
+    retry_after_key,
     slot_header,
 )
 from plano_extproc.providers import ClientApi
@@ -188,14 +192,36 @@ async def run_attempts(
 def test_plan_headers_name_each_attempts_cluster_and_remove_client_credentials() -> None:
     fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O, PASS)
     assert fo.candidates == (provider(CLAUDE), provider(GPT4O), provider(PASS))
+    assert fo.first_built is False
+    # Every attempt goes through its provider's failover cluster (the one with the attempt
+    # filter), never through the provider's own cluster (no upstream filter there).
     assert fo.headers.set == [
-        (slot_header(0), provider(CLAUDE).cluster),
-        (slot_header(1), provider(GPT4O).cluster),
-        (slot_header(2), provider(PASS).cluster),
+        (slot_header(0), failover_cluster(provider(CLAUDE).cluster)),
+        (slot_header(1), failover_cluster(provider(GPT4O).cluster)),
+        (slot_header(2), failover_cluster(provider(PASS).cluster)),
         (ATTEMPT_COUNT_HEADER, "0"),
         (MAX_RETRIES_HEADER, "2"),
     ]
     assert sorted(fo.headers.remove) == sorted(CREDENTIAL_HEADERS)
+
+
+def test_a_first_built_plan_sends_attempt_1_to_the_first_cluster() -> None:
+    """The routing stream built attempt 1's request: it needs no attempt stream, so slot 0 is
+    the provider's ``first`` cluster; later attempts still get their failover clusters."""
+    candidates = [provider(GPT4O), provider(CLAUDE), provider(PASS)]
+    fo = plan(ClientApi.CHAT, "", CHAT_HEADERS, candidates, first_built=True)
+    assert fo.first_built is True
+    slots = {k: v for k, v in fo.headers.set if k.startswith("x-plano-try-")}
+    assert slots == {
+        slot_header(0): first_cluster(provider(GPT4O).cluster),
+        slot_header(1): failover_cluster(provider(CLAUDE).cluster),
+        slot_header(2): failover_cluster(provider(PASS).cluster),
+    }
+    assert first_cluster(provider(GPT4O).cluster) != failover_cluster(provider(GPT4O).cluster)
+    # The rest of the plan does not depend on who builds attempt 1.
+    other = plan(ClientApi.CHAT, "", CHAT_HEADERS, candidates)
+    assert fo.metadata == other.metadata and fo.headers.remove == other.headers.remove
+    assert fo.headers.set[3:] == other.headers.set[3:]
 
 
 def test_plan_max_retries_is_candidates_minus_one() -> None:
@@ -269,12 +295,52 @@ def test_start_rejects_an_unusable_plan(raw: str) -> None:
 
 
 def test_switch_reason_comes_from_the_previous_attempts_stream() -> None:
-    cd = cooldowns(eject_after_failures=1)
+    cd = cooldowns()
     fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O)
-    att = start(fo, CHAT_HEADERS, 2, {failure_key(1): "429"}, cd)
+    failures = {failure_key(1): "429", retry_after_key(1): "7"}
+    att = start(fo, CHAT_HEADERS, 2, failures, cd)
     assert att.switch is not None
     assert (att.switch.from_model, att.switch.to_model, att.switch.reason) == (CLAUDE, GPT4O, "429")
-    assert cd.resting(CLAUDE) == 0.0  # its own stream already counted that failure
+    # The previous attempt recorded nothing (it may have had no stream): this one rests it,
+    # for the Retry-After that came with the metadata.
+    assert cd.resting(CLAUDE) == 7.0 and cd.resting(GPT4O) == 0.0
+
+
+def test_the_first_attempt_records_no_previous_outcome() -> None:
+    cd = cooldowns(eject_after_failures=1)
+    fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O)
+    att = start(fo, CHAT_HEADERS, 1, {failure_key(0): "503", failure_key(1): "429"}, cd)
+    assert att.switch is None
+    assert cd.resting(CLAUDE) == cd.resting(GPT4O) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("wait", "rest"), [("12", 12.0), ("0.5", 0.5), ("999", 60.0), ("soon", 5.0), (None, 5.0)]
+)
+def test_a_429_of_the_previous_attempt_rests_it_for_its_retry_after(
+    wait: str | None, rest: float
+) -> None:
+    """The Lua filter of a first cluster records the raw header; an attempt stream records
+    seconds. Capped at cooldown_max; unreadable or absent: cooldown_default."""
+    cd = cooldowns()
+    fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O, MINI)
+    failures = {failure_key(2): "429"}
+    if wait is not None:
+        failures[retry_after_key(2)] = wait
+    start(fo, CHAT_HEADERS, 3, failures, cd)
+    assert cd.resting(GPT4O) == rest
+    assert cd.resting(CLAUDE) == cd.resting(MINI) == 0.0
+
+
+@pytest.mark.parametrize("status", ["500", "503", "529"])
+def test_another_failing_status_of_the_previous_attempt_counts_a_failure(status: str) -> None:
+    cd = cooldowns(eject_after_failures=2, eject_seconds=30.0)
+    fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O)
+    # No rest for a 5xx, whatever Retry-After said; two failures eject.
+    start(fo, CHAT_HEADERS, 2, {failure_key(1): status, retry_after_key(1): "20"}, cd)
+    assert cd.resting(CLAUDE) == 0.0
+    start(fo, CHAT_HEADERS, 2, {failure_key(1): status}, cd)
+    assert cd.resting(CLAUDE) == 30.0
 
 
 def test_switch_without_a_status_counts_a_failure_for_the_previous_model() -> None:
@@ -387,29 +453,60 @@ async def started(
     return att
 
 
+def metadata(attempt: int, failure: Failure | None) -> dict[str, str]:
+    """What the servicer hands the next attempt's stream for a failed ``attempt``
+    (server/servicer.py attempt_failed_reply, read back by _attempt_start)."""
+    assert failure is not None
+    out = {failure_key(attempt): failure.status}
+    if failure.retry_after is not None:
+        out[retry_after_key(attempt)] = failure.retry_after
+    return out
+
+
 JSON = {"content-type": "application/json"}
 
 
 async def test_429_on_a_non_last_attempt_moves_on_and_rests_the_model() -> None:
     cd = cooldowns()
     att = await started(CLAUDE, GPT4O, attempt=1, cd=cd)
-    assert att.on_response_headers(429, {**JSON, "retry-after": "12"}, False) == (None, "429")
+    hp, failure = att.on_response_headers(429, {**JSON, "retry-after": "12"}, False)
+    assert hp is None and failure == Failure("429", "12")
+    # Nothing recorded yet: the next attempt's stream does it, once.
+    assert cd.resting(CLAUDE) == 0.0 and cd.resting(GPT4O) == 0.0
+    fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O)
+    nxt = start(fo, CHAT_HEADERS, 2, metadata(1, failure), cd)
+    assert nxt.switch is not None and nxt.switch.reason == "429"
     assert cd.resting(CLAUDE) == 12.0 and cd.resting(GPT4O) == 0.0
+
+
+async def test_429_with_retry_after_ms_passes_seconds_on() -> None:
+    att = await started(CLAUDE, GPT4O, attempt=1)
+    _, failure = att.on_response_headers(429, {"retry-after-ms": "1500"}, False)
+    assert failure == Failure("429", "1.5")
 
 
 async def test_429_without_retry_after_rests_for_the_default() -> None:
     cd = cooldowns(cooldown_default_seconds=4.0)
     att = await started(GPT4O, CLAUDE, attempt=1, cd=cd)
-    assert att.on_response_headers(429, JSON, False) == (None, "429")
-    assert cd.resting(GPT4O) == 4.0
+    hp, failure = att.on_response_headers(429, JSON, False)
+    assert hp is None and failure == Failure("429", None)
+    assert cd.resting(GPT4O) == 0.0
+    fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, GPT4O, CLAUDE)
+    start(fo, CHAT_HEADERS, 2, metadata(1, failure), cd)
+    assert cd.resting(GPT4O) == 4.0 and cd.resting(CLAUDE) == 0.0
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 529])
 async def test_5xx_on_a_non_last_attempt_moves_on_and_counts_a_failure(status: int) -> None:
     cd = cooldowns(eject_after_failures=1, eject_seconds=30.0)
     att = await started(CLAUDE, GPT4O, attempt=1, cd=cd)
-    assert att.on_response_headers(status, JSON, False) == (None, str(status))
-    assert cd.resting(CLAUDE) == 30.0
+    hp, failure = att.on_response_headers(status, JSON, False)
+    assert hp is None and failure == Failure(str(status), None)
+    assert cd.resting(CLAUDE) == 0.0
+    fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O)
+    nxt = start(fo, CHAT_HEADERS, 2, metadata(1, failure), cd)
+    assert nxt.switch is not None and nxt.switch.reason == str(status)
+    assert cd.resting(CLAUDE) == 30.0 and cd.resting(GPT4O) == 0.0
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 413])
@@ -426,14 +523,20 @@ async def test_a_client_error_is_final(status: int) -> None:
 async def test_the_last_attempts_failure_is_final_and_translated_when_needed() -> None:
     cd = cooldowns(eject_after_failures=1, eject_seconds=30.0)
     translated = await started(GPT4O, CLAUDE, attempt=2, cd=cd)
-    assert translated.last
+    assert translated.last and cd.resting(CLAUDE) == 0.0
     hp, reason = translated.on_response_headers(503, JSON, False)
     assert reason is None and hp is not None
     assert hp.body_mode == "buffered" and "content-length" in hp.remove
-    assert cd.resting(CLAUDE) == 30.0  # still counted
+    assert cd.resting(CLAUDE) == 30.0  # no attempt after it: recorded by its own stream
+    cd = cooldowns(eject_after_failures=1, eject_seconds=30.0)
     native = await started(CLAUDE, GPT4O, attempt=2, cd=cd)
+    assert cd.resting(GPT4O) == 0.0
     assert native.on_response_headers(429, {"retry-after": "3"}, False) == (None, None)
     assert cd.resting(GPT4O) == 30.0  # ejected: that was its first failure too
+    cd = cooldowns()
+    native = await started(CLAUDE, GPT4O, attempt=2, cd=cd)
+    assert native.on_response_headers(429, {"retry-after": "3"}, False) == (None, None)
+    assert cd.resting(GPT4O) == 3.0
 
 
 async def test_success_clears_the_cooldown() -> None:
@@ -457,7 +560,7 @@ async def test_custom_on_status_makes_other_statuses_final() -> None:
     assert att.on_response_headers(503, JSON, False) == (None, None)
     assert cd.resting(GPT4O) == 0.0  # not a failure under this policy
     att = await started(GPT4O, CLAUDE, attempt=1, cd=cd, policy=policy)
-    assert att.on_response_headers(429, JSON, False) == (None, "429")
+    assert att.on_response_headers(429, JSON, False) == (None, Failure("429", None))
 
 
 # ---------------------------------------------------------------- the Gateway's candidates
@@ -537,6 +640,149 @@ async def test_the_plan_carries_no_prompt_text(orch: FakeOrchestrator) -> None:
         assert dict(inline.headers.set)["content-length"] == str(len(inline.body))
 
 
+def routed_messages(models: list[str], text: str = "write a binary search") -> dict[str, object]:
+    """A Messages request the fake router sends to code_generation, with inline models."""
+    return {
+        "model": MINI,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": text}],
+        "routing_preferences": [
+            {"name": "code_generation", "description": "writing code", "models": models}
+        ],
+    }
+
+
+async def routing_stream(
+    gw: Gateway, client_headers: Mapping[str, str], body: dict[str, object]
+) -> tuple[Upstream, dict[str, str]]:
+    """The routing stream's answer and the headers it leaves on the request (Envoy applies
+    its mutation before the first route resolution)."""
+    wire = {k: v for k, v in client_headers.items() if k != ":method"}
+    out = await send(gw, body, path=wire.pop(":path"), **wire)
+    assert not set(out.headers.remove) & {k for k, _ in out.headers.set}
+    return out, apply(client_headers, out.headers)
+
+
+async def test_a_native_first_model_is_built_by_the_routing_stream(orch: FakeOrchestrator) -> None:
+    """Messages to Claude is native: the routing stream builds Claude's request as for a
+    single model, and slot 0 is Claude's ``first`` cluster (no attempt stream)."""
+    claude, gpt4o = provider(CLAUDE), provider(GPT4O)
+    async with gateway_for(orch) as gw:
+        out, sent = await routing_stream(gw, MESSAGES_HEADERS, routed_messages([CLAUDE, GPT4O]))
+        assert out.failover is not None and out.failover.first_built is True
+        assert names(out) == [CLAUDE, GPT4O] and out.provider.name == CLAUDE
+        mine = dict(out.headers.set)
+        assert mine[slot_header(0)] == first_cluster(claude.cluster)
+        assert mine[slot_header(1)] == failover_cluster(gpt4o.cluster)
+        assert (mine[ATTEMPT_COUNT_HEADER], mine[MAX_RETRIES_HEADER]) == ("0", "1")
+        # Claude's own request: its key (the client's is gone), its host, its headers.
+        assert sent["x-api-key"] == "sk-a" and "client-secret" not in json.dumps(sent)
+        assert "x-api-key" not in out.headers.remove
+        assert set(CREDENTIAL_HEADERS) - {"x-api-key"} <= set(out.headers.remove)
+        assert sent[":authority"] == claude.authority and sent[":path"] == "/v1/messages"
+        assert sent["anthropic-beta"] == "tools-2024-04-04"
+        assert sent["anthropic-version"] == "2023-06-01"
+        # The failover route is taken: the single-model routing headers are never set.
+        assert ROUTE_HEADER not in sent and TRANSLATE_HEADER not in sent
+        assert out.body is not None
+        body = json.loads(out.body)
+        assert body["model"] == "claude-sonnet-4-20250514" and "routing_preferences" not in body
+        assert sent["content-length"] == str(len(out.body))
+
+
+async def test_a_translated_first_model_is_left_to_its_attempt_stream(
+    orch: FakeOrchestrator,
+) -> None:
+    """Chat to Claude is translated: the routing stream only removes our fields and the
+    client's credentials; Claude's attempt stream builds its request."""
+    async with gateway_for(orch) as gw:
+        out, sent = await routing_stream(gw, CHAT_HEADERS, routed([CLAUDE, GPT4O]))
+        assert out.failover is not None and out.failover.first_built is False
+        mine = dict(out.headers.set)
+        assert mine[slot_header(0)] == failover_cluster(provider(CLAUDE).cluster)
+        assert mine[slot_header(1)] == failover_cluster(provider(GPT4O).cluster)
+        assert not {":path", ":authority", "x-api-key", ROUTE_HEADER} & set(mine)
+        assert not set(CREDENTIAL_HEADERS) & set(sent)
+        assert sent[":path"] == "/v1/chat/completions"
+        assert out.body is not None
+        body = json.loads(out.body)
+        assert body["model"] == MINI and "routing_preferences" not in body
+
+
+async def test_attempt_2_after_a_first_built_attempt_drops_what_it_set(
+    orch: FakeOrchestrator,
+) -> None:
+    """Attempt 2 starts from the headers the routing stream set for Claude and rebuilds
+    GPT-4o's request from Claude's native body (still Messages)."""
+    client = {**MESSAGES_HEADERS, "anthropic-beta": "client-beta"}
+    gpt4o = provider(GPT4O)
+    async with gateway_for(orch) as gw:
+        out, now = await routing_stream(gw, client, routed_messages([CLAUDE, GPT4O]))
+        assert out.failover is not None and out.failover.first_built
+        assert now["x-api-key"] == "sk-a" and now["anthropic-beta"] == "tools-2024-04-04"
+        assert out.body is not None
+        now[ATTEMPT_COUNT_HEADER] = "2"
+        cd = cooldowns()
+        att = Attempt.start(
+            gw.catalog, gw.config.failover, cd, out.failover.metadata, now,
+            {failure_key(1): "429", retry_after_key(1): "9"},
+        )  # fmt: skip
+        assert att.provider.name == GPT4O and cd.resting(CLAUDE) == 9.0
+        made = await att.on_body(out.body, now, "rid")
+        assert not set(made.headers.remove) & {k for k, _ in made.headers.set}
+        sent = apply(now, made.headers)
+        assert made.model == GPT4O and att.response is not None  # Messages > Chat
+        assert "x-api-key" in made.headers.remove and "x-api-key" not in sent
+        assert sent["authorization"] == "Bearer sk-o"
+        assert sent["anthropic-beta"] == "client-beta"  # the client's own, not Claude's
+        assert sent["anthropic-version"] == "2023-06-01"  # the client sent it
+        assert sent[":authority"] == gpt4o.authority and sent[":path"] == "/v1/chat/completions"
+        assert made.body is not None and json.loads(made.body)["model"] == "gpt-4o"
+        assert sent["content-length"] == str(len(made.body))
+        assert "sk-a" not in json.dumps(sent) and "client-secret" not in json.dumps(sent)
+
+
+async def test_attempt_2_after_a_first_built_openai_attempt_drops_its_bearer(
+    orch: FakeOrchestrator,
+) -> None:
+    async with gateway_for(orch) as gw:
+        out, now = await routing_stream(gw, CHAT_HEADERS, routed([GPT4O, CLAUDE]))
+        assert out.failover is not None and out.failover.first_built
+        assert now["authorization"] == "Bearer sk-o" and out.body is not None
+        assert json.loads(out.body)["model"] == "gpt-4o"
+        now[ATTEMPT_COUNT_HEADER] = "2"
+        att = Attempt.start(gw.catalog, gw.config.failover, None, out.failover.metadata, now, {})
+        assert att.switch is not None and att.switch.reason == NO_RESPONSE
+        made = await att.on_body(out.body, now, "rid")
+        sent = apply(now, made.headers)
+        assert "authorization" in made.headers.remove and "authorization" not in sent
+        assert sent["x-api-key"] == "sk-a" and sent["anthropic-beta"] == "tools-2024-04-04"
+        assert "anthropic-version" in sent and sent[":path"] == "/v1/messages"
+        assert made.body is not None
+        assert json.loads(made.body)["model"] == "claude-sonnet-4-20250514"
+        assert "sk-o" not in json.dumps(sent) and "client-secret" not in json.dumps(sent)
+
+
+async def test_a_first_built_passthrough_model_gets_the_clients_key_and_no_later_one_does(
+    orch: FakeOrchestrator,
+) -> None:
+    """Hostile: the routing stream sets the passthrough model's credential itself; Claude's
+    attempt after it must get Claude's key and never the client's."""
+    async with gateway_for(orch) as gw:
+        out, now = await routing_stream(gw, CHAT_HEADERS, routed([PASS, CLAUDE]))
+        assert out.failover is not None and out.failover.first_built
+        assert now["authorization"] == "Bearer client-secret"
+        assert now[":authority"] == "proxy.example.com"
+        assert out.body is not None
+        now[ATTEMPT_COUNT_HEADER] = "2"
+        att = Attempt.start(gw.catalog, gw.config.failover, None, out.failover.metadata, now, {})
+        made = await att.on_body(out.body, now, "rid")
+        sent = apply(now, made.headers)
+        assert sent["x-api-key"] == "sk-a" and "authorization" not in sent
+        assert "client-secret" not in json.dumps(sent)
+        assert made.body is not None and b"client-secret" not in made.body
+
+
 async def test_models_that_cannot_serve_the_client_api_are_left_out(
     orch: FakeOrchestrator,
 ) -> None:
@@ -556,7 +802,10 @@ async def test_resting_models_are_skipped_and_all_kept_when_all_rest(
         cd.rate_limited(CLAUDE, 30.0)
         out = await send(gw, routed())
         assert names(out) == [GPT4O, MINI] and out.provider.name == GPT4O
-        assert dict(out.headers.set)[slot_header(0)] == provider(GPT4O).cluster
+        sent = dict(out.headers.set)
+        # GPT-4o is native to a Chat client: the routing stream builds its attempt.
+        assert sent[slot_header(0)] == first_cluster(provider(GPT4O).cluster)
+        assert sent[slot_header(1)] == failover_cluster(provider(MINI).cluster)
         cd.rate_limited(GPT4O, 30.0)
         cd.rate_limited(MINI, 30.0)
         out = await send(gw, routed())

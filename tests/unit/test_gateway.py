@@ -12,7 +12,7 @@ from plano_extproc.affinity.memory import MemorySessionCache
 from plano_extproc.config import Config, parse_config
 from plano_extproc.failover import Attempt
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream, trace_id_from
-from plano_extproc.names import TRANSLATE_HEADER
+from plano_extproc.names import ROUTE_HEADER, TRANSLATE_HEADER, failover_cluster
 from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import build_router
 from tests.conftest import SEED_RULES
@@ -99,10 +99,14 @@ async def test_routed_proxy_request(gateway: Gateway) -> None:
     assert out.failover.candidates == (anthropic, gpt4o)
     assert out.provider is anthropic and out.route == "code_generation"
     headers = dict(out.headers.set)
-    assert headers["x-plano-try-0"] == anthropic.cluster
-    assert headers["x-plano-try-1"] == gpt4o.cluster
+    # Chat to Anthropic is translated: every attempt (the first too) has its own stream, in
+    # the provider's failover cluster.
+    assert out.failover.first_built is False
+    assert headers["x-plano-try-0"] == failover_cluster(anthropic.cluster)
+    assert headers["x-plano-try-1"] == failover_cluster(gpt4o.cluster)
     assert (headers["x-envoy-attempt-count"], headers["x-envoy-max-retries"]) == ("0", "1")
     assert "authorization" in out.headers.remove  # client credentials never go upstream
+    assert not {":path", ":authority", "x-api-key", ROUTE_HEADER} & set(headers)
     assert out.body is None  # the client's body, replayed to every attempt
     # Attempt 1 (the anthropic cluster's stream): translated to Anthropic's native API.
     now = {**info.headers, **headers, "x-envoy-attempt-count": "1"}
