@@ -318,7 +318,8 @@ class FailoverConfig:
     attempt_timeout_seconds: float = 60.0
     cooldown_default_seconds: float = 5.0  # a 429 without Retry-After
     cooldown_max_seconds: float = 60.0  # a Retry-After is honoured up to this
-    eject_after_failures: int = 3  # consecutive failures (any reason) before an ejection
+    # Failures (any reason) within 10 s before an ejection (plano_extproc.cooldown).
+    eject_after_failures: int = 3
     eject_seconds: float = 30.0
 
     def retries_on(self, status: int) -> bool:

@@ -669,6 +669,10 @@ function envoy_on_response(handle)
     local meta = handle:streamInfo():dynamicMetadata()
     meta:set("{DECISION_METADATA}", "{failure_key(1)}", status)
     local wait = handle:headers():get("retry-after")
+    local ms = tonumber(handle:headers():get("retry-after-ms") or "")
+    if ms ~= nil and ms >= 0 then
+      wait = tostring(ms / 1000)
+    end
     if wait ~= nil then
       meta:set("{DECISION_METADATA}", "{retry_after_key(1)}", wait)
     end

@@ -5,13 +5,18 @@ Two halves, each a different ext_proc stream:
 - the routing stream (``plan``) orders the candidates and hands Envoy one slot header per
   attempt (``x-plano-try-<k>`` = the provider cluster of attempt k+1), the attempt count
   ``0`` (so the first route resolution reads slot 0), the per-request retry cap, and the plan
-  as dynamic metadata ``plano.fo``; the body keeps the client's API (our fields removed),
-  since Envoy replays exactly that body to every attempt;
-- each attempt's stream (``Attempt``), opened by the ext_proc filter in the provider cluster's
-  upstream chain, picks candidate ``attempt - 1`` and builds that model's request (path, host,
-  credentials, body, translated when its API is not the client's), then sees that attempt's
-  response: a failing status is recorded (cooldowns) and left to Envoy's retry when another
-  candidate remains; the final response is translated when needed in the same stream.
+  as dynamic metadata ``plano.fo``; Envoy replays the body it sends to every attempt;
+- when the first model speaks the client's API, the routing stream builds its request itself
+  (as for a single model) and sends it to that provider's ``__first`` cluster: no attempt
+  stream, so a first attempt that succeeds costs what a single-model request costs; a Lua
+  filter there records a failing status and Retry-After as metadata;
+- every other attempt goes to a ``__failover`` cluster, whose upstream ext_proc opens the
+  attempt's stream (``Attempt``): it picks candidate ``attempt - 1``, records the previous
+  attempt's failure (cooldowns), and builds that model's request (path, host, credentials,
+  body, translated when its API is not the client's) from the replayed body, which is in the
+  client's API either way; then it sees that attempt's response: a failing status is passed
+  on as metadata and left to Envoy's retry when another candidate remains; the final response
+  is recorded and translated when needed in the same stream.
 
 Measured on Envoy 1.40 (../shared/reference/translation-failover.md §A6-A9, G): header
 mutations persist across attempts (so every attempt sets every header it owns and removes

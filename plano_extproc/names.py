@@ -43,7 +43,8 @@ FAILURE_PREFIXES = (FAILURE_PREFIX, RETRY_AFTER_PREFIX)
 
 
 def failure_key(attempt: int) -> str:
-    """Why attempt ``attempt`` failed, written by its stream, read by the next one."""
+    """Why attempt ``attempt`` failed (its status), written by its stream or by the Lua
+    filter of a ``__first`` cluster, read by the next attempt's stream."""
     return f"{FAILURE_PREFIX}{attempt}"
 
 

@@ -40,6 +40,7 @@ RULES = {
     "slow": "slow",
     "wide": "wide",
     "cool": "cool",
+    "millis": "millis",
 }
 CODE = "write a binary search"
 CLAUDE = "anthropic/claude-sonnet-4-20250514"
@@ -91,6 +92,21 @@ class HangingProvider(FakeProvider):
             await asyncio.sleep(min(self.hang, 10.0))  # Envoy gives up on it before this
             return web.json_response({"error": {"message": "too late"}}, status=500)
         return await super().handle(request)
+
+
+class MillisProvider(FakeProvider):
+    """Answers 429 with only ``retry-after-ms`` while ``limited``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.limited = False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not self.limited:
+            return await super().handle(request)
+        await self._record(request)
+        body = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}
+        return web.json_response(body, status=429, headers={"retry-after-ms": "30000"})
 
 
 class OpenAIProvider(FakeProvider):
@@ -179,6 +195,9 @@ model_providers:
   - model: openai/o4-mini
     base_url: {hang}/v1
     access_key: sk-hang-test
+  - model: anthropic/claude-3-5-haiku-20241022
+    base_url: {{haiku}}/v1
+    access_key: sk-haiku-test
   - model: ollama/Plano-Orchestrator
     base_url: {{orch}}/v1
 routing_preferences:
@@ -197,6 +216,9 @@ routing_preferences:
   - name: cool
     description: cool
     models: [openai/gpt-4o-mini, {GPT4O}]
+  - name: millis
+    description: millis
+    models: [anthropic/claude-3-5-haiku-20241022, {GPT4O}]
 routing:
   router:
     type: orchestrator
@@ -218,6 +240,7 @@ def fakes() -> Iterator[dict[str, Any]]:
         "extra": FakeProvider("extra").start(),
         "hang": HangingProvider("hang").start(),
         "orch": FakeOrchestrator(decide=keyword_router(RULES)).start(),
+        "haiku": MillisProvider("haiku").start(),
     }
     yield made
     for f in made.values():
@@ -225,14 +248,18 @@ def fakes() -> Iterator[dict[str, Any]]:
 
 
 def _start(fakes: dict[str, Any], tmp: Path, failover: str, workers: int = 1) -> GatewayProcess:
-    text = config(
-        fakes["an"].base_url,
-        fakes["oa"].base_url,
-        fakes["extra"].base_url,
-        fakes["hang"].base_url,
-        closed_port(),
-        failover,
-    ).replace("{orch}", fakes["orch"].base_url)
+    text = (
+        config(
+            fakes["an"].base_url,
+            fakes["oa"].base_url,
+            fakes["extra"].base_url,
+            fakes["hang"].base_url,
+            closed_port(),
+            failover,
+        )
+        .replace("{orch}", fakes["orch"].base_url)
+        .replace("{haiku}", fakes["haiku"].base_url)
+    )
     return GatewayProcess(text, tmp, workers=workers).start()
 
 
@@ -583,7 +610,8 @@ def test_the_failover_is_logged_and_counted(gw: GatewayProcess, fakes: dict[str,
 def cool_gw(
     fakes: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    g = _start(fakes, tmp_path_factory.mktemp("cool"), "    enabled: true", workers=2)
+    # A short default rest: a test that sees a long one knows the provider's hint was read.
+    g = _start(fakes, tmp_path_factory.mktemp("cool"), "    cooldown_default: 200ms", workers=2)
     yield g
     g.stop()
 
@@ -623,6 +651,31 @@ def test_cooldown_is_honoured_by_every_worker(
     after = worker_decisions(cool_gw)
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
     assert len(extra.requests) == 1 and len(oa.requests) == 9
+
+
+def test_a_first_attempt_without_a_stream_still_rests_for_retry_after_ms(
+    cool_gw: GatewayProcess, fakes: dict[str, Any]
+) -> None:
+    """Haiku speaks the Messages client's API: the routing stream builds its request and its
+    attempt has no ext_proc stream (the __first cluster); its 429 with retry-after-ms: 30000
+    still rests it for later requests on every worker."""
+    haiku = fakes["haiku"]
+    haiku.clear()
+    haiku.limited = True
+    msgs: Any = [{"role": "user", "content": "millis"}]
+    raw = ant(cool_gw).messages.with_raw_response.create(
+        model="gpt-4o", max_tokens=5, messages=msgs
+    )
+    assert raw.headers["x-plano-model"] == GPT4O and raw.headers["x-plano-attempts"] == "2"
+    haiku.limited = False
+    time.sleep(0.5)  # past the 200 ms default rest: only the 30 s hint keeps haiku resting
+    for _ in range(6):
+        raw = ant(cool_gw).messages.with_raw_response.create(
+            model="gpt-4o", max_tokens=5, messages=msgs
+        )
+        assert raw.headers["x-plano-model"] == GPT4O and raw.headers["x-plano-attempts"] == "1"
+    assert len(haiku.requests) == 1
+    assert envoy_stat(cool_gw, "__first.upstream_rq_total") >= 1
 
 
 def test_when_every_model_rests_they_are_tried_anyway(
