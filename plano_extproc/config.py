@@ -7,6 +7,7 @@ path and what to do, all at once, so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -238,6 +239,15 @@ class RawConfig(_Strict):
 # --------------------------------------------------------------------------- normalised form
 
 
+@functools.lru_cache(maxsize=4096)  # read on every routed request (failover slots)
+def _cluster_name(interface: str, host: str, port: int, http_host: str | None) -> str:
+    safe = re.sub(r"[^A-Za-z0-9]+", "_", host).strip("_")
+    name = f"{interface}_{safe}_{port}"
+    if http_host:
+        name += "_" + re.sub(r"[^A-Za-z0-9]+", "_", http_host).strip("_")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class Provider:
     """A configured model endpoint. ``name`` is the user-facing ``provider/model`` string."""
@@ -269,11 +279,7 @@ class Provider:
     @property
     def cluster(self) -> str:
         """Envoy cluster name: one per (scheme, host, port) endpoint."""
-        safe = re.sub(r"[^A-Za-z0-9]+", "_", self.host).strip("_")
-        name = f"{self.interface}_{safe}_{self.port}"
-        if self.http_host:
-            name += "_" + re.sub(r"[^A-Za-z0-9]+", "_", self.http_host).strip("_")
-        return name
+        return _cluster_name(self.interface, self.host, self.port, self.http_host)
 
     @property
     def tls(self) -> bool:

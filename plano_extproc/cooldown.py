@@ -32,6 +32,7 @@ from plano_extproc.config import FailoverConfig
 COOLDOWN_FILE_ENV = "PLANO_EXTPROC_COOLDOWN_FILE"
 # rest until (monotonic seconds), failures and attempts in the current window, window start
 _SLOT = struct.Struct("<dddd")
+_UNTIL = struct.Struct("<d")  # the slot's first field alone: read on every routed request
 # Failures count toward an ejection within this window, and only while they are at least half
 # of the model's attempts in it: a model whose first attempts succeed unseen (no stream
 # observes them) must not be ejected by a few scattered errors under heavy traffic.
@@ -110,10 +111,11 @@ class Cooldowns:
 
     def resting(self, name: str) -> float:
         """Seconds ``name`` still rests (0: available)."""
-        slot = self._read(name)
-        if slot is None:
+        i = self._index.get(name)
+        if i is None:
             return 0.0
-        return max(0.0, slot[1] - self.clock())
+        (until,) = _UNTIL.unpack_from(self._table, i * _SLOT.size)
+        return max(0.0, until - self.clock()) if until else 0.0
 
     def available(self, candidates: Sequence[T], name: Callable[[T], str]) -> list[T]:
         """The candidates not resting, in order; all of them when every one rests."""

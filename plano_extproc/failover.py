@@ -29,6 +29,7 @@ any worker can serve any attempt.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -84,11 +85,23 @@ def plan(
     ``first_built``: the routing stream builds attempt 1's request itself (a native first
     model: no attempt stream for it, the cost of a single-model request when it succeeds);
     otherwise the first model's attempt stream does, from the client's body."""
-    ctx: dict[str, object] = {
-        "api": client.value,
-        "q": query,
-        "c": [c.name for c in candidates],
-    }
+    hp = HeaderPlan(remove=list(CREDENTIAL_HEADERS))
+    hp.set = [(slot_header(k), failover_cluster(c.cluster)) for k, c in enumerate(candidates)]
+    if first_built:
+        hp.set[0] = (slot_header(0), first_cluster(candidates[0].cluster))
+    hp.set.append((ATTEMPT_COUNT_HEADER, "0"))
+    hp.set.append((MAX_RETRIES_HEADER, str(len(candidates) - 1)))
+    names = tuple(c.name for c in candidates)
+    configured = {k for c in candidates for k, _ in c.headers}
+    plain = (
+        not query
+        and "anthropic-version" not in headers
+        and not any(c.passthrough_auth for c in candidates)
+        and not any(k in headers for k in configured)
+    )
+    if plain:  # the common case: the same few plans over and over
+        return FailoverPlan(tuple(candidates), hp, _plain_plan(client, names), first_built)
+    ctx: dict[str, object] = {"api": client.value, "q": query, "c": list(names)}
     if any(c.passthrough_auth for c in candidates):
         # Attempts may each rewrite the credential headers: the client's own credential
         # travels in the plan (dynamic metadata, never a header or a log) for the models
@@ -100,17 +113,15 @@ def plan(
         ctx["av"] = True  # the client's own: kept for every attempt
     # A header some candidate's config sets overwrites the client's copy in that attempt, and
     # Envoy keeps the overwrite for the next: the client's values travel in the plan.
-    configured = {k for c in candidates for k, _ in c.headers}
     kept = {k: headers[k] for k in sorted(configured) if k in headers}
     if kept:
         ctx["h"] = kept
-    hp = HeaderPlan(remove=list(CREDENTIAL_HEADERS))
-    hp.set = [(slot_header(k), failover_cluster(c.cluster)) for k, c in enumerate(candidates)]
-    if first_built:
-        hp.set[0] = (slot_header(0), first_cluster(candidates[0].cluster))
-    hp.set.append((ATTEMPT_COUNT_HEADER, "0"))
-    hp.set.append((MAX_RETRIES_HEADER, str(len(candidates) - 1)))
     return FailoverPlan(tuple(candidates), hp, compact_json(ctx), first_built)
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: inline routes may name wildcard models
+def _plain_plan(client: ClientApi, names: tuple[str, ...]) -> str:
+    return compact_json({"api": client.value, "q": "", "c": list(names)})
 
 
 def _string_map(value: object) -> dict[str, str]:

@@ -190,6 +190,9 @@ class Gateway:
         self.cache = cache
         self.metrics = metrics
         self.cooldowns = cooldowns
+        # (client API, candidate names) -> the configured models among them that can serve
+        # that API, in order: the same few lists recur on every routed request.
+        self._servable: dict[tuple[ClientApi, tuple[str, ...]], list[Provider]] = {}
         self._model_ids = {p.name: p.model_id for p in config.providers}
         self._models_body = json.dumps(
             {
@@ -366,13 +369,12 @@ class Gateway:
         names += decision.models
         if pref is not None:
             names += pref.models
-        seen: set[str] = set()
-        found: list[Provider] = []
-        for name in names:
-            p = self.catalog.lookup(name)
-            if p is not None and p.name not in seen and can_serve(p, api):
-                seen.add(p.name)
-                found.append(p)
+        key = (api, tuple(names))
+        found = self._servable.get(key)
+        if found is None:
+            found = self._servable_models(names, api)
+            if len(self._servable) < 4096:  # inline routes may name many models: bounded
+                self._servable[key] = found
         if self.cooldowns is not None:
             found = self.cooldowns.available(found, lambda p: p.name)
         taken: list[Provider] = []
@@ -382,6 +384,16 @@ class Gateway:
             if accepts(p, api, values):
                 taken.append(p)
         return taken
+
+    def _servable_models(self, names: list[str], api: ClientApi) -> list[Provider]:
+        seen: set[str] = set()
+        found: list[Provider] = []
+        for name in dict.fromkeys(names):  # the same names recur: look each up once
+            p = self.catalog.lookup(name)
+            if p is not None and p.name not in seen and can_serve(p, api):
+                seen.add(p.name)
+                found.append(p)
+        return found
 
     async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
         assert info.api is not None
