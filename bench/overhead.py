@@ -23,10 +23,11 @@ One run starts everything itself on 127.0.0.1 with free ports and stops it after
   the ext_proc with an immediate response; no upstream);
 - (d) "routed (fake router LLM)": the same chat request through ``router: {type: orchestrator}``
   whose router LLM is a fake in this process that always names ``complex_reasoning`` (two
-  models, both on the fast upstream): routing plus failover (one attempt ext_proc stream per
-  upstream attempt) without a model's CPU. The fake's CPU is its own column, never the
-  ext_proc's. Each wrk run checks that every request called the router and, in this tree,
-  opened an attempt stream, so the row cannot quietly measure the single-attempt path.
+  models, both on the fast upstream): routing plus failover without a model's CPU (the first
+  model is native, so its attempt goes through its ``__first`` cluster with no attempt
+  stream). The fake's CPU is its own column, never the ext_proc's. Each wrk run checks that
+  every request called the router and, in this tree, went through a ``__first`` cluster, so
+  the row cannot quietly measure the single-attempt path.
 
 With ``--baseline DIR`` the proxy, decision, routed and embedded rows are measured for both
 trees, interleaved.
@@ -769,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             gateways.append(gwr)
             counters = [router_calls]
             if not label:  # this tree: every request through the failover route
-                counters.append(("attempt ext_proc streams", _attempt_streams(gwr.admin)))
+                counters.append(("failover first attempts", _first_attempts(gwr.admin)))
             s = Scenario(f"routed (fake router LLM, {transport}{label})",
                          f"http://127.0.0.1:{gwr.port}/v1/chat/completions", script,
                          gwr.worker_pids, gwr.envoy_pids, aux=fake.cpu_seconds,
@@ -822,9 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _attempt_streams(admin_port: int) -> Callable[[], int]:
-    """Attempt ext_proc streams the gateway's Envoy opened (the failover route's filter)."""
-    return lambda: envoy_counter(admin_port, ".ext_proc.attempt.streams_started")
+def _first_attempts(admin_port: int) -> Callable[[], int]:
+    """Requests the failover route sent to a ``__first`` cluster (attempt 1, built by the
+    routing stream)."""
+    return lambda: envoy_counter(admin_port, "__first.upstream_rq_total")
 
 
 def measure(scenarios: list[Scenario], conns: Sequence[int], args: argparse.Namespace) -> None:
