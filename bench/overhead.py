@@ -781,6 +781,24 @@ def main(argv: list[str] | None = None) -> int:
             for what, count in counters[1:]:  # the preflight request's own stream
                 check(count() >= 1, what, count())
             scenarios.append(s)
+            # The same route for an Anthropic client: the first model needs translation, so
+            # its attempt is built and answered by an attempt stream (before: the routing
+            # stream and the response-translation stream).
+            rbody = messages_body()
+            rscript = work / "routed-messages.lua"
+            rscript.write_text(lua_script(rbody, unique=False))
+            rcounters = [router_calls]
+            if not label:
+                rcounters.append(("attempt ext_proc streams", _attempt_streams(gwr.admin)))
+            s = Scenario(f"routed translated messages>chat (fake router LLM, {transport}{label})",
+                         f"http://127.0.0.1:{gwr.port}/v1/messages", rscript,
+                         gwr.worker_pids, gwr.envoy_pids, aux=fake.cpu_seconds,
+                         counters=tuple(rcounters))  # fmt: skip
+            seen = preflight("translated", s.url, rbody)
+            check(seen.get("x-plano-model") == ROUTED_MODEL, "the route's first model", seen)
+            for what, count in rcounters[1:]:
+                check(count() >= 1, what, count())
+            scenarios.append(s)
         measure(scenarios, conns, args)
         for gw in gateways:
             gw.stop()
@@ -821,6 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(scenarios, conns, args.workers))
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _attempt_streams(admin_port: int) -> Callable[[], int]:
+    """Attempt ext_proc streams the gateway's Envoy opened (the __failover clusters' filter)."""
+    return lambda: envoy_counter(admin_port, ".ext_proc.attempt.streams_started")
 
 
 def _first_attempts(admin_port: int) -> Callable[[], int]:
