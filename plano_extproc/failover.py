@@ -1,6 +1,6 @@
 """Failover across a routed request's models inside one client request, free of gRPC.
 
-Two halves, each a different ext_proc stream:
+Three parts:
 
 - the routing stream (``plan``) orders the candidates and hands Envoy one slot header per
   attempt (``x-plano-try-<k>`` = the provider cluster of attempt k+1), the attempt count
