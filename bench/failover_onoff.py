@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import overhead as ov  # noqa: E402
+import overhead as ov
 
 ROUNDS, SECONDS = 4, 6
 
