@@ -122,16 +122,24 @@ class Cooldowns:
         fresh = [c for c in candidates if self.resting(name(c)) == 0.0]
         return fresh or list(candidates)
 
-    def attempted(self, name: str) -> None:
-        """A request was sent to ``name`` (its outcome may never be seen)."""
+    def _windowed(self, name: str) -> tuple[int, float, float, float, float, float] | None:
+        """(slot, until, failures, attempts, window start, now), the counts of a window that
+        is over restarted."""
         slot = self._read(name)
         if slot is None:
-            return
+            return None
         i, until, failures, attempts, start = slot
         now = self.clock()
         if now - start > EJECT_WINDOW_SECONDS:
             failures, attempts, start = 0.0, 0.0, now
-        self._write(i, until, failures, attempts + 1, start)
+        return i, until, failures, attempts, start, now
+
+    def attempted(self, name: str) -> None:
+        """A request was sent to ``name`` (its outcome may never be seen)."""
+        slot = self._windowed(name)
+        if slot is not None:
+            i, until, failures, attempts, start, _ = slot
+            self._write(i, until, failures, attempts + 1, start)
 
     def rate_limited(self, name: str, retry_after: float | None) -> float:
         """A 429: rest for the hint (capped) and count the failure; the rest in seconds."""
@@ -151,13 +159,10 @@ class Cooldowns:
             self._write(slot[0], 0.0, 0.0, slot[3], slot[4])
 
     def _fail(self, name: str, rest: float) -> None:
-        slot = self._read(name)
+        slot = self._windowed(name)
         if slot is None:
             return
-        i, until, failures, attempts, start = slot
-        now = self.clock()
-        if now - start > EJECT_WINDOW_SECONDS:
-            failures, attempts, start = 0.0, 0.0, now
+        i, until, failures, attempts, start, now = slot
         until = max(until, now + rest)
         failures += 1
         if failures >= self.policy.eject_after_failures and 2 * failures >= attempts:

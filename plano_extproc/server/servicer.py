@@ -230,6 +230,10 @@ class ExtProcStream:
         # bootstrap with other modes still works.
         if which == "response_headers" and self.info is None:
             return self._response_headers(req)
+        return self._other_phase(req, which)
+
+    def _other_phase(self, req: pb.ProcessingRequest, which: str | None) -> Reply:
+        """A translated response's body, or a phase our bootstrap never sends."""
         if which == "response_body" and self.response is not None:
             return self._response_body(req.response_body)
         if which == "request_trailers":
@@ -293,13 +297,7 @@ class ExtProcStream:
                 return Reply(_REPLY_RESPONSE_HEADERS, True)
             self.response = attempt.response
             return Reply(response_headers_reply(plan), plan.body_mode is None)
-        if which == "response_body" and self.response is not None:
-            return self._response_body(req.response_body)
-        if which == "request_trailers":
-            return Reply(_REPLY_TRAILERS, False)
-        if which == "response_body":
-            return Reply(_REPLY_RESPONSE_BODY, False)
-        return Reply(_REPLY_RESPONSE_TRAILERS, False)
+        return self._other_phase(req, which)
 
     def _attempt_start(self, req: pb.ProcessingRequest, plan: str) -> Reply:
         fields = req.metadata_context.filter_metadata[DECISION_METADATA].fields
