@@ -8,7 +8,7 @@ Three parts:
   as dynamic metadata ``plano.fo``; Envoy replays the body it sends to every attempt;
 - when the first model speaks the client's API, the routing stream builds its request itself
   (as for a single model) and sends it to that provider's ``__first`` cluster: no attempt
-  stream, so a first attempt that succeeds costs what a single-model request costs; a Lua
+  stream for a first attempt (one ext_proc stream per request, as for a single model); a Lua
   filter there records a failing status and Retry-After as metadata;
 - every other attempt goes to a ``__failover`` cluster, whose upstream ext_proc opens the
   attempt's stream (``Attempt``): it picks candidate ``attempt - 1``, records the previous
