@@ -110,7 +110,7 @@ def plan(
         if credential:
             ctx["cred"] = credential
     if "anthropic-version" in headers:
-        ctx["av"] = True  # the client's own: kept for every attempt
+        ctx["av"] = headers["anthropic-version"]  # the client's own: kept for every attempt
     # A header some candidate's config sets overwrites the client's copy in that attempt, and
     # Envoy keeps the overwrite for the next: the client's values travel in the plan.
     kept = {k: headers[k] for k in sorted(configured) if k in headers}
@@ -171,7 +171,7 @@ class Attempt:
     index: int  # 0-based: candidate index and attempt number - 1
     provider: Provider
     credential: str | None
-    client_av: bool
+    client_av: str | None  # the client's anthropic-version
     client_headers: dict[str, str] = field(default_factory=dict)
     switch: Switch | None = None
     response: ResponseTranslation | None = None
@@ -218,7 +218,7 @@ class Attempt:
             index=index,
             provider=provider,
             credential=credential if isinstance(credential, str) else None,
-            client_av=bool(value.get("av")),
+            client_av=av if isinstance(av := value.get("av"), str) else None,
             client_headers=_string_map(value.get("h")),
         )
         if index > 0:
@@ -251,13 +251,13 @@ class Attempt:
     def last(self) -> bool:
         return self.index + 1 >= len(self.names)
 
-    async def on_body(
-        self, raw: bytes, headers: Mapping[str, str], request_id: str
-    ) -> AttemptRequest:
-        """This candidate's request. ``headers`` are the request's current headers: the
-        client's, minus its credentials, plus whatever earlier attempts set."""
+    async def on_body(self, raw: bytes, request_id: str) -> AttemptRequest:
+        """This candidate's request. What it needs of the client's headers travels in the
+        plan (the stream never sees the headers: they hold whatever earlier attempts set)."""
         provider = self.provider
-        view = {k: v for k, v in headers.items() if k not in CREDENTIAL_HEADERS}
+        view: dict[str, str] = {}
+        if self.client_av is not None:
+            view["anthropic-version"] = self.client_av
         if self.credential is not None and provider.passthrough_auth:
             view["authorization"] = f"Bearer {self.credential}"
         target, pair = dispatch_api(provider, self.client)
@@ -280,7 +280,7 @@ class Attempt:
         # What an earlier attempt set and this one does not: its credentials, its
         # provider's configured headers, an anthropic-version the client never sent.
         stale = set(CREDENTIAL_HEADERS) | self.other_header_names
-        if not self.client_av:
+        if self.client_av is None:
             stale.add("anthropic-version")
         restore = [(k, v) for k, v in self.client_headers.items() if k in stale and k not in mine]
         hp.set.extend(restore)

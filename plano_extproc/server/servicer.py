@@ -332,7 +332,7 @@ class ExtProcStream:
     async def _attempt_body(self, attempt: Attempt, body: bytes) -> Reply:
         request_id = self.headers.get("x-request-id", "")
         try:
-            req = await attempt.on_body(body, self.headers, request_id)
+            req = await attempt.on_body(body, request_id)
         except GatewayError as e:
             # This model cannot take the request (e.g. a field its API lacks): the client
             # hears why, in its own format; no later model is tried.

@@ -50,6 +50,7 @@ from tests.fakes import FakeOrchestrator, keyword_router
 MINI = "openai/gpt-4o-mini"
 GPT4O = "openai/gpt-4o"
 CLAUDE = "anthropic/claude-sonnet-4-20250514"
+HAIKU = "anthropic/claude-3-5-haiku-20241022"
 PASS = "openai/gpt-4.1"  # passthrough_auth: the client's own key
 BEDROCK = "amazon_bedrock/us.amazon.nova-pro-v1:0"
 ORCH = "ollama/Plano-Orchestrator"
@@ -68,6 +69,8 @@ model_providers:
   - model: {CLAUDE}
     access_key: sk-a
     headers: {{Anthropic-Beta: tools-2024-04-04}}
+  - model: {HAIKU}
+    access_key: sk-h
   - model: {PASS}
     base_url: https://proxy.example.com/v1
     passthrough_auth: true
@@ -178,7 +181,7 @@ async def run_attempts(
     for n in range(1, len(names) + 1):
         now[ATTEMPT_COUNT_HEADER] = str(n)
         att = start(fo, now, n, {failure_key(n - 1): "503"} if n > 1 else {})
-        made = await att.on_body(body, now, "rid")
+        made = await att.on_body(body, "rid")
         # Never both set and removed: which one wins would be Envoy's call, not ours.
         assert not set(made.headers.remove) & {k for k, _ in made.headers.set}
         now = apply(now, made.headers)
@@ -246,7 +249,7 @@ def test_plan_metadata_carries_the_credential_only_for_a_passthrough_candidate()
 def test_plan_metadata_remembers_a_client_anthropic_version() -> None:
     fo = make_plan(ClientApi.MESSAGES, MESSAGES_HEADERS, CLAUDE, GPT4O)
     value = json.loads(fo.metadata)
-    assert value["av"] is True and value["api"] == "messages"
+    assert value["av"] == "2023-06-01" and value["api"] == "messages"
     assert "av" not in json.loads(make_plan(ClientApi.CHAT, CHAT_HEADERS, CLAUDE, GPT4O).metadata)
 
 
@@ -414,6 +417,17 @@ async def test_client_anthropic_version_is_kept_for_every_attempt() -> None:
     assert "x-api-key" not in sent2 and sent2["authorization"] == "Bearer sk-o"
 
 
+async def test_a_second_anthropic_attempt_keeps_the_anthropic_version_the_first_set() -> None:
+    """The client sent none; attempt 1 (Anthropic) set it; attempt 2 (Anthropic again) must
+    send it too, not remove it as an earlier attempt's leftover."""
+    (_, _, sent1), (_, r2, sent2) = await run_attempts(
+        ClientApi.CHAT, CHAT_HEADERS, chat_body(), CLAUDE, HAIKU
+    )
+    assert sent1["anthropic-version"] == sent2["anthropic-version"] == "2023-06-01"
+    assert "anthropic-version" not in r2.headers.remove
+    assert sent2["x-api-key"] == "sk-h"
+
+
 async def test_passthrough_candidate_gets_the_clients_credential_and_no_other_does() -> None:
     (_, _, sent1), (_, r2, sent2) = await run_attempts(
         ClientApi.CHAT, CHAT_HEADERS, chat_body(), PASS, CLAUDE
@@ -449,7 +463,7 @@ async def started(
     fo = make_plan(ClientApi.CHAT, CHAT_HEADERS, *names)
     now = {**apply(CHAT_HEADERS, fo.headers), ATTEMPT_COUNT_HEADER: str(attempt)}
     att = start(fo, now, attempt, {failure_key(attempt - 1): "503"}, cd, policy)
-    await att.on_body(chat_body(), now, "rid")
+    await att.on_body(chat_body(), "rid")
     return att
 
 
@@ -728,7 +742,7 @@ async def test_attempt_2_after_a_first_built_attempt_drops_what_it_set(
             {failure_key(1): "429", retry_after_key(1): "9"},
         )  # fmt: skip
         assert att.provider.name == GPT4O and cd.resting(CLAUDE) == 9.0
-        made = await att.on_body(out.body, now, "rid")
+        made = await att.on_body(out.body, "rid")
         assert not set(made.headers.remove) & {k for k, _ in made.headers.set}
         sent = apply(now, made.headers)
         assert made.model == GPT4O and att.response is not None  # Messages > Chat
@@ -753,7 +767,7 @@ async def test_attempt_2_after_a_first_built_openai_attempt_drops_its_bearer(
         now[ATTEMPT_COUNT_HEADER] = "2"
         att = Attempt.start(gw.catalog, gw.config.failover, None, out.failover.metadata, now, {})
         assert att.switch is not None and att.switch.reason == NO_RESPONSE
-        made = await att.on_body(out.body, now, "rid")
+        made = await att.on_body(out.body, "rid")
         sent = apply(now, made.headers)
         assert "authorization" in made.headers.remove and "authorization" not in sent
         assert sent["x-api-key"] == "sk-a" and sent["anthropic-beta"] == "tools-2024-04-04"
@@ -776,7 +790,7 @@ async def test_a_first_built_passthrough_model_gets_the_clients_key_and_no_later
         assert out.body is not None
         now[ATTEMPT_COUNT_HEADER] = "2"
         att = Attempt.start(gw.catalog, gw.config.failover, None, out.failover.metadata, now, {})
-        made = await att.on_body(out.body, now, "rid")
+        made = await att.on_body(out.body, "rid")
         sent = apply(now, made.headers)
         assert sent["x-api-key"] == "sk-a" and "authorization" not in sent
         assert "client-secret" not in json.dumps(sent)

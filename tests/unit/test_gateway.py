@@ -115,7 +115,7 @@ async def test_routed_proxy_request(gateway: Gateway) -> None:
     attempt = Attempt.start(
         gateway.catalog, gateway.config.failover, None, out.failover.metadata, now, {}
     )
-    made = await attempt.on_body(raw.encode(), now, "rid")
+    made = await attempt.on_body(raw.encode(), "rid")
     headers = dict(made.headers.set)
     assert made.model == anthropic.name
     assert headers[":path"] == "/v1/messages?x=1" and headers[":authority"] == anthropic.authority
