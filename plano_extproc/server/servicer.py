@@ -128,6 +128,14 @@ def attempt_failed_reply(attempt: int, failure: Failure) -> pb.ProcessingRespons
     return out
 
 
+def _lost(what: str, details: str) -> Reply:
+    """A 502 for a stream whose context (metadata from another stream) is missing."""
+    body = (
+        '{"error": {"type": "server_error", "message": "the gateway lost the ' + what + '"}}'
+    ).encode()
+    return Reply(immediate_response(Immediate(502, body, details=details)), True)
+
+
 def _failover_plan(metadata: Any) -> str | None:
     """The ``plano.fo`` plan forwarded to a provider cluster's attempt filter, if any."""
     namespaces = metadata.filter_metadata
@@ -252,10 +260,7 @@ class ExtProcStream:
             self.response = response = ResponseTranslation.from_metadata(raw)
         except ContextError as e:
             log.error("response translation impossible: %s", e)
-            imm = Immediate(502, b'{"error": {"type": "server_error", "message": '
-                            b'"the gateway lost the translation context of this response"}}',
-                            details="plano_translation_context")  # fmt: skip
-            return Reply(immediate_response(imm), True)
+            return _lost("translation context of this response", "plano_translation_context")
         headers = _headers_map(req.response_headers)
         try:
             status = int(headers.get(":status", "0"))
@@ -310,10 +315,7 @@ class ExtProcStream:
             )
         except PlanError as e:
             log.error("failover attempt impossible: %s", e)
-            imm = Immediate(502, b'{"error": {"type": "server_error", "message": '
-                            b'"the gateway lost the failover plan of this request"}}',
-                            details="plano_failover_plan")  # fmt: skip
-            return Reply(immediate_response(imm), True)
+            return _lost("failover plan of this request", "plano_failover_plan")
         self.attempt = attempt
         self.headers = headers
         switch = attempt.switch

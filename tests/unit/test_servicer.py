@@ -224,3 +224,54 @@ def test_header_path_cannot_carry_control_characters() -> None:
     assert meta["route"].string_value == "c%C3%B3digo"
     mutation = msg.request_body.response.header_mutation.set_headers[0].header
     assert mutation.raw_value == b"a%0D%0Ab%00c%7F"
+
+
+def attempt_headers(plan: str, attempt: int, **failures: str) -> pb.ProcessingRequest:
+    """The first message of a failover attempt's stream: headers plus the plano metadata."""
+    msg = headers_msg("POST", "/v1/chat/completions", **{"x-envoy-attempt-count": str(attempt)})
+    fields = msg.metadata_context.filter_metadata["plano"].fields
+    fields["fo"].string_value = plan
+    for key, value in failures.items():
+        fields[key].string_value = value
+    return msg
+
+
+async def test_a_failover_attempt_stream(stub: pb_grpc.ExternalProcessorStub) -> None:
+    """Attempt 2 of [gpt-4o-mini, claude]: Claude's request built from the replayed body; a
+    429 on it is final (last candidate) and its answer gets a translation plan."""
+    models = ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-20250514"]
+    plan = json.dumps({"api": "chat_completions", "q": "", "c": models})
+    call = stub.Process()
+    await call.write(attempt_headers(plan, 2, failed_1="503"))
+    first = await call.read()
+    assert first.WhichOneof("response") == "request_headers"
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    await call.write(body_msg(body))
+    second = await call.read()
+    hdrs = set_headers(second)
+    assert hdrs[":path"] == "/v1/messages" and hdrs["x-api-key"] == "sk-ant"
+    assert hdrs[":authority"] == "api.anthropic.com"
+    assert "authorization" in second.request_body.response.header_mutation.remove_headers
+    served = second.dynamic_metadata.fields["plano"].struct_value.fields["model"].string_value
+    assert served == "anthropic/claude-sonnet-4-20250514"
+    translated = json.loads(second.request_body.response.body_mutation.body)
+    assert translated["model"] == "claude-sonnet-4-20250514"
+    response = pb.ProcessingRequest()
+    response.response_headers.headers.CopyFrom(
+        HeaderMap(headers=[HeaderValue(key=":status", raw_value=b"429"),
+                           HeaderValue(key="content-type", raw_value=b"application/json")])
+    )  # fmt: skip
+    await call.write(response)
+    third = await call.read()
+    assert third.mode_override.response_body_mode  # the error is translated (BUFFERED)
+    await call.done_writing()
+
+
+async def test_an_attempt_without_a_usable_plan_is_a_502(
+    stub: pb_grpc.ExternalProcessorStub,
+) -> None:
+    call = stub.Process()
+    await call.write(attempt_headers("not json", 1))
+    reply = await call.read()
+    assert reply.immediate_response.status.code == 502
+    assert b"lost the failover plan" in reply.immediate_response.body
