@@ -84,6 +84,7 @@ from plano_extproc.errors import GatewayError, bad_request
 from plano_extproc.providers import ClientApi
 from plano_extproc.translate.base import Context, SseOut, Untranslatable
 from plano_extproc.translate.fields import (
+    MAX_SHORT,
     clean_id,
     client_id,
     need_array,
@@ -93,6 +94,7 @@ from plano_extproc.translate.fields import (
     need_object,
     need_str,
     reply_model,
+    short_text,
     token_count,
 )
 
@@ -111,7 +113,6 @@ output cap among thinking-capable Claude models (Opus 4 / 4.1), so the default m
 
 _TARGET = ClientApi.MESSAGES.label
 _MAX_ID = 64  # Anthropic's tool id cap, as its name cap
-_MAX_SHORT = 256
 _MAX_STOPS = 64
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
@@ -425,8 +426,8 @@ def _user_id(body: dict[str, Any]) -> str | None:
     for key in ("user", "safety_identifier"):
         if body.get(key) is not None:
             value = need_str(body[key], key)
-            if len(value) > _MAX_SHORT:
-                raise bad_request(f"'{key}' must be at most {_MAX_SHORT} characters")
+            if len(value) > MAX_SHORT:
+                raise bad_request(f"'{key}' must be at most {MAX_SHORT} characters")
             if value:
                 return value
     return None
@@ -495,7 +496,7 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     """The Anthropic Messages body for ``model_id`` and the context the response side needs."""
     _refuse_unsupported(body)
     requested = body.get("model")
-    requested = requested[:_MAX_SHORT] if isinstance(requested, str) else ""
+    requested = short_text(requested)
     system, turns = _convert(body.get("messages"))
 
     out: dict[str, Any] = {"model": model_id}
@@ -644,7 +645,7 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
                     "id": _call_id(block.get("id"), len(calls), msg_id),
                     "type": "function",
                     "function": {
-                        "name": name[:_MAX_SHORT] if isinstance(name, str) else "",
+                        "name": short_text(name),
                         "arguments": _arguments_json(block.get("input")),
                     },
                 }
@@ -773,7 +774,7 @@ class ChatStream:
                 "id": _call_id(block.get("id"), index, self._id[9:]),
                 "type": "function",
                 "function": {
-                    "name": name[:_MAX_SHORT] if isinstance(name, str) else "",
+                    "name": short_text(name),
                     "arguments": args,
                 },
             }

@@ -23,7 +23,10 @@ MAX_NAME = 64
 """Tool and function names: OpenAI's and Anthropic's shared cap."""
 
 MAX_SHORT = 256
-"""Cap on short provider strings (model, tool name) copied into a reply."""
+"""Cap on short strings (model, tool name, user id) copied across APIs."""
+
+OPENAI_MAX_ID = 40
+"""OpenAI's cap on tool call ids."""
 
 _MAX_CLIENT_ID = 1024
 
@@ -98,6 +101,11 @@ def client_id(value: Any, where: str, max_len: int, prefix: str) -> str:
 # ---------------------------------------------------------------- provider replies
 
 
+def short_text(value: Any) -> str:
+    """A string cut to ``MAX_SHORT``; anything else is empty."""
+    return value[:MAX_SHORT] if isinstance(value, str) else ""
+
+
 def token_count(value: Any) -> int:
     """A usage counter; anything but a positive integer counts as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
@@ -114,5 +122,4 @@ def reply_model(value: Any, ctx: Context) -> str:
     """The provider's model name, else the one the client asked for, capped at ``MAX_SHORT``."""
     if isinstance(value, str) and value:
         return value[:MAX_SHORT]
-    fallback = ctx.get("model")
-    return fallback[:MAX_SHORT] if isinstance(fallback, str) else ""
+    return short_text(ctx.get("model"))

@@ -85,6 +85,8 @@ from plano_extproc.translate.chat import (
     tool_message_text,
 )
 from plano_extproc.translate.fields import (
+    MAX_SHORT,
+    OPENAI_MAX_ID,
     clean_id,
     client_id,
     need_array,
@@ -93,6 +95,7 @@ from plano_extproc.translate.fields import (
     need_number,
     need_object,
     need_str,
+    short_text,
     token_count,
 )
 
@@ -100,8 +103,6 @@ client: ClientApi = ClientApi.MESSAGES
 provider: ClientApi = ClientApi.CHAT
 
 _TARGET = ClientApi.CHAT.label
-_MAX_ID = 40  # OpenAI's cap on tool call ids
-_MAX_SHORT = 256
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
@@ -137,7 +138,7 @@ _TOOL_KEYS = frozenset(
 
 def _tool_id(value: Any, where: str) -> str:
     """A client tool id as the provider gets it: kept when Chat-safe, else a stable digest."""
-    return client_id(value, where, _MAX_ID, "toolu_")
+    return client_id(value, where, OPENAI_MAX_ID, "toolu_")
 
 
 def _text_block(block: dict[str, Any], where: str) -> str:
@@ -383,7 +384,7 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
             continue  # an absent, null or empty member asks for nothing
         raise Untranslatable(key[:64], _TARGET)
     requested = body.get("model")
-    requested = requested[:_MAX_SHORT] if isinstance(requested, str) else ""
+    requested = short_text(requested)
 
     messages = _messages(body.get("messages"))
     if body.get("system") is not None:
@@ -414,8 +415,8 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
         user = need_object(body["metadata"], "metadata").get("user_id")
         if user is not None:
             user = need_str(user, "metadata.user_id")
-            if len(user) > _MAX_SHORT:
-                raise bad_request(f"'metadata.user_id' must be at most {_MAX_SHORT} characters")
+            if len(user) > MAX_SHORT:
+                raise bad_request(f"'metadata.user_id' must be at most {MAX_SHORT} characters")
             chat["user"] = user
     if body.get("tools") is not None:
         tools = _tools(body["tools"])
@@ -454,7 +455,7 @@ def request(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
 def _provider_model(body: dict[str, Any], ctx: Context) -> str:
     model = body.get("model")
     if isinstance(model, str) and model:
-        return model[:_MAX_SHORT]
+        return model[:MAX_SHORT]
     fallback = ctx.get("model")
     return fallback if isinstance(fallback, str) else ""
 
@@ -506,7 +507,7 @@ def _stop_reason(finish: Any, has_tools: bool, matched: Any, ctx: Context) -> tu
     if finish in ("tool_calls", "function_call") or has_tools:
         return "tool_use", None
     if ctx.get("stop") and isinstance(matched, str) and matched:
-        return "stop_sequence", matched[:_MAX_SHORT]
+        return "stop_sequence", matched[:MAX_SHORT]
     return "end_turn", None
 
 
@@ -546,7 +547,7 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
                 {
                     "type": "tool_use",
                     "id": _block_id(call.get("id"), msg_id, n),
-                    "name": name[:_MAX_SHORT] if isinstance(name, str) else "",
+                    "name": short_text(name),
                     "input": _tool_input(fn.get("arguments")),
                 }
             )
@@ -635,7 +636,7 @@ class MessagesStream:
             self._msg_id = "msg_" + ident
         model = chunk.get("model")
         if isinstance(model, str) and model:
-            self._model = model[:_MAX_SHORT]
+            self._model = model[:MAX_SHORT]
         usage = {"input_tokens": 0, "output_tokens": 0}
         if isinstance(chunk.get("usage"), dict):
             usage["input_tokens"] = _usage(chunk["usage"])["input_tokens"]
@@ -723,7 +724,7 @@ class MessagesStream:
             tool.id = _block_id(ident, self._msg_id, tool.n)
         name = fn.get("name")
         if isinstance(name, str) and name and not tool.name:
-            tool.name = name[:_MAX_SHORT]
+            tool.name = name[:MAX_SHORT]
         args = fn.get("arguments")
         if not isinstance(args, str):
             args = ""

@@ -86,6 +86,8 @@ from plano_extproc.translate.chat import (
     tool_message_text,
 )
 from plano_extproc.translate.fields import (
+    MAX_SHORT,
+    OPENAI_MAX_ID,
     clean_id,
     client_id,
     need_array,
@@ -96,6 +98,7 @@ from plano_extproc.translate.fields import (
     need_object,
     need_str,
     reply_model,
+    short_text,
     token_count,
 )
 from plano_extproc.translate.messages_chat import uses_completion_tokens
@@ -104,8 +107,6 @@ client: ClientApi = ClientApi.RESPONSES
 provider: ClientApi = ClientApi.CHAT
 
 _TARGET = ClientApi.CHAT.label
-_MAX_ID = 40  # OpenAI's cap on tool call ids
-_MAX_SHORT = 256
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
 _DETAILS = frozenset({"low", "high", "auto"})
 
@@ -171,8 +172,8 @@ _TOOL_KEYS = frozenset({"type", "name", "description", "parameters", "strict"})
 
 def _short(value: Any, where: str) -> str:
     text = need_str(value, where)
-    if len(text) > _MAX_SHORT:
-        raise bad_request(f"'{where}' must be at most {_MAX_SHORT} characters")
+    if len(text) > MAX_SHORT:
+        raise bad_request(f"'{where}' must be at most {MAX_SHORT} characters")
     return text
 
 
@@ -186,7 +187,7 @@ def _label(value: Any) -> str:
 
 def _call_id(value: Any, where: str) -> str:
     """A client call id as the provider gets it: kept when Chat-safe, else a stable digest."""
-    return client_id(value, where, _MAX_ID, "call_")
+    return client_id(value, where, OPENAI_MAX_ID, "call_")
 
 
 # ---------------------------------------------------------------- request: input items
@@ -440,7 +441,7 @@ def convert(body: dict[str, Any], model_id: str) -> tuple[dict[str, Any], Contex
     """``request`` plus the origins map (Chat path -> client path) for error messages."""
     _refuse_unsupported(body)
     requested = body.get("model")
-    requested = requested[:_MAX_SHORT] if isinstance(requested, str) else ""
+    requested = short_text(requested)
     msgs = _Messages()
     if body.get("instructions") is not None:
         instructions = need_str(body["instructions"], "instructions")
@@ -606,7 +607,7 @@ def _call_item(fc_id: str, call_id: str, name: str, arguments: str, status: str)
 
 
 def _provider_call_id(value: Any, fallback: str) -> str:
-    return value if isinstance(value, str) and 0 < len(value) <= _MAX_SHORT else fallback
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_SHORT else fallback
 
 
 def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -647,7 +648,7 @@ def response(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
             _call_item(
                 f"fc_{base}_{n}",
                 _provider_call_id(call.get("id"), f"call_{base}_{n}"),
-                name[:_MAX_SHORT] if isinstance(name, str) else "",
+                short_text(name),
                 _arguments(fn.get("arguments")),
                 item_status,
             )
@@ -923,10 +924,10 @@ class ResponsesStream:
             n = self._count("function_call")
             item = self._tools[index] = self._new_item("function_call", n)
             item.call_id = _provider_call_id(ident, f"call_{self._base}_{n}")
-            item.name = name[:_MAX_SHORT] if isinstance(name, str) else ""
+            item.name = short_text(name)
             self._activate(item, out)
         elif isinstance(name, str) and name and not item.name:  # the done item names it
-            item.name = name[:_MAX_SHORT]
+            item.name = name[:MAX_SHORT]
         if isinstance(args, str) and args:
             self._append(item, "arguments", args, out)
 
