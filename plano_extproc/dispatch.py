@@ -64,28 +64,28 @@ def dispatch_api(provider: Provider, client: ClientApi) -> tuple[ClientApi, Pair
     return target, translator(client, target)
 
 
-def can_serve(provider: Provider, client: ClientApi) -> bool:
-    return provider_api(provider.interface, client) is not None
-
-
-def accepts(provider: Provider, client: ClientApi, values: Mapping[str, Any]) -> bool:
-    """Whether ``provider`` can take this request: any native pair; a translated one unless
-    its translator refuses the body (e.g. a field its API lacks). Failover skips a model that
-    would refuse: an attempt's own refusal cannot hand over to the next model (Envoy does
-    not retry a reply an upstream filter makes itself)."""
+def pair_for(provider: Provider, client: ClientApi) -> tuple[bool, PairTranslator | None]:
+    """(whether ``provider`` can serve ``client`` requests, the translator: None if native)."""
     target = provider_api(provider.interface, client)
     if target is None:
-        return False
-    pair = translator(client, target)
+        return False, None
+    return True, translator(client, target)
+
+
+def refuses(pair: PairTranslator | None, values: Mapping[str, Any], model_id: str) -> bool:
+    """Whether a translated pair's translator refuses this body (e.g. a field the provider's
+    API lacks; a native pair never does). Failover leaves such a model out: an attempt's own
+    refusal cannot hand over to the next model (Envoy does not retry a reply an upstream
+    filter makes itself)."""
     if pair is None:
-        return True
-    try:
-        pair.request({k: v for k, v in values.items() if k not in INLINE_KEYS}, provider.model_id)
-    except GatewayError:
         return False
-    except Exception:  # a translator bug: the attempt reports it as a 500
+    try:
+        pair.request({k: v for k, v in values.items() if k not in INLINE_KEYS}, model_id)
+    except GatewayError:
         return True
-    return True
+    except Exception:  # a translator bug: the attempt reports it as a 500
+        return False
+    return False
 
 
 async def native_request(

@@ -31,10 +31,10 @@ from plano_extproc.conversation import extract, is_user_turn, tool_names
 from plano_extproc.cooldown import Cooldowns
 from plano_extproc.dispatch import (
     Translation,
-    accepts,
-    can_serve,
     dispatch_api,
     native_request,
+    pair_for,
+    refuses,
     translated_request,
 )
 from plano_extproc.errors import GatewayError, bad_request, not_found
@@ -47,6 +47,7 @@ from plano_extproc.providers import ClientApi
 from plano_extproc.rewrite import HeaderPlan
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
 from plano_extproc.routing.preferences import INLINE_KEYS, parse_inline
+from plano_extproc.translate.base import PairTranslator
 
 log = logging.getLogger("plano_extproc.gateway")
 
@@ -192,7 +193,9 @@ class Gateway:
         self.cooldowns = cooldowns
         # (client API, candidate names) -> the configured models among them that can serve
         # that API, in order: the same few lists recur on every routed request.
-        self._servable: dict[tuple[ClientApi, tuple[str, ...]], list[Provider]] = {}
+        self._servable: dict[
+            tuple[ClientApi, tuple[str, ...]], list[tuple[Provider, PairTranslator | None]]
+        ] = {}
         self._model_ids = {p.name: p.model_id for p in config.providers}
         self._models_body = json.dumps(
             {
@@ -278,9 +281,10 @@ class Gateway:
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
         decision = await self._select(info, requested, inline, messages, body.values)
-        candidates = self._candidates(decision, inline, info.api, body.values)
+        served = self._candidates(decision, inline, info.api, body.values)
+        candidates = [p for p, _ in served]
         if len(candidates) > 1:
-            first_native = dispatch_api(candidates[0], info.api)[1] is None
+            first_native = served[0][1] is None
             fo = failover_plan(info.api, info.query, info.headers, candidates, first_native)
             if len(fo.metadata) <= MAX_PLAN_CHARS:
                 if self.cooldowns is not None:
@@ -354,12 +358,13 @@ class Gateway:
         inline: tuple[RoutePreference, ...] | None,
         api: ClientApi,
         values: dict[str, Any],
-    ) -> list[Provider]:
+    ) -> list[tuple[Provider, PairTranslator | None]]:
         """The models a routed request tries, in order: the chosen one, then the rest of its
         route; those that cannot serve the client's API or would refuse this body left out,
         resting ones skipped (all kept when all rest), at most ``max_attempts``. Empty: a
         single attempt at ``decision.dispatch`` (failover off, the request was not routed,
-        or no model takes it: the first one's refusal is the answer)."""
+        or no model takes it: the first one's refusal is the answer). Each with its
+        translator (None: native)."""
         fo = self.config.failover
         if not fo.enabled or fo.max_attempts < 2 or decision.route is None:
             return []
@@ -376,23 +381,28 @@ class Gateway:
             if len(self._servable) < 4096:  # inline routes may name many models: bounded
                 self._servable[key] = found
         if self.cooldowns is not None:
-            found = self.cooldowns.available(found, lambda p: p.name)
-        taken: list[Provider] = []
-        for p in found:
+            found = self.cooldowns.available(found, lambda served: served[0].name)
+        taken: list[tuple[Provider, PairTranslator | None]] = []
+        for p, pair in found:
             if len(taken) == fo.max_attempts:
                 break
-            if accepts(p, api, values):
-                taken.append(p)
+            if not refuses(pair, values, p.model_id):
+                taken.append((p, pair))
         return taken
 
-    def _servable_models(self, names: list[str], api: ClientApi) -> list[Provider]:
+    def _servable_models(
+        self, names: list[str], api: ClientApi
+    ) -> list[tuple[Provider, PairTranslator | None]]:
         seen: set[str] = set()
-        found: list[Provider] = []
+        found: list[tuple[Provider, PairTranslator | None]] = []
         for name in dict.fromkeys(names):  # the same names recur: look each up once
             p = self.catalog.lookup(name)
-            if p is not None and p.name not in seen and can_serve(p, api):
+            if p is None or p.name in seen:
+                continue
+            can, pair = pair_for(p, api)
+            if can:
                 seen.add(p.name)
-                found.append(p)
+                found.append((p, pair))
         return found
 
     async def _decide_endpoint(self, info: RequestInfo, raw: bytes) -> Immediate:
