@@ -162,7 +162,6 @@ class Switch:
 class Attempt:
     """One attempt's stream: its candidate, its request, its response."""
 
-    catalog: Catalog
     policy: FailoverConfig
     cooldowns: Cooldowns | None
     client: ClientApi
@@ -209,7 +208,6 @@ class Attempt:
             raise PlanError(f"model {names[index]!r} of the plan is not configured")
         credential = value.get("cred")
         self = cls(
-            catalog=catalog,
             policy=policy,
             cooldowns=cooldowns,
             client=client,
@@ -252,8 +250,8 @@ class Attempt:
         return self.index + 1 >= len(self.names)
 
     async def on_body(self, raw: bytes, request_id: str) -> AttemptRequest:
-        """This candidate's request. What it needs of the client's headers travels in the
-        plan (the stream never sees the headers: they hold whatever earlier attempts set)."""
+        """This candidate's request. What it needs of the client's headers comes from the
+        plan: the request's current headers hold whatever earlier attempts set."""
         provider = self.provider
         view: dict[str, str] = {}
         if self.client_av is not None:
