@@ -201,7 +201,7 @@ class ExtProcStream:
     a task when there is something to wait for.
     """
 
-    __slots__ = ("attempt", "gateway", "headers", "info", "metrics", "response")
+    __slots__ = ("attempt", "gateway", "info", "metrics", "request_id", "response")
 
     def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
         self.gateway = gateway
@@ -212,7 +212,7 @@ class ExtProcStream:
         self.response: ResponseTranslation | None = None
         # Set on failover attempt streams (the provider cluster's upstream filter).
         self.attempt: Attempt | None = None
-        self.headers: dict[str, str] = {}
+        self.request_id = ""  # an attempt stream's, for its log lines (made header-safe)
 
     def step(self, req: pb.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
         which = req.WhichOneof("request")
@@ -317,12 +317,12 @@ class ExtProcStream:
             log.error("failover attempt impossible: %s", e)
             return _lost("failover plan of this request", "plano_failover_plan")
         self.attempt = attempt
-        self.headers = headers
+        self.request_id = header_safe(headers.get("x-request-id", ""))
         switch = attempt.switch
         if switch is not None:
             log.warning(
                 "request_id=%s failover %s -> %s (attempt %d, %s)",
-                header_safe(headers.get("x-request-id", "")),
+                self.request_id,
                 switch.from_model,
                 switch.to_model,
                 attempt.attempt,
@@ -332,7 +332,7 @@ class ExtProcStream:
         return Reply(_CONTINUE_HEADERS, False)
 
     async def _attempt_body(self, attempt: Attempt, body: bytes) -> Reply:
-        request_id = self.headers.get("x-request-id", "")
+        request_id = self.request_id
         try:
             req = await attempt.on_body(body, request_id)
         except GatewayError as e:
@@ -340,14 +340,13 @@ class ExtProcStream:
             # hears why, in its own format; no later model is tried.
             log.info(
                 "request_id=%s model %s refused the request: %s",
-                header_safe(request_id),
+                request_id,
                 attempt.provider.name,
                 header_safe(e.message),
             )
             anthropic = attempt.client is ClientApi.MESSAGES
             imm = Immediate(e.status, e.body(anthropic=anthropic), details=f"plano_{e.type}")
             return Reply(immediate_response(imm), True)
-        self.headers = {}
         return Reply(attempt_request_reply(req), False)
 
     async def _body(self, body: bytes) -> Reply:
