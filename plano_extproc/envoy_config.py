@@ -517,11 +517,14 @@ _INERT_MODES = {
 TRANSLATED_MODES = {**_INERT_MODES, "response_header_mode": "SEND"}
 
 
-def _decision_headers(pairs: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
-    """Response headers copied from the ``plano`` metadata (absent when the key is), and
-    the number of upstream attempts Envoy made (connection failures included)."""
-    values = [(name, f"%DYNAMIC_METADATA({DECISION_METADATA}:{key})%") for name, key in pairs]
-    values.append((ATTEMPTS_HEADER, "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"))
+def _decision_headers() -> list[dict[str, Any]]:
+    """The model and route, copied from the ``plano`` metadata (each absent when its key is),
+    and the number of upstream attempts Envoy made (connection failures included)."""
+    values = [
+        (MODEL_HEADER, f"%DYNAMIC_METADATA({DECISION_METADATA}:{MODEL_KEY})%"),
+        (ROUTE_RESPONSE_HEADER, f"%DYNAMIC_METADATA({DECISION_METADATA}:{ROUTE_KEY})%"),
+        (ATTEMPTS_HEADER, "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"),
+    ]
     return [
         {
             "header": {"key": name, "value": value},
@@ -645,9 +648,7 @@ def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
             "idle_timeout": timeout,
             "retry_policy": retry,
         },
-        "response_headers_to_add": _decision_headers(
-            ((MODEL_HEADER, MODEL_KEY), (ROUTE_RESPONSE_HEADER, ROUTE_KEY))
-        ),
+        "response_headers_to_add": _decision_headers(),
     }
 
 
@@ -663,13 +664,14 @@ _CODEC = {
 # stream; a failing status and its Retry-After go to the next attempt's stream as metadata.
 _RECORD_FAILURE = f"""
 function envoy_on_response(handle)
-  local status = handle:headers():get(":status")
+  local headers = handle:headers()
+  local status = headers:get(":status")
   local code = tonumber(status)
   if code ~= nil and code >= 400 then
     local meta = handle:streamInfo():dynamicMetadata()
     meta:set("{DECISION_METADATA}", "{failure_key(1)}", status)
-    local wait = handle:headers():get("retry-after")
-    local ms = tonumber(handle:headers():get("retry-after-ms") or "")
+    local wait = headers:get("retry-after")
+    local ms = tonumber(headers:get("retry-after-ms") or "")
     if ms ~= nil and ms >= 0 then
       wait = tostring(ms / 1000)
     end
@@ -684,7 +686,7 @@ end
 def _failover_clusters(base: dict[str, Any]) -> list[dict[str, Any]]:
     """The provider's ``first`` and ``failover`` clusters: its own cluster's endpoint, TLS
     and limits, with the upstream filters of their attempt (copies: no YAML anchors)."""
-    lua = {
+    record_failure = {
         "name": "envoy.filters.http.lua",
         "typed_config": {
             "@type": _T + "extensions.filters.http.lua.v3.Lua",
@@ -692,7 +694,10 @@ def _failover_clusters(base: dict[str, Any]) -> list[dict[str, Any]]:
         },
     }
     out = []
-    for name, first in ((first_cluster(base["name"]), lua), (failover_cluster(base["name"]), None)):
+    for name, upstream_filter in (
+        (first_cluster(base["name"]), record_failure),
+        (failover_cluster(base["name"]), _attempt_filter()),
+    ):
         cluster = copy.deepcopy(base)
         cluster["name"] = name
         cluster["load_assignment"]["cluster_name"] = name
@@ -700,7 +705,7 @@ def _failover_clusters(base: dict[str, Any]) -> list[dict[str, Any]]:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http_protocol_options": {}},
-                "http_filters": [first or _attempt_filter(), copy.deepcopy(_CODEC)],
+                "http_filters": [upstream_filter, copy.deepcopy(_CODEC)],
             }
         }
         out.append(cluster)
@@ -756,9 +761,7 @@ def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str
             "per_try_timeout": timeout,
             "retry_back_off": {"base_interval": "0.5s", "max_interval": "5s"},
         }
-    decision_headers = _decision_headers(
-        ((MODEL_HEADER, MODEL_KEY), (ROUTE_RESPONSE_HEADER, ROUTE_KEY))
-    )
+    decision_headers = _decision_headers()
     upstream = {"name": ROUTE_HEADER, "string_match": {"exact": p.cluster}}
     translated = {
         "name": f"to_{p.cluster}_translated",
