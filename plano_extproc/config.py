@@ -900,12 +900,7 @@ def _normalise(
 def _failover(
     raw: RawFailover | None, listener: ListenerConfig, problems: list[str]
 ) -> FailoverConfig:
-    if raw is None:
-        defaults = FailoverConfig()
-        if 0 < listener.timeout_seconds <= defaults.attempt_timeout_seconds:
-            # A short listener timeout would fire first: the attempt timer yields to it.
-            return FailoverConfig(attempt_timeout_seconds=0.0)
-        return defaults
+    raw = raw or RawFailover()
     at = "routing.failover"
     on_status: tuple[int, ...] | None = None
     if raw.on_status is not None:
@@ -920,7 +915,7 @@ def _failover(
         raw.attempt_timeout, f"{at}.attempt_timeout", problems, d.attempt_timeout_seconds
     )
     if raw.attempt_timeout is None and 0 < listener.timeout_seconds <= attempt:
-        attempt = 0.0
+        attempt = 0.0  # a short listener timeout would fire first: the default timer yields
     elif attempt > 0 and 0 < listener.timeout_seconds <= attempt:
         problems.append(
             f"{at}.attempt_timeout: must be below the listener timeout "
