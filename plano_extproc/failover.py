@@ -93,16 +93,17 @@ def plan(
     hp.set.append((MAX_RETRIES_HEADER, str(len(candidates) - 1)))
     names = tuple(c.name for c in candidates)
     configured = {k for c in candidates for k, _ in c.headers}
+    passthrough = any(c.passthrough_auth for c in candidates)
     plain = (
         not query
+        and not passthrough
         and "anthropic-version" not in headers
-        and not any(c.passthrough_auth for c in candidates)
         and not any(k in headers for k in configured)
     )
     if plain:  # the common case: the same few plans over and over
         return FailoverPlan(tuple(candidates), hp, _plain_plan(client, names), first_built)
     ctx: dict[str, object] = {"api": client.value, "q": query, "c": list(names)}
-    if any(c.passthrough_auth for c in candidates):
+    if passthrough:
         # Attempts may each rewrite the credential headers: the client's own credential
         # travels in the plan (dynamic metadata, never a header or a log) for the models
         # configured to forward it, and reaches no other model.
