@@ -727,3 +727,44 @@ def test_a_model_that_cannot_take_the_request_is_not_tried_even_last(
         )
     assert e.value.response.headers["x-plano-attempts"] == "1"
     assert len(fakes["oa"].requests) == 1 and not fakes["an"].requests
+
+
+# ------------------------------------------------------------------------------ hostile, cut
+
+
+def test_client_sent_failover_and_retry_headers_steer_nothing(
+    gw: GatewayProcess, fakes: dict[str, Any]
+) -> None:
+    """A direct-model request carrying slot, attempt-count and retry headers: served once by
+    the requested model; none of them reaches the provider."""
+    an, oa = fakes["an"], fakes["oa"]
+    oa.queue(Script(status=503))
+    hostile = {
+        "x-plano-try-0": "anthropic_127_0_0_1_1__failover",
+        "x-plano-try-1": "plano_extproc",
+        "x-envoy-attempt-count": "0",
+        "x-envoy-max-retries": "5",
+        "x-envoy-retry-on": "5xx",
+    }
+    with pytest.raises(openai.InternalServerError) as e:
+        oai(gw, default_headers=hostile).chat.completions.create(
+            model="openai/gpt-4o", messages=[{"role": "user", "content": "hello"}]
+        )
+    assert e.value.response.headers["x-plano-attempts"] == "1"
+    [rec] = oa.requests
+    assert not an.requests
+    for name in ("x-plano-try-0", "x-plano-try-1", "x-envoy-max-retries", "x-envoy-retry-on"):
+        assert name not in rec.headers
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_a_translated_stream_after_failover_survives_any_cut(
+    gw: GatewayProcess, fakes: dict[str, Any], split: int
+) -> None:
+    """Attempt 2 (OpenAI, translated for an Anthropic client) streams its SSE cut every
+    ``split`` bytes, inside UTF-8 characters too: the attempt stream reassembles it."""
+    fakes["an"].queue(Script(status=529))
+    fakes["oa"].queue(Script(text=["héllo ", "wörld ", "日本"], split=split, split_utf8=True))
+    text, headers = ask(gw, "messages", CODE, stream=True)
+    assert text == "héllo wörld 日本"
+    assert headers["x-plano-model"] == GPT4O and headers["x-plano-attempts"] == "2"
