@@ -71,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             log_level=args.log_level,
             transport=args.transport,
+            request_log=args.request_log,
         )
     from plano_extproc.server.app import run
 
@@ -81,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.admin_port,
         admin_host=args.admin_host,
         transport=args.transport,
+        access_log=args.request_log,
     )
 
 
@@ -102,6 +104,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         envoy_concurrency=args.envoy_concurrency,
         transport=args.transport,
+        metrics_port=args.metrics_port,
+        request_log=args.request_log,
     )
 
 
@@ -171,6 +175,13 @@ def _transport_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+REQUEST_LOG_HELP = (
+    "append one JSON line per proxied request to PATH ('-' = stdout): request id, client API, "
+    "requested and served model, route, pinned, attempts, status, tokens, duration, TTFT; no "
+    "prompt text, no credentials (off by default)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plano-extproc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=9091, help="gRPC port (workers use port+i)")
     s.add_argument("--admin-port", type=int, default=9190, help="/ready and /metrics")
     s.add_argument("--admin-host", default=None, help="admin bind address (default: --host)")
+    s.add_argument("--request-log", default=None, metavar="PATH", help=REQUEST_LOG_HELP)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default="info")
     _transport_arg(s)
@@ -207,9 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--worker-admin-port", type=int, default=0, help="first worker /ready port; 0 = free"
     )
+    u.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9092,
+        help="the gateway's one Prometheus /metrics (all workers summed, plus Envoy's provider "
+        "series) on 127.0.0.1; 0 = a free one (default 9092)",
+    )
     u.add_argument("--address", default=None, help="override the listener address")
     u.add_argument("--port", type=int, default=None, help="override the listener port")
     u.add_argument("--access-log", action="store_true", help="Envoy access log on stdout")
+    u.add_argument("--request-log", default=None, metavar="PATH", help=REQUEST_LOG_HELP)
     u.add_argument("--envoy-concurrency", type=int, default=None)
     u.add_argument("--log-level", default="info")
     _transport_arg(u)

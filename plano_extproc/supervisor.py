@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from plano_extproc.config import Config
 from plano_extproc.cooldown import COOLDOWN_FILE_ENV
 from plano_extproc.envoy_config import BootstrapError, render_bootstrap, render_yaml
+from plano_extproc.metrics_server import (
+    DEFAULT_METRICS_PORT,
+    MULTIPROC_ENV,
+    MetricsServer,
+    provider_clusters,
+)
 from plano_extproc.names import EXTPROC_CLUSTER
 
 _PR_SET_PDEATHSIG = 1
@@ -86,6 +95,7 @@ class Child:
     argv: list[str]
     capture: bool = False
     restart: bool = False  # a worker: restarted when it dies
+    env: dict[str, str] = field(default_factory=dict)  # added to os.environ at each spawn
     deaths: deque[float] = field(default_factory=deque)  # monotonic times, within the window
     restart_at: float | None = None  # dead, to be spawned again at this time
     spawned_at: float = 0.0
@@ -118,18 +128,31 @@ class Supervisor:
         self.admin_urls: list[str] = []
         self._stopping = False
         self._probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
+        # The workers' prometheus_client multiprocess directory (``up``): a dead worker's
+        # live gauges are removed from it.
+        self.metrics_dir: str | None = None
 
-    def _popen(self, argv: Sequence[str], capture: bool) -> subprocess.Popen[bytes]:
+    def _popen(
+        self, argv: Sequence[str], capture: bool, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             list(argv),
             stdout=subprocess.PIPE if capture else None,
             preexec_fn=_die_with_parent,
+            env={**os.environ, **env} if env else None,
         )
 
     def spawn(
-        self, name: str, argv: Sequence[str], *, capture: bool = False, restart: bool = False
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        capture: bool = False,
+        restart: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Child:
-        child = Child(name, self._popen(argv, capture), list(argv), capture, restart)
+        env = dict(env or {})
+        child = Child(name, self._popen(argv, capture, env), list(argv), capture, restart, env)
         child.spawned_at = time.monotonic()
         self.children.append(child)
         return child
@@ -200,6 +223,10 @@ class Supervisor:
         if not child.restart:
             _say(f"{child.name} exited unexpectedly ({describe_exit(code)}); stopping the gateway")
             return False
+        if self.metrics_dir is not None:
+            # Its live gauges (e.g. session-cache health) go; its counters stay in the sum.
+            with contextlib.suppress(OSError):
+                mark_process_dead(child.proc.pid, self.metrics_dir)
         child.deaths.append(now)
         while child.deaths and now - child.deaths[0] > DEATH_WINDOW:
             child.deaths.popleft()
@@ -242,7 +269,7 @@ class Supervisor:
             if c.restart_at is not None:
                 if now >= c.restart_at:
                     c.restart_at = None
-                    c.proc = self._popen(c.argv, c.capture)
+                    c.proc = self._popen(c.argv, c.capture, c.env)
                     c.spawned_at = now
                     c.ready = False
                     c.probe = None
@@ -296,8 +323,15 @@ def _say(message: str) -> None:
 
 
 def _worker_argv(
-    config_path: str, host: str, port: int, admin_port: int, log_level: str, transport: str
+    config_path: str,
+    host: str,
+    port: int,
+    admin_port: int,
+    log_level: str,
+    transport: str,
+    request_log: str | None = None,
 ) -> list[str]:
+    extra = ["--request-log", request_log] if request_log else []
     return [
         sys.executable,
         "-m",
@@ -316,6 +350,7 @@ def _worker_argv(
         log_level,
         "--transport",
         transport,
+        *extra,
     ]
 
 
@@ -334,6 +369,8 @@ def start_workers(
     workers: int,
     log_level: str,
     transport: str = "h2",
+    env: dict[str, str] | None = None,
+    request_log: str | None = None,
 ) -> list[tuple[str, int]]:
     ports = (
         [free_port(host) for _ in range(workers)]
@@ -355,9 +392,10 @@ def start_workers(
     kids = [
         sup.spawn(
             f"ext_proc worker {i}",
-            _worker_argv(config_path, host, p, a, log_level, transport),
+            _worker_argv(config_path, host, p, a, log_level, transport, request_log),
             capture=True,
             restart=True,
+            env=env,
         )
         for i, (p, a) in enumerate(zip(ports, admins, strict=True))
     ]
@@ -379,6 +417,7 @@ def run_workers(
     workers: int,
     log_level: str,
     transport: str = "h2",
+    request_log: str | None = None,
 ) -> int:
     check_ports(_worker_ports(host, workers, (("--port", port), ("--admin-port", admin_port))))
     sup = Supervisor()
@@ -392,6 +431,7 @@ def run_workers(
             workers=workers,
             log_level=log_level,
             transport=transport,
+            request_log=request_log,
         )
     except SystemExit:
         sup.stop_all()
@@ -544,12 +584,15 @@ def run_up(
     log_level: str,
     envoy_concurrency: int | None,
     transport: str = "h2",
+    metrics_port: int = DEFAULT_METRICS_PORT,
+    request_log: str | None = None,
 ) -> int:
     addr = listen_address or config.listener.address
     port = listen_port or config.listener.port
     taken = [
         (addr, port, "pass --port (or change the listener port in the config)"),
         ("127.0.0.1", envoy_admin_port, "pass --envoy-admin-port, or 0 to pick a free port"),
+        (ADMIN_HOST, metrics_port, "pass --metrics-port, or 0 to pick a free port"),
     ]
     taken += _worker_ports(
         "127.0.0.1",
@@ -564,7 +607,9 @@ def run_up(
     raise_fd_limit(lc.max_connections + lc.max_concurrent_requests + 256)
     sup = Supervisor()
     tmp_name: str | None = None
+    metrics: MetricsServer | None = None
     try:
+        metrics = _start_metrics(sup, config, metrics_port, envoy_admin_port, taken[2][2])
         eps = start_workers(
             sup,
             config_path,
@@ -573,7 +618,9 @@ def run_up(
             admin_base=worker_admin_port,
             workers=workers,
             log_level=log_level,
+            request_log=request_log,
             transport=transport,
+            env={MULTIPROC_ENV: sup.metrics_dir} if sup.metrics_dir else None,
         )
         try:
             bootstrap = render_bootstrap(
@@ -600,14 +647,55 @@ def run_up(
         wait_envoy_ready(admin, envoy.proc, tmp.name, workers, 30)
     except SystemExit:
         sup.stop_all()
+        _stop_metrics(sup, metrics)
         if tmp_name is not None:
             os.unlink(tmp_name)
         raise
     for url in sup.admin_urls:
         print(f"ext_proc worker admin: {url}/ready {url}/metrics", flush=True)
     print(f"envoy admin: {admin}", flush=True)
+    print(f"gateway metrics: {metrics.url}", flush=True)
     print(f"plano-extproc up: http://{addr}:{port} (Ctrl-C to stop)", flush=True)
     try:
         return sup.watch()
     finally:
+        _stop_metrics(sup, metrics)
         os.unlink(tmp.name)
+
+
+ADMIN_HOST = "127.0.0.1"  # where ``up`` binds every admin port: workers', Envoy's, metrics
+
+
+def _start_metrics(
+    sup: Supervisor, config: Config, port: int, envoy_admin_port: int, how: str
+) -> MetricsServer:
+    """Serve the gateway's one ``/metrics`` (workers summed plus Envoy's provider series)
+    from a thread, over a fresh multiprocess directory the workers get in their env."""
+    sup.metrics_dir = tempfile.mkdtemp(prefix="plano-metrics-")
+    try:
+        server = MetricsServer(
+            ADMIN_HOST,
+            port,
+            sup.metrics_dir,
+            envoy_admin=f"http://127.0.0.1:{envoy_admin_port}",
+            clusters=provider_clusters(config),
+        )
+    except OSError as e:
+        shutil.rmtree(sup.metrics_dir, ignore_errors=True)
+        sup.metrics_dir = None
+        if e.errno == errno.EADDRINUSE:
+            raise SystemExit(
+                f"plano-extproc: port {ADMIN_HOST}:{port} is already in use (another gateway "
+                f"running?); {how}"
+            ) from None
+        raise SystemExit(
+            f"plano-extproc: cannot serve metrics on {ADMIN_HOST}:{port}: {e}"
+        ) from None
+    return server.start()
+
+
+def _stop_metrics(sup: Supervisor, server: MetricsServer | None) -> None:
+    if server is not None:
+        server.stop()
+    if sup.metrics_dir is not None:
+        shutil.rmtree(sup.metrics_dir, ignore_errors=True)
