@@ -38,6 +38,7 @@ from plano_extproc.names import (
     ROUTE_KEY,
     ROUTE_RESPONSE_HEADER,
     TRANSLATE_HEADER,
+    USAGE_FILTER,
     failover_cluster,
     failure_key,
     first_cluster,
@@ -649,6 +650,7 @@ def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
             "retry_policy": retry,
         },
         "response_headers_to_add": _decision_headers(),
+        "typed_per_filter_config": _observed(),
     }
 
 
@@ -776,7 +778,8 @@ def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str
             RESPONSE_FILTER: {
                 "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
                 "overrides": {"processing_mode": dict(TRANSLATED_MODES)},
-            }
+            },
+            **_observed(),
         },
     }
     native = {  # copies: a shared dict would be written as a YAML anchor
@@ -785,6 +788,7 @@ def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str
         "route": copy.deepcopy(action),
         "request_headers_to_remove": [ROUTE_HEADER],
         "response_headers_to_add": copy.deepcopy(decision_headers),
+        "typed_per_filter_config": _observed(),
     }
     return [translated, native]
 
@@ -855,6 +859,45 @@ def overload_manager(config: Config) -> dict[str, Any]:
         ],
         # Streams are tracked (for the reset action) once they buffer 1 MiB or more.
         "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
+    }
+
+
+# The usage filter's modes on a proxy route: the response headers and every body chunk, sent
+# without waiting (observability mode), as the client receives them (after translation).
+OBSERVED_MODES = {**_INERT_MODES, "response_header_mode": "SEND", "response_body_mode": "STREAMED"}
+
+
+def _observed() -> dict[str, Any]:
+    """The per-route switch that turns the usage filter on (proxy routes only: the replies
+    the ext_proc makes itself are counted where it makes them)."""
+    return {
+        USAGE_FILTER: {
+            "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {"processing_mode": dict(OBSERVED_MODES)},
+        }
+    }
+
+
+def _usage_filter() -> dict[str, Any]:
+    """Token usage, durations and the access log, read off each proxied response in the
+    client's API (it sits before the response-translation filter, so responses reach it
+    translated). Observability mode: Envoy sends and goes on, so a request never waits for
+    it, and a failing metrics stream cannot fail a request (failure_mode_allow). Inert
+    unless a proxy route turns it on; it reads the routing stream's ``plano`` metadata."""
+    return {
+        "name": USAGE_FILTER,
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "stat_prefix": "usage",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "failure_mode_allow": True,
+            "observability_mode": True,
+            # The ext_proc closes the stream at the response's end; this only bounds a stream
+            # whose end it never saw.
+            "deferred_close_timeout": "1s",
+            "metadata_options": {"forwarding_namespaces": {"untyped": [DECISION_METADATA]}},
+            "processing_mode": dict(_INERT_MODES),
+        },
     }
 
 
@@ -968,6 +1011,7 @@ def render_bootstrap(
                     },
                 },
             },
+            _usage_filter(),
             _response_filter(),
             {
                 "name": "envoy.filters.http.router",

@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from plano_extproc.affinity.base import PinnedDecision, SessionCache
 from plano_extproc.affinity.keys import (
@@ -49,6 +50,9 @@ from plano_extproc.routing.base import RoutePreference, Router, RouterResult
 from plano_extproc.routing.preferences import INLINE_KEYS, parse_inline
 from plano_extproc.translate.base import PairTranslator
 
+if TYPE_CHECKING:
+    from plano_extproc.metrics import Metrics
+
 log = logging.getLogger("plano_extproc.gateway")
 
 PROXY_PATHS = {
@@ -79,6 +83,7 @@ class RequestInfo:
     api: ClientApi | None = None
     affinity_key: str | None = None
     affinity_id: str | None = None
+    request_model: str = ""  # the client's `model` (metrics and the access log)
 
     @classmethod
     def build(cls, headers: Mapping[str, str], end_of_stream: bool = False) -> RequestInfo:
@@ -159,6 +164,20 @@ class Decision:
     pinned: bool | None = None
     scores: dict[str, float] = field(default_factory=dict)
     replayed: bool = False
+    router_seconds: float | None = None  # set when the router model was asked
+
+    @property
+    def outcome(self) -> str | None:
+        """For the decision metrics: None when nothing was decided (no routes, no messages)."""
+        if self.pinned:
+            return "pinned"
+        if self.replayed:
+            return "replayed"
+        if self.router_seconds is None:
+            return None
+        if self.router_error:
+            return "router_error"
+        return "matched" if self.route is not None else "no_match"
 
 
 def trace_id_from(headers: Mapping[str, str]) -> str:
@@ -184,8 +203,11 @@ class Gateway:
         cache: SessionCache | None,
         metrics: ModelMetrics | None = None,
         cooldowns: Cooldowns | None = None,
+        telemetry: Metrics | None = None,
     ) -> None:
         self.config = config
+        # Counts decisions, router latency and session-cache lookups (None: not counted).
+        self.telemetry = telemetry
         self.catalog = Catalog(config)
         self.router = router
         self.cache = cache
@@ -277,10 +299,13 @@ class Gateway:
     async def _proxy(self, info: RequestInfo, raw: bytes) -> Upstream | Immediate:
         assert info.api is not None
         body = await JsonBody.parse_async(raw)
-        requested = self.catalog.resolve(body.values.get("model"))
+        model = body.values.get("model")
+        info.request_model = model if isinstance(model, str) else ""
+        requested = self.catalog.resolve(model)
         inline = parse_inline(body.values, self.catalog)
         messages = extract(info.api, body.values)
         decision = await self._select(info, requested, inline, messages, body.values)
+        self._count(info, decision)
         served = self._candidates(decision, inline, info.api, body.values)
         candidates = [p for p, _ in served]
         if len(candidates) > 1:
@@ -409,11 +434,11 @@ class Gateway:
         assert info.api is not None
         trace_id = trace_id_from(info.headers)
         if info.affinity_key is not None and self.cache is not None:
-            hit = await self.cache.get(info.affinity_key)
+            hit = await self._lookup(info.affinity_key)
             if hit is not None:  # pinned: answer without reading the body (Plano semantics)
-                return self._decision_response(
-                    Decision([hit.model], hit.route, None, pinned=True), trace_id, info
-                )
+                pinned = Decision([hit.model], hit.route, None, pinned=True)
+                self._count(info, pinned)
+                return self._decision_response(pinned, trace_id, info)
         body = await JsonBody.parse_async(raw)
         requested = None
         model_value = body.values.get("model")
@@ -425,6 +450,7 @@ class Gateway:
         messages = extract(info.api, body.values)
         decision = await self._select(info, requested, inline, messages, body.values)
         await body.release()
+        self._count(info, decision)
         return self._decision_response(decision, trace_id, info)
 
     def _decision_response(self, d: Decision, trace_id: str, info: RequestInfo) -> Immediate:
@@ -451,8 +477,7 @@ class Gateway:
         if key is None and self.cache is not None and self.config.route_on_user_only:
             return await self._select_by_turn(info, requested, inline, messages, body)
         if key is not None and info.kind == "proxy":
-            assert self.cache is not None
-            hit = await self.cache.get(key)
+            hit = await self._lookup(key)
             if hit is not None:
                 pinned = self.catalog.lookup(hit.model)
                 if pinned is not None:  # whatever the client's API: translated if needed
@@ -501,7 +526,7 @@ class Gateway:
             next((m.content for m in messages if m.role == "user"), ""),
         )
         if not is_user_turn(messages[-1]):
-            hit = await self.cache.get(key, near=False)
+            hit = await self._lookup(key, near=False)
             provider = self.catalog.lookup(hit.model) if hit is not None else None
             if hit is not None and provider is not None:
                 return Decision([provider.name], hit.route, provider, replayed=True)
@@ -519,8 +544,11 @@ class Gateway:
     ) -> Decision:
         prefs = inline if inline is not None else self.config.preferences
         result = RouterResult(route=None)
+        router_seconds = None
         if prefs and messages:
+            started = time.perf_counter()
             result = await self.router.route(messages, prefs, request_id=info.request_id)
+            router_seconds = time.perf_counter() - started
             if result.error:
                 log.warning(
                     "request_id=%s router failed, serving the requested model: %s",
@@ -530,7 +558,12 @@ class Gateway:
         pref = next((p for p in prefs if p.name == result.route), None) if result.route else None
         if pref is None:
             return Decision(
-                ["none"], None, requested, router_error=result.error, scores=result.scores
+                ["none"],
+                None,
+                requested,
+                router_error=result.error,
+                scores=result.scores,
+                router_seconds=router_seconds,
             )
         ranked = list(pref.models)
         if pref.prefer != "none" and self.metrics is not None:
@@ -540,5 +573,32 @@ class Gateway:
         candidates = [c for c in map(self.catalog.lookup, ranked) if c is not None]
         dispatch = candidates[0] if candidates else requested
         return Decision(
-            ranked, pref.name, dispatch, router_error=result.error, scores=result.scores
+            ranked,
+            pref.name,
+            dispatch,
+            router_error=result.error,
+            scores=result.scores,
+            router_seconds=router_seconds,
         )
+
+    # ------------------------------------------------------------------ telemetry
+
+    async def _lookup(self, key: str, near: bool = True) -> PinnedDecision | None:
+        """A session-cache lookup, counted as hit, miss or error."""
+        cache = self.cache
+        assert cache is not None
+        before = cache.failures
+        hit = await cache.get(key, near=near)
+        if self.telemetry is not None:
+            failed = cache.failures != before
+            result = "error" if failed else "hit" if hit is not None else "miss"
+            self.telemetry.count_cache(result, cache.healthy)
+        return hit
+
+    def _count(self, info: RequestInfo, decision: Decision) -> None:
+        outcome = decision.outcome
+        if self.telemetry is not None and outcome is not None:
+            endpoint = info.kind or "proxy"
+            self.telemetry.count_decision(
+                endpoint, decision.route, outcome, decision.router_seconds
+            )

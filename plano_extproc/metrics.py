@@ -1,66 +1,225 @@
-"""Process-local counters, rendered in Prometheus text format on the admin port.
+"""The gateway's Prometheus series, kept with ``prometheus_client``.
 
-Route names and model ids can come from clients (inline routes, ``provider/*`` wildcards), so
-their label values are escaped, inline routes share the label ``inline``, and at most
-``MAX_WILDCARD_MODELS`` wildcard model ids get a series of their own (the rest: ``other``):
-a client can neither forge series nor grow ``/metrics`` without bound.
+Each worker records into its own registry. Under ``plano-extproc up`` the supervisor gives
+every worker a ``PROMETHEUS_MULTIPROC_DIR``: prometheus_client then keeps the values in
+memory-mapped files there and the supervisor's one ``/metrics`` sums all workers
+(``metrics_server.py``); ``serve`` keeps the values in memory for its own ``/metrics``.
+
+Token and latency series follow the OpenTelemetry GenAI semantic conventions
+(``gen_ai.client.token.usage``, ``gen_ai.client.operation.duration``,
+``gen_ai.server.time_to_first_token``, ``gen_ai.server.time_per_output_token``), with their
+recommended bucket boundaries.
+
+Route names and model ids can come from clients (inline routes, ``provider/*`` wildcards, the
+``model`` a client asks for), so label values are bounded: inline routes share ``inline``, and
+at most ``MAX_WILDCARD_MODELS`` model ids outside the configuration get a series of their own
+(the rest: ``other``). The library escapes what remains: a client can neither forge series nor
+grow ``/metrics`` without bound.
+
+The hot path keeps each labelled child in a dict, so a request pays a dict lookup and one
+value update per series, not prometheus_client's label validation and lock.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from plano_extproc.gateway import Upstream
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+if TYPE_CHECKING:
+    from plano_extproc.usage import Usage
 
 MAX_WILDCARD_MODELS = 100
 INLINE_ROUTE = "inline"
 OTHER_MODEL = "other"
+NONE = "none"
+
+# OpenTelemetry GenAI metric conventions: recommended explicit bucket boundaries.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)  # fmt: skip
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+ROUTER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+GENAI_LABELS = (
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+    "gen_ai_provider_name",
+    "route",
+    "client_api",
+)
 
 
-def label(value: str) -> str:
-    """A Prometheus text-format label value: backslash, quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@dataclass(slots=True)
+class Exchange:
+    """One proxied request, as its response ended (the usage stream's view)."""
+
+    client_api: str
+    request_model: str  # what the client asked for ("" when absent)
+    model: str  # the configured model that served ("" when none did)
+    route: str | None
+    status: int
+    seconds: float | None = None  # from the gateway holding the request to the last byte
+    usage: Usage | None = None
+    ttft: float | None = None  # streams: to the first token-bearing event
+    tpot: float | None = None  # streams: per output token after the first
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status <= 599 else "5xx"
 
 
 class Metrics:
-    def __init__(self, routes: Iterable[str] = (), models: Iterable[str] = ()) -> None:
-        """``routes`` and ``models``: the configured names, which are labelled as they are."""
+    """All series of one process. ``routes``/``models``: the configured names (labelled as
+    they are); ``router``: the configured router kind."""
+
+    def __init__(
+        self,
+        routes: Iterable[str] = (),
+        models: Iterable[str] = (),
+        router: str = NONE,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.known_routes = frozenset(routes)
         self.known_models = frozenset(models)
+        self.router = router
         self.wildcard_models: set[str] = set()
-        self.requests: Counter[tuple[str, str]] = Counter()  # (kind, status class)
-        self.routes: Counter[tuple[str, str]] = Counter()  # (route, model)
-        self.router_errors = 0
-        self.pinned = 0
-        self.replayed = 0
-        self.decision_seconds = 0.0
-        self.failovers: Counter[tuple[str, str, str]] = Counter()  # (from, to, reason)
+        self.registry = reg = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self.requests = Counter(
+            "plano_requests",
+            "Client requests by endpoint, client API, serving model, route and status class.",
+            ("endpoint", "client_api", "model", "route", "status_class"),
+            registry=reg,
+        )
+        self.tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per request as the provider reported them (input includes cached_input).",
+            ("gen_ai_token_type", *GENAI_LABELS),
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Proxied request duration, from the gateway holding the request to its last byte.",
+            GENAI_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Streams: time to the first token-bearing event.",
+            GENAI_LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Streams: time per output token after the first.",
+            GENAI_LABELS,
+            buckets=TPOT_BUCKETS,
+            registry=reg,
+        )
+        self.decisions = Counter(
+            "plano_routing_decisions",
+            "Routing decisions by endpoint, router kind, route and outcome.",
+            ("endpoint", "router", "route", "outcome"),
+            registry=reg,
+        )
+        self.router_seconds = Histogram(
+            "plano_router_duration_seconds",
+            "Time the router model took per decision (only when it was called).",
+            ("router",),
+            buckets=ROUTER_BUCKETS,
+            registry=reg,
+        )
+        self.cache = Counter(
+            "plano_session_cache_requests",
+            "Session-cache lookups by result.",
+            ("result",),
+            registry=reg,
+        )
+        self.cache_healthy = Gauge(
+            "plano_session_cache_healthy",
+            "1 while the session cache answers (the lowest of all workers).",
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self.failovers = Counter(
+            "plano_failovers",
+            "Failovers from one model to the next, by reason (status, reset, timeout, ...).",
+            ("from_model", "to_model", "reason"),
+            registry=reg,
+        )
+        self._healthy: bool | None = None
 
-    def count_immediate(self, status: int, kind: str | None = None) -> None:
-        self.requests[(kind or "other", f"{status // 100}xx")] += 1
+    # ------------------------------------------------------------------ recording
 
-    def count_routed(self, up: Upstream, seconds: float) -> None:
-        self.requests[("proxy", "routed")] += 1
-        self.routes[(self._route_label(up.route), self._model_label(up.provider.name))] += 1
-        self.decision_seconds += seconds
-        if up.router_error:
-            self.router_errors += 1
-        if up.pinned:
-            self.pinned += 1
-        if up.replayed:
-            self.replayed += 1
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def count_immediate(self, status: int, kind: str | None = None, api: str | None = None) -> None:
+        """A reply the gateway made itself (decision endpoint, errors)."""
+        labels = (kind or "other", api or "other", NONE, NONE, status_class(status))
+        self._child(self.requests, labels).inc()
+
+    def count_decision(
+        self, endpoint: str, route: str | None, outcome: str, router_seconds: float | None
+    ) -> None:
+        labels = (endpoint, self.router, self._route_label(route), outcome)
+        self._child(self.decisions, labels).inc()
+        if router_seconds is not None:
+            self._child(self.router_seconds, (self.router,)).observe(router_seconds)
+
+    def count_cache(self, result: str, healthy: bool) -> None:
+        self._child(self.cache, (result,)).inc()
+        if healthy is not self._healthy:
+            self._healthy = healthy
+            self.cache_healthy.set(1 if healthy else 0)
+
+    def set_cache_healthy(self, healthy: bool) -> None:
+        self._healthy = healthy
+        self.cache_healthy.set(1 if healthy else 0)
 
     def count_failover(self, from_model: str, to_model: str, reason: str) -> None:
         key = (self._model_label(from_model), self._model_label(to_model), reason)
-        self.failovers[key] += 1
+        self._child(self.failovers, key).inc()
+
+    def record(self, ex: Exchange) -> None:
+        """A proxied request whose response ended: requests, duration, tokens, stream timing."""
+        model = self._model_label(ex.model) if ex.model else NONE
+        route = self._route_label(ex.route)
+        labels = ("proxy", ex.client_api, model, route, status_class(ex.status))
+        self._child(self.requests, labels).inc()
+        provider = ex.model.split("/", 1)[0] if "/" in ex.model else NONE
+        requested = self._model_label(ex.request_model) if ex.request_model else NONE
+        genai = (requested, model, provider, route, ex.client_api)
+        if ex.seconds is not None:
+            self._child(self.duration, genai).observe(ex.seconds)
+        usage = ex.usage
+        if usage is not None:
+            self._child(self.tokens, ("input", *genai)).observe(usage.input)
+            self._child(self.tokens, ("output", *genai)).observe(usage.output)
+            if usage.cached_input:
+                self._child(self.tokens, ("cached_input", *genai)).observe(usage.cached_input)
+        if ex.ttft is not None:
+            self._child(self.ttft, genai).observe(ex.ttft)
+        if ex.tpot is not None:
+            self._child(self.tpot, genai).observe(ex.tpot)
+
+    # ------------------------------------------------------------------ labels
 
     def _route_label(self, route: str | None) -> str:
         if route is None:
-            return "none"
+            return NONE
         return route if route in self.known_routes else INLINE_ROUTE
 
     def _model_label(self, model: str) -> str:
@@ -71,38 +230,8 @@ class Metrics:
             return model
         return OTHER_MODEL
 
-    def render(self, cache_health: dict[str, Any] | None) -> str:
-        lines = [
-            "# TYPE plano_extproc_requests_total counter",
-            *(
-                f'plano_extproc_requests_total{{kind="{k}",outcome="{s}"}} {n}'
-                for (k, s), n in sorted(self.requests.items())
-            ),
-            "# TYPE plano_extproc_route_decisions_total counter",
-            *(
-                f'plano_extproc_route_decisions_total{{route="{label(r)}",model="{label(m)}"}} {n}'
-                for (r, m), n in sorted(self.routes.items())
-            ),
-            "# TYPE plano_extproc_router_errors_total counter",
-            f"plano_extproc_router_errors_total {self.router_errors}",
-            "# TYPE plano_extproc_pinned_requests_total counter",
-            f"plano_extproc_pinned_requests_total {self.pinned}",
-            "# TYPE plano_extproc_router_skips_total counter",
-            f'plano_extproc_router_skips_total{{reason="not_user_turn"}} {self.replayed}',
-            "# TYPE plano_extproc_decision_seconds_total counter",
-            f"plano_extproc_decision_seconds_total {self.decision_seconds:.6f}",
-            "# TYPE plano_extproc_failovers_total counter",
-            *(
-                f'plano_extproc_failovers_total{{from="{label(a)}",to="{label(b)}",'
-                f'reason="{label(r)}"}} {n}'
-                for (a, b, r), n in sorted(self.failovers.items())
-            ),
-        ]
-        if cache_health is not None:
-            lines += [
-                "# TYPE plano_extproc_session_cache_errors_total counter",
-                f"plano_extproc_session_cache_errors_total {int(cache_health.get('errors', 0))}",
-                "# TYPE plano_extproc_session_cache_healthy gauge",
-                f"plano_extproc_session_cache_healthy {int(bool(cache_health.get('healthy')))}",
-            ]
-        return "\n".join(lines) + "\n"
+    # ------------------------------------------------------------------ exposition
+
+    def render(self) -> bytes:
+        """This process's series in the Prometheus text format (``serve``'s ``/metrics``)."""
+        return generate_latest(self.registry)

@@ -37,6 +37,10 @@ ROUTE_KEY = "route"
 TX_KEY = "tx"  # single-attempt translation context (read by the response filter)
 FAILOVER_KEY = "fo"  # the failover plan (read by each attempt's stream)
 API_KEY = "api"  # the client's API: Envoy's own error replies take its error format
+STARTED_KEY = "t0"  # when the routing stream saw the request (epoch seconds, for durations)
+REQUESTED_KEY = "rq"  # the model the client asked for (the metrics' gen_ai_request_model)
+PINNED_KEY = "pn"  # true/false when the request had a session pin (absent: no session)
+REQUEST_ID_KEY = "id"  # the request id, for the access log (set only when it is on)
 FAILURE_PREFIX = "failed_"
 RETRY_AFTER_PREFIX = "retry_after_"
 FAILURE_PREFIXES = (FAILURE_PREFIX, RETRY_AFTER_PREFIX)
@@ -52,6 +56,9 @@ def failure_key(attempt: int) -> str:
 EXTPROC_CLUSTER = "plano_extproc"
 # The second ext_proc filter: inert except on translated single-attempt routes.
 RESPONSE_FILTER = "plano.response_translation"
+# The third: observes every proxied response (observability mode: Envoy never waits for it)
+# for token usage, durations and the access log; enabled per route on the proxy routes.
+USAGE_FILTER = "plano.usage"
 # The upstream ext_proc in each provider's failover cluster: one stream per attempt.
 ATTEMPT_FILTER = "plano.attempt"
 # Failover reaches a provider through two more clusters than its own (same endpoint, TLS and

@@ -37,6 +37,17 @@ class SessionCache(Protocol):
         follow every routed user turn, unlike first-writer-wins pins)."""
         ...
 
+    @property
+    def healthy(self) -> bool:
+        """False while the backend is known to be unreachable (lookups are then skipped)."""
+        ...
+
+    @property
+    def failures(self) -> int:
+        """Calls so far that failed or were skipped while unhealthy: a change across one
+        lookup tells the metrics that this lookup was an error, not a miss."""
+        ...
+
     def health(self) -> dict[str, Any]:
         """State for readiness/metrics, e.g. {"backend": "redis", "healthy": True, "errors": 0}."""
         ...

@@ -132,6 +132,14 @@ class MemorySessionCache:
             if removed:
                 log.debug("session cache sweep removed %d expired entries", removed)
 
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def failures(self) -> int:
+        return 0
+
     def health(self) -> dict[str, Any]:
         return {
             "backend": "memory",

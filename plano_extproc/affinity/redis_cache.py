@@ -371,6 +371,14 @@ class RedisSessionCache:
             log.warning("session cache: Redis at %s reachable again", self._masked_url)
             return
 
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def failures(self) -> int:
+        return self._errors + self._skipped
+
     def health(self) -> dict[str, Any]:
         return {
             "backend": "redis",

@@ -18,7 +18,9 @@ from typing import Any, Literal, Protocol
 import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from plano_extproc.access_log import AccessLog
 from plano_extproc.affinity.base import SessionCache
 from plano_extproc.config import Config
 from plano_extproc.cooldown import Cooldowns
@@ -121,6 +123,7 @@ async def start(
     admin_port: int | None = None,
     admin_host: str | None = None,
     transport: Transport = "h2",
+    access_log: str | None = None,
 ) -> Running:
     router = build_router(config)
     cache = build_cache(config)
@@ -139,11 +142,16 @@ async def start(
     if not config.preferences:
         log.warning("no routing_preferences configured: routes are inactive, models pass as sent")
     cooldowns = Cooldowns.from_env([p.name for p in config.providers], config.failover)
-    gateway = Gateway(config, router, cache, metrics, cooldowns)
     counters = Metrics(
-        routes=[r.name for r in config.preferences], models=[p.name for p in config.providers]
+        routes=[r.name for r in config.preferences],
+        models=[*(p.name for p in config.providers), *config.aliases],
+        router=config.router.type,
     )
-    server, bound = await _start_extproc(transport, gateway, counters, host, port)
+    if cache is not None:
+        counters.set_cache_healthy(cache.healthy)
+    gateway = Gateway(config, router, cache, metrics, cooldowns, telemetry=counters)
+    log_file = AccessLog(access_log) if access_log else None
+    server, bound = await _start_extproc(transport, gateway, counters, host, port, log_file)
     runner = None
     bound_admin = None
     if admin_port is not None:
@@ -162,16 +170,23 @@ async def start(
 
 
 async def _start_extproc(
-    transport: Transport, gateway: Gateway, metrics: Metrics, host: str, port: int
+    transport: Transport,
+    gateway: Gateway,
+    metrics: Metrics,
+    host: str,
+    port: int,
+    access_log: AccessLog | None = None,
 ) -> tuple[ExtProcServer, int]:
     if transport == "h2":
-        h2 = H2Server(lambda: ExtProcStream(gateway, metrics))
+        h2 = H2Server(lambda: ExtProcStream(gateway, metrics, access_log))
         try:
             return h2, await h2.start(host, port)
         except OSError as e:
             raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(gateway, metrics, access_log), server
+    )
     server.add_generic_rpc_handlers((health_handler(),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -196,8 +211,9 @@ async def _start_admin(
         return web.Response(text=json.dumps(body), content_type="application/json")
 
     async def prom(_: web.Request) -> web.Response:
-        health = gateway.cache.health() if gateway.cache else None
-        return web.Response(text=metrics.render(health), content_type="text/plain")
+        if gateway.cache is not None:  # a cache that healed with no lookups since
+            metrics.set_cache_healthy(gateway.cache.healthy)
+        return web.Response(body=metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/ready", ready)
@@ -230,8 +246,9 @@ async def serve_forever(
     admin_port: int | None = None,
     admin_host: str | None = None,
     transport: Transport = "h2",
+    access_log: str | None = None,
 ) -> None:
-    running = await start(config, host, port, admin_port, admin_host, transport)
+    running = await start(config, host, port, admin_port, admin_host, transport, access_log)
     # One line on stdout that supervisors wait for.
     print(f"READY grpc={running.port} admin={running.admin_port}", flush=True)
     stop_event = asyncio.Event()
@@ -250,6 +267,7 @@ def run(
     *,
     admin_host: str | None = None,
     transport: Transport = "h2",
+    access_log: str | None = None,
 ) -> int:
     try:
         import uvloop
@@ -258,7 +276,9 @@ def run(
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
     try:
-        asyncio.run(serve_forever(config, host, port, admin_port, admin_host, transport))
+        asyncio.run(
+            serve_forever(config, host, port, admin_port, admin_host, transport, access_log)
+        )
     except StartupError as e:
         print(f"plano-extproc: {e}", file=sys.stderr)
         return 2

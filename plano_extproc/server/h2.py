@@ -799,7 +799,10 @@ class H2Connection(asyncio.Protocol):
         return _frame(HEADERS, END_HEADERS | flags, sid, block)
 
     def _reply(self, s: _Stream, reply: Reply) -> None:
-        self._send_message(s, reply.message.SerializeToString(), reply.last)
+        if reply.message is not None:
+            self._send_message(s, reply.message.SerializeToString(), reply.last)
+        elif reply.last:  # nothing to answer (observability mode): end the stream
+            self._finish(s, GRPC_OK)
 
     def _send_message(self, s: _Stream, msg: bytes, last: bool) -> None:
         head = b"" if s.headers_sent else self._header_frame(s.sid, RESPONSE_HEADERS, 0)

@@ -33,6 +33,7 @@ from plano_extproc.names import (
     MAX_RETRIES_HEADER,
     MAX_SLOTS,
     ROUTE_HEADER,
+    USAGE_FILTER,
     failover_cluster,
     failure_key,
     first_cluster,
@@ -187,10 +188,11 @@ def test_no_attempt_timer_when_it_is_off() -> None:
         assert "per_try_idle_timeout" not in failover_route(render(cfg))["route"]["retry_policy"]
 
 
-def test_the_failover_route_overrides_no_filter() -> None:
+def test_the_failover_route_overrides_only_the_usage_filter() -> None:
     """The failover clusters' attempt filter is on by itself; a route override would also
-    reach the first clusters' attempts, which must open no stream."""
-    assert "typed_per_filter_config" not in failover_route(render())
+    reach the first clusters' attempts, which must open no stream. The one override turns
+    the (downstream) usage filter on."""
+    assert set(failover_route(render())["typed_per_filter_config"]) == {USAGE_FILTER}
 
 
 @pytest.mark.parametrize("failover", ["{enabled: false}", "{max_attempts: 1}"])

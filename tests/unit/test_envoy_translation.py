@@ -17,6 +17,7 @@ from plano_extproc.names import (
     RESPONSE_FILTER,
     ROUTE_HEADER,
     TRANSLATE_HEADER,
+    USAGE_FILTER,
 )
 from tests.gateway_proc import assert_envoy_accepts
 
@@ -49,8 +50,13 @@ def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
 def test_response_filter_follows_the_routing_filter_and_is_inert_by_default() -> None:
     filters = hcm(render())["http_filters"]
     names = [f["name"] for f in filters]
-    assert names.index("envoy.filters.http.ext_proc") + 1 == names.index(RESPONSE_FILTER)
-    assert names[-1] == "envoy.filters.http.router"
+    # The usage filter sits between them: responses reach it translated.
+    assert names[1:] == [
+        "envoy.filters.http.ext_proc",
+        USAGE_FILTER,
+        RESPONSE_FILTER,
+        "envoy.filters.http.router",
+    ]
     cfg = filters[names.index(RESPONSE_FILTER)]["typed_config"]
     assert cfg["grpc_service"] == {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}}
     # Every mode off: no gRPC stream for a request whose route does not turn it on.
@@ -89,7 +95,7 @@ def test_each_provider_has_a_translated_route_before_its_native_one() -> None:
         modes = per_route["overrides"]["processing_mode"]
         assert modes["response_header_mode"] == "SEND"
         assert modes["request_header_mode"] == "SKIP" and modes["request_body_mode"] == "NONE"
-        assert "typed_per_filter_config" not in native
+        assert set(native["typed_per_filter_config"]) == {USAGE_FILTER}  # metering only
         # Both still tell the client what served it.
         assert translated["response_headers_to_add"] == native["response_headers_to_add"]
 
