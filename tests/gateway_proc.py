@@ -27,6 +27,7 @@ class GatewayProcess:
     ) -> None:
         self.port = free_port()
         self.admin_port = free_port()
+        self.metrics_port = free_port()  # the aggregated /metrics (``up --metrics-port``)
         self.config_path = tmp_dir / f"config-{self.port}.yaml"
         self.config_path.write_text(config_text)
         self.workers = workers
@@ -39,6 +40,10 @@ class GatewayProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 90.0) -> GatewayProcess:
         argv = [
@@ -53,6 +58,8 @@ class GatewayProcess:
             str(self.port),
             "--envoy-admin-port",
             str(self.admin_port),
+            "--metrics-port",
+            str(self.metrics_port),
             "--workers",
             str(self.workers),
             "--envoy-concurrency",
