@@ -485,7 +485,7 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
         }
     ]
     if failover_on(config):
-        routes.append(_failover_route(config, timeout))
+        routes.extend(_failover_routes(config, timeout))
     for p in _one_per_cluster(config):
         routes.extend(_provider_routes(p, config, timeout))
     routes.append(
@@ -652,6 +652,22 @@ def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
         "response_headers_to_add": _decision_headers(),
         "typed_per_filter_config": _observed(),
     }
+
+
+def _failover_routes(config: Config, timeout: str) -> list[dict[str, Any]]:
+    """The failover route, and before it its twin for a Chat stream whose usage the gateway
+    asked for (TRANSLATE_HEADER): that one turns the response filter on, which takes the
+    usage out of the client's stream again, whichever attempt served."""
+    plain = _failover_route(config, timeout)
+    hidden = copy.deepcopy(plain)
+    hidden["name"] = "failover_hidden_usage"
+    hidden["match"]["headers"].append({"name": TRANSLATE_HEADER, "present_match": True})
+    hidden["request_headers_to_remove"] = [TRANSLATE_HEADER]
+    hidden["typed_per_filter_config"][RESPONSE_FILTER] = {
+        "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"processing_mode": dict(TRANSLATED_MODES)},
+    }
+    return [hidden, plain]
 
 
 def failover_on(config: Config) -> bool:
@@ -915,7 +931,11 @@ def _response_filter() -> dict[str, Any]:
             "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
             "failure_mode_allow": False,
             "allow_mode_override": True,
-            "metadata_options": {"forwarding_namespaces": {"untyped": [DECISION_METADATA]}},
+            # Receives: usage it hid from a Chat client (``u``), for the usage filter.
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [DECISION_METADATA]},
+                "receiving_namespaces": {"untyped": [DECISION_METADATA]},
+            },
             "message_timeout": "10s",
             "processing_mode": dict(_INERT_MODES),
         },

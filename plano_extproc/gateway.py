@@ -31,19 +31,22 @@ from plano_extproc.config import Config, Provider
 from plano_extproc.conversation import extract, is_user_turn, tool_names
 from plano_extproc.cooldown import Cooldowns
 from plano_extproc.dispatch import (
+    HIDDEN_USAGE,
     Translation,
     dispatch_api,
+    hides_usage,
     native_request,
     pair_for,
     refuses,
     translated_request,
+    usage_asked,
 )
 from plano_extproc.errors import GatewayError, bad_request, not_found
 from plano_extproc.failover import MAX_PLAN_CHARS, FailoverPlan
 from plano_extproc.failover import plan as failover_plan
 from plano_extproc.identifiers import header_safe
 from plano_extproc.model_metrics import ModelMetrics
-from plano_extproc.names import ROUTE_HEADER
+from plano_extproc.names import ROUTE_HEADER, TRANSLATE_HEADER
 from plano_extproc.providers import ClientApi
 from plano_extproc.rewrite import HeaderPlan
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
@@ -327,9 +330,12 @@ class Gateway:
         target, pair = dispatch_api(provider, info.api)
         translation: Translation | None = None
         if pair is None:
+            hide = hides_usage(info.api, body.values)
             plan, new_body = await native_request(
-                info.api, info.query, info.headers, body, provider
+                info.api, info.query, info.headers, body, provider, ask_usage=hide
             )
+            if hide:
+                translation = HIDDEN_USAGE
         else:
             plan, new_body, translation = await translated_request(
                 info.api, info.query, info.headers, body, provider, target, pair, info.request_id
@@ -353,9 +359,14 @@ class Gateway:
         assert info.api is not None
         candidates = fo.candidates
         hp = fo.headers
+        # A Chat stream without usage: every attempt asks for it (translated ones emit it), and
+        # the response filter of the failover route takes it out of the client's stream again.
+        hide = hides_usage(info.api, body.values)
         if fo.first_built:
             first = candidates[0]
-            own, new_body = await native_request(info.api, info.query, info.headers, body, first)
+            own, new_body = await native_request(
+                info.api, info.query, info.headers, body, first, ask_usage=hide
+            )
             own.set.append((":authority", first.authority))  # the route has no host rewrite
             own.set = [h for h in own.set if h[0] != ROUTE_HEADER]
             mine = {k for k, _ in own.set}
@@ -365,17 +376,23 @@ class Gateway:
             )
         else:
             remove = tuple(k for k in INLINE_KEYS if k in body.values)
-            new_body = body.edited(remove=remove, set_values={}) if remove else None
+            edits = usage_asked(body.values) if hide else {}
+            new_body = body.edited(remove=remove, set_values=edits) if remove or edits else None
             await body.release()
             if new_body is not None:
                 hp.set.append(("content-length", str(len(new_body))))
+            if hide:
+                hp.set += [("accept-encoding", "identity"), (TRANSLATE_HEADER, "1")]
         log.debug(
             "request_id=%s dispatch models=%s route=%s",
             info.request_id,
             ",".join(c.name for c in candidates),
             decision.route,
         )
-        return Upstream.of(decision, info, candidates[0], hp, new_body, failover=fo)
+        translation = HIDDEN_USAGE if hide else None
+        return Upstream.of(
+            decision, info, candidates[0], hp, new_body, failover=fo, translation=translation
+        )
 
     def _candidates(
         self,

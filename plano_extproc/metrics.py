@@ -26,10 +26,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 if TYPE_CHECKING:
     from plano_extproc.usage import Usage
+
+# No ``*_created`` series: a sample per series that dashboards do not use and that the
+# multiprocess mode (``up``) does not have either, so both endpoints show the same names.
+disable_created_metrics()
 
 MAX_WILDCARD_MODELS = 100
 INLINE_ROUTE = "inline"

@@ -41,6 +41,9 @@ STARTED_KEY = "t0"  # when the routing stream saw the request (epoch seconds, fo
 REQUESTED_KEY = "rq"  # the model the client asked for (the metrics' gen_ai_request_model)
 PINNED_KEY = "pn"  # true/false when the request had a session pin (absent: no session)
 REQUEST_ID_KEY = "id"  # the request id, for the access log (set only when it is on)
+# Usage the client's stream does not show ("input,output,cached_input"), set by the stream
+# that hid it, read by the usage filter's stream at the response's end.
+USAGE_KEY = "u"
 FAILURE_PREFIX = "failed_"
 RETRY_AFTER_PREFIX = "retry_after_"
 FAILURE_PREFIXES = (FAILURE_PREFIX, RETRY_AFTER_PREFIX)

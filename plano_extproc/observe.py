@@ -28,7 +28,7 @@ from plano_extproc.names import (
     STARTED_KEY,
 )
 from plano_extproc.providers import ClientApi
-from plano_extproc.usage import UsageMeter
+from plano_extproc.usage import Usage, UsageMeter
 
 _APIS = {api.value: api for api in ClientApi}
 
@@ -41,6 +41,7 @@ class Observation:
         "attempts",
         "exchange",
         "first_token_at",
+        "hidden",
         "meter",
         "pinned",
         "request_id",
@@ -84,11 +85,16 @@ class Observation:
         if api is not None and 200 <= status < 300 and encoding in ("", "identity"):
             self.meter = UsageMeter(api, self.stream)
         self.first_token_at: float | None = None
+        self.hidden: Usage | None = None
 
     def chunk(self, data: bytes, now: float) -> None:
         meter = self.meter
         if meter is not None and data and meter.feed(data) and self.first_token_at is None:
             self.first_token_at = now
+
+    def hidden_usage(self, text: str) -> None:
+        """The usage a stream before us took out of a Chat client's stream (``u``)."""
+        self.hidden = Usage.decode(text)
 
     def finish(self, now: float) -> Exchange:
         ex = self.exchange
@@ -96,6 +102,8 @@ class Observation:
             ex.seconds = max(0.0, now - self.started)
         if self.meter is not None:
             ex.usage = self.meter.finish()
+        if ex.usage is None and self.hidden is not None:
+            ex.usage = self.hidden
         first = self.first_token_at
         if first is not None and self.started is not None:
             ex.ttft = max(0.0, first - self.started)

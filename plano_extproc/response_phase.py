@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from plano_extproc.providers import ClientApi
-from plano_extproc.translate import parse_pair, translator
+from plano_extproc.translate import parse_pair, response_translator
 from plano_extproc.translate.base import PairTranslator
 from plano_extproc.translate.errors import client_error
 from plano_extproc.translate.sse import SseTranslation
+from plano_extproc.usage import Usage, UsageMeter
 
 log = logging.getLogger("plano_extproc.response")
 
@@ -64,7 +65,17 @@ def _header_value(headers: Mapping[str, str], name: str) -> str:
 class ResponseTranslation:
     """One translated response: decides the body mode, then rewrites the body."""
 
-    __slots__ = ("_broken", "_sse", "_status", "client", "context", "kind", "pair", "provider")
+    __slots__ = (
+        "_broken",
+        "_hidden",
+        "_sse",
+        "_status",
+        "client",
+        "context",
+        "kind",
+        "pair",
+        "provider",
+    )
 
     def __init__(
         self, client: ClientApi, provider: ClientApi, pair: PairTranslator, context: dict[str, Any]
@@ -77,6 +88,9 @@ class ResponseTranslation:
         self._sse: SseTranslation | None = None
         self._status = 200
         self._broken = False
+        # A Chat client that did not ask for usage gets none in its stream: the provider's
+        # usage is read here and handed to the metrics (``hidden_usage``).
+        self._hidden: UsageMeter | None = None
 
     @classmethod
     def from_metadata(cls, raw: str | None) -> ResponseTranslation:
@@ -97,9 +111,7 @@ class ResponseTranslation:
         if pair is None or not isinstance(context, dict):
             raise ContextError(f"translation context names no known pair: {raw[:200]!r}")
         client, provider = pair
-        found = translator(client, provider)
-        assert found is not None  # parse_pair names only pairs that have a translator
-        return cls(client, provider, found, context)
+        return cls(client, provider, response_translator(client, provider), context)
 
     # ------------------------------------------------------------------ headers
 
@@ -120,14 +132,19 @@ class ResponseTranslation:
             plan.remove.append("content-encoding")
             plan.set.append(("content-type", "application/json"))
             return plan
+        if self.client is self.provider:  # hidden usage: only a stream is rewritten
+            if not (200 <= status < 300 and self._is_sse(headers)):
+                return HeadersPlan(body_mode=None)  # errors and JSON replies: untouched
         if not 200 <= status < 300:
             self.kind = "error"
             plan.body_mode = "buffered"
             plan.set.append(("content-type", "application/json"))
             return plan
-        if _header_value(headers, "content-type").startswith("text/event-stream"):
+        if self._is_sse(headers):
             self.kind = "stream"
             self._sse = SseTranslation(self.pair.stream(self.context))
+            if self.client is ClientApi.CHAT and self.context.get("include_usage") is not True:
+                self._hidden = UsageMeter(self.provider, True)
             plan.body_mode = "streamed"
             return plan
         self.kind = "json"
@@ -164,6 +181,8 @@ class ResponseTranslation:
         sse = self._sse
         if sse is None or self._broken:
             return b""
+        if self._hidden is not None and chunk:
+            self._hidden.feed(chunk)
         try:
             out = sse.feed(chunk) if chunk else b""
             if end_of_stream:
@@ -180,7 +199,15 @@ class ResponseTranslation:
                 log.exception("%s stream translator failed to end", self.pair_label)
                 return b""
 
+    def hidden_usage(self) -> Usage | None:
+        """At the stream's end: the usage the client's stream does not show, if any."""
+        return self._hidden.finish() if self._hidden is not None else None
+
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _is_sse(headers: Mapping[str, str]) -> bool:
+        return _header_value(headers, "content-type").startswith("text/event-stream")
 
     @property
     def pair_label(self) -> str:

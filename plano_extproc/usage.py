@@ -63,6 +63,19 @@ class Usage:
     output: int = 0  # completion tokens (reasoning included)
     cached_input: int = 0  # the part of input read from the provider's prompt cache
 
+    def encode(self) -> str:
+        """As dynamic metadata carries it from one ext_proc stream to another."""
+        return f"{self.input},{self.output},{self.cached_input}"
+
+    @classmethod
+    def decode(cls, text: str) -> Usage | None:
+        """``encode``'s text back, or None when it is not three bounded counts."""
+        parts = text.split(",")
+        if len(parts) != 3 or not all(p.isdigit() and len(p) <= 16 for p in parts):
+            return None
+        inp, out, cached = (int(p) for p in parts)
+        return cls(inp, out, min(cached, inp))
+
 
 def _count(value: Any) -> int | None:
     """A token counter: a non-negative int (not a bool), capped at MAX_COUNT; else None."""

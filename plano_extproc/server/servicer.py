@@ -38,6 +38,7 @@ from plano_extproc.names import (
     ROUTE_KEY,
     STARTED_KEY,
     TX_KEY,
+    USAGE_KEY,
     failure_key,
     retry_after_key,
 )
@@ -320,7 +321,13 @@ class ExtProcStream:
         assert response is not None
         if response.kind == "stream":
             out = response.on_chunk(body.body, body.end_of_stream)
-            return Reply(response_body_reply(out), body.end_of_stream)
+            reply = response_body_reply(out)
+            if body.end_of_stream:
+                usage = response.hidden_usage()
+                if usage is not None:  # for the usage filter, which reads the stream after us
+                    fields = reply.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
+                    fields[USAGE_KEY].string_value = usage.encode()
+            return Reply(reply, body.end_of_stream)
         result = response.on_buffered(body.body)
         return Reply(response_body_reply(result.body, result.status, clear_if_empty=False), True)
 
@@ -421,6 +428,11 @@ class ExtProcStream:
             now = time.time()
             obs.chunk(body.body, now)
             if body.end_of_stream:
+                namespaces = req.metadata_context.filter_metadata
+                if DECISION_METADATA in namespaces:
+                    hidden = namespaces[DECISION_METADATA].fields.get(USAGE_KEY)
+                    if hidden is not None:
+                        obs.hidden_usage(hidden.string_value)
                 self._observed(obs, now)
                 return _QUIET_END
             return _QUIET

@@ -282,7 +282,8 @@ def test_redis_outage_and_recovery(
         assert ready["session_cache"]["healthy"] is False
         assert ready["session_cache"]["errors"] >= 1
         metrics = httpx.get(g.worker_admin[0] + "/metrics").text
-        assert "plano_extproc_session_cache_healthy 0" in metrics
+        assert "plano_session_cache_healthy 0.0" in metrics
+        assert 'plano_session_cache_requests_total{result="error"}' in metrics
         redis_srv.restart()
         assert pins_again(g, "after-restart")  # heals without a gateway restart
         assert httpx.get(g.worker_admin[0] + "/ready").json()["session_cache"]["healthy"]

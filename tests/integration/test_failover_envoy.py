@@ -28,8 +28,9 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes import FakeOrchestrator, FakeProvider, Script, keyword_router
+from tests.fakes import FakeOrchestrator, FakeProvider, Script, Usage, keyword_router
 from tests.gateway_proc import GatewayProcess
 
 pytestmark = pytest.mark.integration
@@ -600,7 +601,13 @@ def test_the_failover_is_logged_and_counted(gw: GatewayProcess, fakes: dict[str,
     assert line in gw.output()
     with urllib.request.urlopen(gw.worker_admin[0] + "/metrics") as r:
         metrics = r.read().decode()
-    assert f'plano_extproc_failovers_total{{from="{CLAUDE}",to="{GPT4O}",reason="429"}}' in metrics
+    failovers = {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == "plano_failovers_total"
+    }
+    assert failovers[(("from_model", CLAUDE), ("reason", "429"), ("to_model", GPT4O))] >= 1
 
 
 # ------------------------------------------------------------------------------ cooldowns
@@ -623,9 +630,9 @@ def worker_decisions(gw: GatewayProcess) -> list[int]:
             text = r.read().decode()
         counts.append(
             sum(
-                int(line.rsplit(" ", 1)[1])
+                int(float(line.rsplit(" ", 1)[1]))
                 for line in text.splitlines()
-                if line.startswith('plano_extproc_route_decisions_total{route="cool"')
+                if line.startswith("plano_routing_decisions_total{") and 'route="cool"' in line
             )
         )
     return counts
@@ -768,3 +775,74 @@ def test_a_translated_stream_after_failover_survives_any_cut(
     text, headers = ask(gw, "messages", CODE, stream=True)
     assert text == "héllo wörld 日本"
     assert headers["x-plano-model"] == GPT4O and headers["x-plano-attempts"] == "2"
+
+
+# ------------------------------------------------------------------------------ usage
+
+
+def _token_sums(gw: GatewayProcess, model: str) -> dict[str, float]:
+    with urllib.request.urlopen(gw.worker_admin[0] + "/metrics") as r:
+        text = r.read().decode()
+    out = {"input": 0.0, "output": 0.0, "requests": 0.0}
+    for line in text.splitlines():
+        if (
+            line.startswith("gen_ai_client_token_usage_sum{")
+            and f'response_model="{model}"' in line
+        ):
+            kind = line.split('gen_ai_token_type="', 1)[1].split('"', 1)[0]
+            if kind in out:
+                out[kind] += float(line.rsplit(" ", 1)[1])
+        if line.startswith("plano_requests_total{") and 'endpoint="proxy"' in line:
+            out["requests"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("prompt", "first", "second", "first_fails"),
+    [
+        (CODE, "an", "oa", True),  # translated attempt fails, native one serves
+        (CODE, "an", "oa", False),  # the translated first attempt serves
+        ("cool", "extra", "oa", True),  # the routing stream's native first attempt fails
+        ("cool", "extra", "oa", False),  # ... or serves
+    ],
+)
+def test_chat_stream_without_usage_is_counted_whichever_attempt_serves(
+    gw: GatewayProcess,
+    fakes: dict[str, Any],
+    prompt: str,
+    first: str,
+    second: str,
+    first_fails: bool,
+) -> None:
+    """The gateway asks every attempt for usage; the client's stream shows none (no usage
+    chunk, no usage member) and the tokens of the model that served are counted."""
+    usage = Usage(prompt=23, completion=5)
+    if first_fails:
+        fakes[first].queue(Script(status=503))
+        fakes[second].queue(Script(text="from the second", usage=usage))
+    else:
+        fakes[first].queue(Script(text="from the first", usage=usage))
+    served = {"an": CLAUDE, "oa": GPT4O, "extra": "openai/gpt-4o-mini"}[
+        second if first_fails else first
+    ]
+    before = _token_sums(gw, served)
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["x-plano-model"] == served
+        raw = resp.read().decode()
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and all("usage" not in c and c["choices"] for c in chunks), raw
+    for name in (first, second):
+        for rec in fakes[name].requests:
+            if rec.path.endswith("/chat/completions"):  # each Chat attempt asked for usage
+                assert json.loads(rec.body)["stream_options"] == {"include_usage": True}
+    deadline = time.monotonic() + 10
+    while True:
+        after = _token_sums(gw, served)
+        if after["requests"] > before["requests"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (after["input"] - before["input"], after["output"] - before["output"]) == (23, 5)

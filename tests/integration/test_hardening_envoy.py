@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,16 +290,26 @@ def test_messages_clients_get_anthropic_error_bodies(gw: GatewayProcess) -> None
 def test_metrics_labels_are_escaped_and_bounded(gw: GatewayProcess) -> None:
     from plano_extproc.metrics import MAX_WILDCARD_MODELS
 
+    def counted(text: str) -> tuple[list[str], float]:
+        lines = [ln for ln in text.splitlines() if ln.startswith("plano_requests_total{")]
+        return lines, sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if 'endpoint="proxy"' in ln)
+
     with httpx.Client(timeout=30) as client:
+        _, before = counted(client.get(gw.worker_admin[0] + "/metrics").text)
         # first, while the wildcard series are not all taken: it gets a series of its own
         hostile = {"model": 'openai/x"}1', "messages": user("hi")}
         assert client.post(gw.url + "/v1/chat/completions", json=hostile).status_code == 200
         for i in range(MAX_WILDCARD_MODELS + 20):
             body = {"model": f"openai/probe-{i}", "messages": user("hi")}
             assert client.post(gw.url + "/v1/chat/completions", json=body).status_code == 200
-        text = client.get(gw.worker_admin[0] + "/metrics").text
-    decisions = [ln for ln in text.splitlines() if ln.startswith("plano_extproc_route_decisions")]
-    wild = [ln for ln in decisions if 'model="openai/probe-' in ln or 'model="openai/x' in ln]
+        # Counted when each response ends (the usage filter does not hold requests): wait.
+        deadline = time.monotonic() + 10
+        while True:
+            requests, now = counted(client.get(gw.worker_admin[0] + "/metrics").text)
+            if now >= before + MAX_WILDCARD_MODELS + 21 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    wild = [ln for ln in requests if 'model="openai/probe-' in ln or 'model="openai/x' in ln]
     assert len(wild) <= MAX_WILDCARD_MODELS
-    assert any('model="other"}' in ln for ln in decisions)
-    assert any('model="openai/x\\"}1"}' in ln for ln in decisions)  # escaped
+    assert any('model="other"' in ln for ln in requests)
+    assert any('model="openai/x\\"}1"' in ln for ln in requests)  # escaped

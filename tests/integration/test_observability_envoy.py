@@ -261,3 +261,53 @@ def test_access_log_has_one_line_per_request_without_secrets(
     text = access_log.read_text()
     for secret in ("PROMPT-TEXT-NOT-LOGGED", CLIENT_KEY, ANTHROPIC_KEY, OPENAI_KEY, "hello"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("alias", "fake", "served"), [("chat-model", "openai", GPT), ("claude", "anthropic", CLAUDE)]
+)
+@pytest.mark.parametrize("options", [None, {"include_usage": False}], ids=["absent", "false"])
+def test_chat_stream_without_include_usage_is_counted_and_shows_no_usage(
+    gw: GatewayProcess,
+    fakes: dict[str, FakeProvider],
+    alias: str,
+    fake: str,
+    served: str,
+    options: dict[str, Any] | None,
+) -> None:
+    """The provider is asked for usage; the client gets the stream it asked for: no usage
+    chunk, no "usage" member in any chunk."""
+    fakes[fake].queue(Script(text="hello there", usage=USAGE))
+    before = scrape(gw)
+    body: dict[str, Any] = {
+        "model": alias,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    if options is not None:
+        body["stream_options"] = options
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, timeout=30,
+        headers={"authorization": f"Bearer {CLIENT_KEY}"},
+    ) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        raw = resp.read().decode()
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and all("usage" not in c for c in chunks), raw
+    assert all(c["choices"] for c in chunks)  # no choices-less usage chunk
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "hello there"
+    if fake == "openai":  # native: the provider was asked for usage, the rest left as sent
+        sent = json.loads(fakes[fake].last().body)
+        assert sent["stream_options"] == {"include_usage": True}
+        assert sent["messages"] == body["messages"]
+    after = wait_for_requests(gw, total(before, "plano_requests_total", endpoint="proxy"))
+    labels = {"client_api": "chat_completions", "gen_ai_response_model": served}
+    name = "gen_ai_client_token_usage_sum"
+    moved = {
+        kind: total(after, name, gen_ai_token_type=kind, **labels)
+        - total(before, name, gen_ai_token_type=kind, **labels)
+        for kind in ("input", "output", "cached_input")
+    }
+    assert moved == {"input": 37, "output": 9, "cached_input": 12}

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from plano_extproc.providers import ClientApi
-from plano_extproc.translate import parse_pair, provider_api
+from plano_extproc.translate import parse_pair, provider_api, translator
 from plano_extproc.translate.base import SseOut
 from plano_extproc.translate.errors import client_error
 from plano_extproc.translate.sse import (
@@ -132,7 +132,10 @@ def test_provider_api_choice() -> None:
     assert provider_api("amazon_bedrock", ClientApi.CHAT) is None
     assert provider_api("no-such-provider", ClientApi.CHAT) is None
     assert parse_pair("messages>chat_completions") == (ClientApi.MESSAGES, ClientApi.CHAT)
-    assert parse_pair("chat_completions>chat_completions") is None
+    # Chat to Chat is native; the pair names only the response side that hides usage.
+    assert parse_pair("chat_completions>chat_completions") == (ClientApi.CHAT, ClientApi.CHAT)
+    assert translator(ClientApi.CHAT, ClientApi.CHAT) is None
+    assert parse_pair("messages>messages") is None
     assert parse_pair("bogus") is None
 
 
