@@ -592,7 +592,7 @@ def run_up(
     taken = [
         (addr, port, "pass --port (or change the listener port in the config)"),
         ("127.0.0.1", envoy_admin_port, "pass --envoy-admin-port, or 0 to pick a free port"),
-        (ADMIN_HOST, metrics_port, "pass --metrics-port, or 0 to pick a free port"),
+        (ADMIN_HOST, metrics_port, METRICS_PORT_ADVICE),
     ]
     taken += _worker_ports(
         "127.0.0.1",
@@ -609,7 +609,7 @@ def run_up(
     tmp_name: str | None = None
     metrics: MetricsServer | None = None
     try:
-        metrics = _start_metrics(sup, config, metrics_port, envoy_admin_port, taken[2][2])
+        metrics = _start_metrics(sup, config, metrics_port, envoy_admin_port)
         eps = start_workers(
             sup,
             config_path,
@@ -664,10 +664,11 @@ def run_up(
 
 
 ADMIN_HOST = "127.0.0.1"  # where ``up`` binds every admin port: workers', Envoy's, metrics
+METRICS_PORT_ADVICE = "pass --metrics-port, or 0 to pick a free port"
 
 
 def _start_metrics(
-    sup: Supervisor, config: Config, port: int, envoy_admin_port: int, how: str
+    sup: Supervisor, config: Config, port: int, envoy_admin_port: int
 ) -> MetricsServer:
     """Serve the gateway's one ``/metrics`` (workers summed plus Envoy's provider series)
     from a thread, over a fresh multiprocess directory the workers get in their env."""
@@ -686,7 +687,7 @@ def _start_metrics(
         if e.errno == errno.EADDRINUSE:
             raise SystemExit(
                 f"plano-extproc: port {ADMIN_HOST}:{port} is already in use (another gateway "
-                f"running?); {how}"
+                f"running?); {METRICS_PORT_ADVICE}"
             ) from None
         raise SystemExit(
             f"plano-extproc: cannot serve metrics on {ADMIN_HOST}:{port}: {e}"

@@ -369,3 +369,39 @@ def test_scrape_error_is_a_500_and_the_server_keeps_serving(tmp_path: Path) -> N
             assert resp.status == 200
     finally:
         server.stop()
+
+
+def test_up_taken_metrics_port_at_bind_names_the_flag_and_leaves_no_dir() -> None:
+    from plano_extproc.supervisor import _start_metrics
+
+    cfg = load_config_text(seed_config("http://127.0.0.1:1000", "http://127.0.0.1:2000"))
+    sup = Supervisor()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            _start_metrics(sup, cfg, port, 9901)
+    assert f"port 127.0.0.1:{port} is already in use" in str(e.value)
+    assert "--metrics-port" in str(e.value)
+    assert sup.metrics_dir is None
+    sup._probes.shutdown()
+
+
+def test_up_metrics_server_gets_a_fresh_dir_and_the_provider_clusters() -> None:
+    from plano_extproc.supervisor import _start_metrics, _stop_metrics
+
+    cfg = load_config_text(seed_config("http://127.0.0.1:1000", "http://127.0.0.1:2000"))
+    sup = Supervisor()
+    server = _start_metrics(sup, cfg, 0, 9901)
+    try:
+        assert sup.metrics_dir is not None and os.listdir(sup.metrics_dir) == []
+        assert server.multiproc_dir == sup.metrics_dir
+        assert server.envoy_admin == "http://127.0.0.1:9901"
+        assert sorted(server.clusters) == sorted(CLUSTERS)
+        assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+    finally:
+        d = sup.metrics_dir
+        _stop_metrics(sup, server)
+        sup._probes.shutdown()
+    assert not os.path.exists(d)
