@@ -33,6 +33,7 @@ from plano_extproc.names import (
     MAX_SLOTS,
     MODEL_HEADER,
     MODEL_KEY,
+    REQUESTED_KEY,
     RESPONSE_FILTER,
     ROUTE_HEADER,
     ROUTE_KEY,
@@ -251,7 +252,13 @@ def _tracing(tracing: TracingConfig) -> dict[str, Any]:
         }
 
     tags = [{"tag": k, "literal": {"value": v}} for k, v in tracing.static_tags.items()]
-    tags += [from_metadata("plano.route.name", "route"), from_metadata("llm.model", "model")]
+    tags += [
+        from_metadata("plano.route.name", ROUTE_KEY),
+        from_metadata("llm.model", MODEL_KEY),
+        # OpenTelemetry GenAI attribute names for the same facts.
+        from_metadata("gen_ai.request.model", REQUESTED_KEY),
+        from_metadata("gen_ai.response.model", MODEL_KEY),
+    ]
     return {
         "random_sampling": {"value": float(tracing.sampling_percent)},
         "provider": {

@@ -30,6 +30,7 @@ from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.routing.base import NullRouter, Router
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream, health_handler
+from plano_extproc.spans import SpanExporter
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -114,6 +115,20 @@ class Running:
     gateway: Gateway
     port: int
     admin_port: int | None
+    spans: SpanExporter | None = None
+    access_log: AccessLog | None = None
+    health_task: asyncio.Task[None] | None = None
+
+
+CACHE_HEALTH_SECONDS = 2.0
+
+
+async def _cache_health(cache: SessionCache, metrics: Metrics) -> None:
+    """Keep plano_session_cache_healthy current without traffic (a lookup also updates it):
+    the gateway's one endpoint reads the workers' files, it cannot ask them."""
+    while True:
+        metrics.set_cache_healthy(cache.healthy)
+        await asyncio.sleep(CACHE_HEALTH_SECONDS)
 
 
 async def start(
@@ -151,7 +166,11 @@ async def start(
         counters.set_cache_healthy(cache.healthy)
     gateway = Gateway(config, router, cache, metrics, cooldowns, telemetry=counters)
     log_file = AccessLog(access_log) if access_log else None
-    server, bound = await _start_extproc(transport, gateway, counters, host, port, log_file)
+    spans = None
+    if config.tracing is not None:  # GenAI spans with token usage, into Envoy's traces
+        spans = SpanExporter(config.tracing.host, config.tracing.port)
+        await spans.start()
+    server, bound = await _start_extproc(transport, gateway, counters, host, port, log_file, spans)
     runner = None
     bound_admin = None
     if admin_port is not None:
@@ -166,7 +185,10 @@ async def start(
         config.router.type,
         config.session_cache.type,
     )
-    return Running(server, runner, gateway, bound, bound_admin)
+    health_task = None
+    if cache is not None:
+        health_task = asyncio.get_running_loop().create_task(_cache_health(cache, counters))
+    return Running(server, runner, gateway, bound, bound_admin, spans, log_file, health_task)
 
 
 async def _start_extproc(
@@ -176,16 +198,17 @@ async def _start_extproc(
     host: str,
     port: int,
     access_log: AccessLog | None = None,
+    spans: SpanExporter | None = None,
 ) -> tuple[ExtProcServer, int]:
     if transport == "h2":
-        h2 = H2Server(lambda: ExtProcStream(gateway, metrics, access_log))
+        h2 = H2Server(lambda: ExtProcStream(gateway, metrics, access_log, spans))
         try:
             return h2, await h2.start(host, port)
         except OSError as e:
             raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(gateway, metrics, access_log), server
+        ExternalProcessor(gateway, metrics, access_log, spans), server
     )
     server.add_generic_rpc_handlers((health_handler(),))
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -229,6 +252,8 @@ async def _start_admin(
 
 
 async def stop(running: Running, grace: float = 5.0) -> None:
+    if running.health_task is not None:
+        running.health_task.cancel()
     await running.server.stop(grace)
     if running.admin is not None:
         await running.admin.cleanup()
@@ -237,6 +262,10 @@ async def stop(running: Running, grace: float = 5.0) -> None:
         await running.gateway.metrics.close()
     if running.gateway.cache is not None:
         await running.gateway.cache.close()
+    if running.spans is not None:
+        await running.spans.close()
+    if running.access_log is not None:
+        running.access_log.close()
 
 
 async def serve_forever(

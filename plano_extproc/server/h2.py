@@ -523,6 +523,9 @@ class H2Connection(asyncio.Protocol):
         health = path == HEALTH_PATH
         s = _Stream(sid, None if health else self.server.new_stream(), self.peer_initial_window)
         self.streams[sid] = s
+        traceparent = fields.get(b"traceparent")  # Envoy's span for this call (tracing on)
+        if traceparent is not None and s.logic is not None:
+            s.logic.traceparent = traceparent
         if fields.get(b":method") != b"POST" or (path != PROCESS_PATH and not health):
             self._finish(s, GRPC_UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")
         elif not fields.get(b"content-type", b"").startswith(b"application/grpc"):

@@ -46,6 +46,7 @@ from plano_extproc.observe import Observation
 from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ContextError, HeadersPlan, ResponseTranslation
 from plano_extproc.rewrite import HeaderPlan
+from plano_extproc.spans import SpanExporter, genai_span, parse_traceparent
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -237,15 +238,24 @@ class ExtProcStream:
         "observation",
         "request_id",
         "response",
+        "spans",
         "started",
+        "traceparent",
     )
 
     def __init__(
-        self, gateway: Gateway, metrics: Metrics, access_log: AccessLog | None = None
+        self,
+        gateway: Gateway,
+        metrics: Metrics,
+        access_log: AccessLog | None = None,
+        spans: SpanExporter | None = None,
     ) -> None:
         self.gateway = gateway
         self.metrics = metrics
         self.access_log = access_log
+        self.spans = spans
+        # The W3C traceparent Envoy sent with this gRPC call (tracing on), set by the transport.
+        self.traceparent: bytes | None = None
         self.started = 0.0  # when the request headers arrived (epoch seconds)
         # Set on the usage filter's streams (observability mode: nothing is answered).
         self.observation: Observation | None = None
@@ -466,20 +476,34 @@ class ExtProcStream:
         self.metrics.record(ex)
         if self.access_log is not None:
             self.access_log.write(obs.log_line(ex))
+        if self.spans is not None:
+            parent = parse_traceparent(self.traceparent)
+            if parent is not None:
+                started = obs.started if obs.started is not None else now
+                self.spans.add(genai_span(parent, ex, started, now, obs.attempts))
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """The grpc.aio transport (``--transport grpcio``)."""
 
     def __init__(
-        self, gateway: Gateway, metrics: Metrics, access_log: AccessLog | None = None
+        self,
+        gateway: Gateway,
+        metrics: Metrics,
+        access_log: AccessLog | None = None,
+        spans: SpanExporter | None = None,
     ) -> None:
         self.gateway = gateway
         self.metrics = metrics
         self.access_log = access_log
+        self.spans = spans
 
     async def Process(self, request_iterator: Any, context: Any) -> None:
-        stream = ExtProcStream(self.gateway, self.metrics, self.access_log)
+        stream = ExtProcStream(self.gateway, self.metrics, self.access_log, self.spans)
+        if self.spans is not None:
+            for key, value in context.invocation_metadata() or ():
+                if key == "traceparent":
+                    stream.traceparent = value.encode() if isinstance(value, str) else value
         while True:
             req = await context.read()
             if req is grpc.aio.EOF:

@@ -112,7 +112,7 @@ def test_istio_patch_matches_the_rendered_ext_proc_filter() -> None:
     )
     hcm = ours["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     chain = hcm["typed_config"]["http_filters"]
-    # Same filters in the same order before the router: the strip, ext_proc, the response one.
+    # Same filters in the same order before the router: the strip, ext_proc, usage, response.
     assert [f["name"] for f in filters] == [f["name"] for f in chain[:-1]]
     assert filters[0]["typed_config"] == chain[0]["typed_config"]
     for rendered, patched in zip(chain[1:-1], filters[1:], strict=True):
@@ -126,9 +126,10 @@ def test_istio_patch_matches_the_rendered_ext_proc_filter() -> None:
             "mutation_rules",
         ):
             assert istio.get(key) == rendered["typed_config"].get(key), (patched["name"], key)
-        seconds = [
-            float(c["message_timeout"].rstrip("s")) for c in (istio, rendered["typed_config"])
-        ]
+        for key in ("observability_mode", "deferred_close_timeout"):
+            assert istio.get(key) == rendered["typed_config"].get(key), (patched["name"], key)
+        timeouts = [c.get("message_timeout") for c in (istio, rendered["typed_config"])]
+        seconds = [float(t.rstrip("s")) if t else None for t in timeouts]
         assert seconds[0] == seconds[1], patched["name"]
         assert istio["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster["name"]
     assert istio["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster["name"]

@@ -62,14 +62,19 @@ def test_spans_carry_route_model_and_the_clients_trace(
     assert anthropic_fake.last().headers["traceparent"].split("-")[1] == TRACE
     deadline = time.monotonic() + 20  # Envoy's OTLP exporter flushes every 5 s
     while time.monotonic() < deadline and not any(
-        "plano.route.name" in {a.key for a in s.attributes} for _, s in collector.spans_of(TRACE)
+        "plano.route.name" in {a.key for a in s.attributes} and not s.name.startswith("chat ")
+        for _, s in collector.spans_of(TRACE)
     ):
         time.sleep(0.2)
     spans = collector.spans_of(TRACE)
     assert spans, f"no span of trace {TRACE} reached the collector"
     resources = {r.get("service.name") for r, _ in spans}
     assert resources == {"plano-extproc"}
-    ingress = next(s for _, s in spans if "plano.route.name" in {a.key for a in s.attributes})
+    ingress = next(
+        s
+        for _, s in spans
+        if "plano.route.name" in {a.key for a in s.attributes} and not s.name.startswith("chat ")
+    )
     attrs = {a.key: a.value.string_value for a in ingress.attributes}
     assert attrs["plano.route.name"] == "code_generation"
     assert attrs["llm.model"] == "anthropic/claude-sonnet-4-20250514"
@@ -77,3 +82,64 @@ def test_spans_carry_route_model_and_the_clients_trace(
     assert ingress.parent_span_id.hex() == "b7ad6b7169203331"
     # The ext_proc call itself is a span of the same trace.
     assert any("ExternalProcessor" in s.name for _, s in spans), [s.name for _, s in spans]
+
+
+def test_a_genai_span_with_token_usage_joins_the_trace(
+    gw: GatewayProcess, collector: FakeCollector, anthropic_fake: FakeProvider
+) -> None:
+    """Envoy's span cannot take the usage (known only when the answer ends, to a filter Envoy
+    does not wait for): the worker exports a GenAI child span into the same trace."""
+    trace = "5bf92f3577b34da6a3ce929d0e0e4737"
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CODE}]},
+        headers={"traceparent": f"00-{trace}-c7ad6b7169203332-01", "authorization": "Bearer c"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        spans = collector.spans_of(trace)
+        genai = [s for _, s in spans if s.name.startswith("chat ")]
+        envoy_ids = {s.span_id for _, s in spans if not s.name.startswith("chat ")}
+        if genai and genai[0].parent_span_id in envoy_ids:
+            break
+        time.sleep(0.2)
+    assert len(genai) == 1, [s.name for _, s in spans]
+    span = genai[0]
+    assert span.name == "chat gpt-4o-mini"
+    assert span.parent_span_id in envoy_ids  # Envoy's span of the usage filter's call
+    attrs = {
+        a.key: a.value.int_value if a.value.HasField("int_value") else a.value.string_value
+        for a in span.attributes
+    }
+    assert attrs["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attrs["gen_ai.response.model"] == "anthropic/claude-sonnet-4-20250514"
+    assert attrs["gen_ai.provider.name"] == "anthropic"
+    assert attrs["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert attrs["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert attrs["plano.route.name"] == "code_generation"
+    assert attrs["http.response.status_code"] == 200
+    assert span.end_time_unix_nano > span.start_time_unix_nano
+    # Envoy's own request span names the models too (GenAI attribute names).
+    ingress = next(s for _, s in spans if "plano.route.name" in {a.key for a in s.attributes}
+                   and not s.name.startswith("chat "))  # fmt: skip
+    tags = {a.key: a.value.string_value for a in ingress.attributes}
+    assert tags["gen_ai.request.model"] == "gpt-4o-mini"
+    assert tags["gen_ai.response.model"] == "anthropic/claude-sonnet-4-20250514"
+
+
+def test_an_unsampled_trace_gets_no_genai_span(
+    gw: GatewayProcess, collector: FakeCollector
+) -> None:
+    trace = "6bf92f3577b34da6a3ce929d0e0e4738"
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CODE}]},
+        headers={"traceparent": f"00-{trace}-d7ad6b7169203333-00", "authorization": "Bearer c"},
+        timeout=30,
+    )
+    assert resp.status_code == 200
+    time.sleep(2.5)  # two export periods of the worker
+    assert not [s for _, s in collector.spans_of(trace) if s.name.startswith("chat ")]

@@ -54,8 +54,15 @@ def _served(admin: str) -> int:
         text = httpx.get(admin + "/metrics", timeout=2).text
     except httpx.HTTPError:
         return -1
-    line = next((ln for ln in text.splitlines() if 'kind="decision",outcome="2xx"' in ln), None)
-    return int(line.split()[-1]) if line else 0
+    return int(
+        sum(
+            float(ln.split()[-1])
+            for ln in text.splitlines()
+            if ln.startswith("plano_requests_total{")
+            and 'endpoint="decision"' in ln
+            and 'status_class="2xx"' in ln
+        )
+    )
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
