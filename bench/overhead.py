@@ -389,7 +389,10 @@ class Gateway:
             [sys.executable, "-m", "plano_extproc", "up", config_path, "--address", "127.0.0.1",
              "--port", str(port), "--envoy-admin-port", str(admin), "--workers", str(workers),
              "--envoy-concurrency", str(envoy_concurrency), "--grpc-port", "0",
-             "--transport", transport],
+             "--transport", transport,
+             # Several gateways run at once: each its own metrics port (an older baseline
+             # tree has no such flag).
+             *(["--metrics-port", "0"] if tree is None else [])],
             stdout=out.open("wb"), stderr=(workdir / f"{name}.err").open("wb"),
             start_new_session=True, cwd=tree, env=env,
         )  # fmt: skip

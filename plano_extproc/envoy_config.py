@@ -27,19 +27,38 @@ from plano_extproc.names import (
     ATTEMPT_COUNT_HEADER,
     ATTEMPT_FILTER,
     ATTEMPTS_HEADER,
+    CACHE_READ,
+    CACHE_WRITE,
+    CACHED_TOKENS,
+    COMPLETION_TOKENS,
     DECISION_METADATA,
     EXTPROC_CLUSTER,
+    INPUT_CACHED,
+    INPUT_TOKENS,
+    LOG_ATTEMPTS,
+    LOG_BODY_US,
+    LOG_CONTENT_TYPE,
+    LOG_DURATION_US,
+    LOG_REQUEST_ID,
+    LOG_STATUS,
+    LOG_TRACEPARENT,
     MAX_RETRIES_HEADER,
     MAX_SLOTS,
     MODEL_HEADER,
     MODEL_KEY,
+    OUTPUT_TOKENS,
+    PINNED_KEY,
+    PROMPT_TOKENS,
     REQUESTED_KEY,
     RESPONSE_FILTER,
     ROUTE_HEADER,
     ROUTE_KEY,
     ROUTE_RESPONSE_HEADER,
     TRANSLATE_HEADER,
-    USAGE_FILTER,
+    USAGE_KEY,
+    USAGE_KEYS,
+    USAGE_LOG_NAME,
+    USAGE_METADATA,
     failover_cluster,
     failure_key,
     first_cluster,
@@ -657,7 +676,6 @@ def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
             "retry_policy": retry,
         },
         "response_headers_to_add": _decision_headers(),
-        "typed_per_filter_config": _observed(),
     }
 
 
@@ -670,9 +688,11 @@ def _failover_routes(config: Config, timeout: str) -> list[dict[str, Any]]:
     hidden["name"] = "failover_hidden_usage"
     hidden["match"]["headers"].append({"name": TRANSLATE_HEADER, "present_match": True})
     hidden["request_headers_to_remove"] = [TRANSLATE_HEADER]
-    hidden["typed_per_filter_config"][RESPONSE_FILTER] = {
-        "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "overrides": {"processing_mode": dict(TRANSLATED_MODES)},
+    hidden["typed_per_filter_config"] = {
+        RESPONSE_FILTER: {
+            "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {"processing_mode": dict(TRANSLATED_MODES)},
+        }
     }
     return [hidden, plain]
 
@@ -802,7 +822,6 @@ def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str
                 "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
                 "overrides": {"processing_mode": dict(TRANSLATED_MODES)},
             },
-            **_observed(),
         },
     }
     native = {  # copies: a shared dict would be written as a YAML anchor
@@ -811,7 +830,6 @@ def _provider_routes(p: Provider, config: Config, timeout: str) -> list[dict[str
         "route": copy.deepcopy(action),
         "request_headers_to_remove": [ROUTE_HEADER],
         "response_headers_to_add": copy.deepcopy(decision_headers),
-        "typed_per_filter_config": _observed(),
     }
     return [translated, native]
 
@@ -885,41 +903,125 @@ def overload_manager(config: Config) -> dict[str, Any]:
     }
 
 
-# The usage filter's modes on a proxy route: the response headers and every body chunk, sent
-# without waiting (observability mode), as the client receives them (after translation).
-OBSERVED_MODES = {**_INERT_MODES, "response_header_mode": "SEND", "response_body_mode": "STREAMED"}
+# Where each counter sits in a JSON answer (all three client APIs: keys that do not occur in
+# an API's answers are never written) and, for streams, in the events that carry it.
+_JSON_USAGE = {
+    PROMPT_TOKENS: ["usage", "prompt_tokens"],
+    COMPLETION_TOKENS: ["usage", "completion_tokens"],
+    CACHED_TOKENS: ["usage", "prompt_tokens_details", "cached_tokens"],
+    INPUT_TOKENS: ["usage", "input_tokens"],
+    OUTPUT_TOKENS: ["usage", "output_tokens"],
+    CACHE_READ: ["usage", "cache_read_input_tokens"],
+    CACHE_WRITE: ["usage", "cache_creation_input_tokens"],
+    INPUT_CACHED: ["usage", "input_tokens_details", "cached_tokens"],
+}
+# Streams: Chat's usage chunk; Anthropic's message_start (message.usage) then message_delta
+# (usage, cumulative: the last one wins); Responses' response.completed (response.usage).
+_SSE_USAGE = [
+    *_JSON_USAGE.items(),
+    (INPUT_TOKENS, ["message", "usage", "input_tokens"]),
+    (CACHE_READ, ["message", "usage", "cache_read_input_tokens"]),
+    (CACHE_WRITE, ["message", "usage", "cache_creation_input_tokens"]),
+    (INPUT_TOKENS, ["response", "usage", "input_tokens"]),
+    (OUTPUT_TOKENS, ["response", "usage", "output_tokens"]),
+    (INPUT_CACHED, ["response", "usage", "input_tokens_details", "cached_tokens"]),
+]
+# A Responses stream's response.completed repeats the whole answer: events are kept up to this.
+MAX_SSE_EVENT_BYTES = 4 << 20
 
 
-def _observed() -> dict[str, Any]:
-    """The per-route switch that turns the usage filter on (proxy routes only: the replies
-    the ext_proc makes itself are counted where it makes them)."""
+def _usage_rule(key: str, path: list[str]) -> dict[str, Any]:
     return {
-        USAGE_FILTER: {
-            "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {"processing_mode": dict(OBSERVED_MODES)},
-        }
+        "selectors": [{"key": k} for k in path],
+        "on_present": {"metadata_namespace": USAGE_METADATA, "key": key, "type": "NUMBER"},
     }
 
 
-def _usage_filter() -> dict[str, Any]:
-    """Token usage, durations and the access log, read off each proxied response in the
-    client's API (it sits before the response-translation filter, so responses reach it
-    translated). Observability mode: Envoy sends and goes on, so a request never waits for
-    it, and a failing metrics stream cannot fail a request (failure_mode_allow). Inert
-    unless a proxy route turns it on; it reads the routing stream's ``plano`` metadata."""
+def _usage_extractors() -> list[dict[str, Any]]:
+    """Token usage read by Envoy itself, off every answer as the client receives it (they sit
+    before the response-translation filter): JSON answers are parsed whole (json_to_metadata
+    holds a JSON answer until its end, which a client of a JSON answer waits for anyway),
+    streams event by event as they pass (sse_to_metadata holds nothing back)."""
+    return [
+        {
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": {
+                "@type": _T + "extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                "response_rules": {
+                    "rules": [_usage_rule(k, path) for k, path in _JSON_USAGE.items()],
+                    "allow_content_types": ["application/json"],
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.sse_to_metadata",
+            "typed_config": {
+                "@type": _T + "extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+                "response_rules": {
+                    "content_parser": {
+                        "name": "envoy.content_parsers.json",
+                        "typed_config": {
+                            "@type": _T + "extensions.content_parsers.json.v3.JsonContentParser",
+                            "rules": [{"rule": _usage_rule(k, p)} for k, p in _SSE_USAGE],
+                        },
+                    },
+                    "max_event_size": MAX_SSE_EVENT_BYTES,
+                },
+            },
+        },
+    ]
+
+
+def _usage_log() -> dict[str, Any]:
+    """One record per proxied request (the routing stream named a model), sent by Envoy's
+    OpenTelemetry access logger to the ext_proc workers in batches (OTLP LogsService/Export):
+    the request's facts (``plano`` metadata), the usage counters and Envoy's own timings. No
+    per-request gRPC stream, nothing a request waits for; the worker keeps the metrics."""
+
+    def meta(namespace: str, key: str) -> str:
+        return f"%DYNAMIC_METADATA({namespace}:{key})%"
+
+    values = {
+        API_KEY: meta(DECISION_METADATA, API_KEY),
+        MODEL_KEY: meta(DECISION_METADATA, MODEL_KEY),
+        ROUTE_KEY: meta(DECISION_METADATA, ROUTE_KEY),
+        REQUESTED_KEY: meta(DECISION_METADATA, REQUESTED_KEY),
+        PINNED_KEY: meta(DECISION_METADATA, PINNED_KEY),
+        USAGE_KEY: meta(DECISION_METADATA, USAGE_KEY),
+        **{k: meta(USAGE_METADATA, k) for k in USAGE_KEYS},
+        LOG_STATUS: "%RESPONSE_CODE%",
+        LOG_ATTEMPTS: "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+        LOG_DURATION_US: "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
+        LOG_BODY_US: "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:us)%",
+        LOG_CONTENT_TYPE: "%RESP(CONTENT-TYPE):64%",
+        LOG_REQUEST_ID: "%REQ(X-REQUEST-ID):128%",
+        LOG_TRACEPARENT: "%REQ(TRACEPARENT):64%",
+    }
     return {
-        "name": USAGE_FILTER,
+        "name": "envoy.access_loggers.open_telemetry",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": DECISION_METADATA,
+                    "path": [{"key": MODEL_KEY}],
+                    "value": {"present_match": True},
+                },
+                "match_if_key_not_found": False,
+            }
+        },
         "typed_config": {
-            "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "stat_prefix": "usage",
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-            "failure_mode_allow": True,
-            "observability_mode": True,
-            # The ext_proc closes the stream at the response's end; this only bounds a stream
-            # whose end it never saw.
-            "deferred_close_timeout": "1s",
-            "metadata_options": {"forwarding_namespaces": {"untyped": [DECISION_METADATA]}},
-            "processing_mode": dict(_INERT_MODES),
+            "@type": _T
+            + "extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
+            "common_config": {
+                "log_name": USAGE_LOG_NAME,
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": "0.5s",
+                "buffer_size_bytes": 65536,
+            },
+            "attributes": {
+                "values": [{"key": k, "value": {"string_value": v}} for k, v in values.items()]
+            },
         },
     }
 
@@ -1038,7 +1140,7 @@ def render_bootstrap(
                     },
                 },
             },
-            _usage_filter(),
+            *_usage_extractors(),
             _response_filter(),
             {
                 "name": "envoy.filters.http.router",
@@ -1048,8 +1150,9 @@ def render_bootstrap(
     }
     if config.tracing is not None:
         hcm["tracing"] = _tracing(config.tracing)
+    hcm["access_log"] = [_usage_log()]
     if access_log:
-        hcm["access_log"] = [
+        hcm["access_log"] += [
             {
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": {

@@ -59,9 +59,41 @@ def failure_key(attempt: int) -> str:
 EXTPROC_CLUSTER = "plano_extproc"
 # The second ext_proc filter: inert except on translated single-attempt routes.
 RESPONSE_FILTER = "plano.response_translation"
-# The third: observes every proxied response (observability mode: Envoy never waits for it)
-# for token usage, durations and the access log; enabled per route on the proxy routes.
-USAGE_FILTER = "plano.usage"
+# Token usage is read by Envoy itself: json_to_metadata (JSON answers) and sse_to_metadata
+# (streams) write the provider's counters, as the client receives them (after translation),
+# into this namespace; Envoy's OpenTelemetry access logger then sends one record per proxied
+# request, batched, to the ext_proc workers (OTLP LogsService), which keep the metrics.
+USAGE_METADATA = "plano.usage"
+USAGE_LOG_NAME = "plano_usage"
+# The counters, as the providers name them (the ext_proc interprets them per client API).
+PROMPT_TOKENS = "prompt_tokens"  # Chat: usage.prompt_tokens (cached included)
+COMPLETION_TOKENS = "completion_tokens"  # Chat
+CACHED_TOKENS = "cached_tokens"  # Chat: usage.prompt_tokens_details.cached_tokens
+INPUT_TOKENS = "input_tokens"  # Messages (cache excluded) and Responses (cache included)
+OUTPUT_TOKENS = "output_tokens"  # Messages, Responses
+CACHE_READ = "cache_read"  # Messages: cache_read_input_tokens
+CACHE_WRITE = "cache_write"  # Messages: cache_creation_input_tokens
+INPUT_CACHED = "input_cached"  # Responses: usage.input_tokens_details.cached_tokens
+USAGE_KEYS = (
+    PROMPT_TOKENS,
+    COMPLETION_TOKENS,
+    CACHED_TOKENS,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    CACHE_READ,
+    CACHE_WRITE,
+    INPUT_CACHED,
+)
+# The usage log record's attributes beyond those: what Envoy knows when the request ends.
+LOG_STATUS = "status"
+LOG_ATTEMPTS = "attempts"
+LOG_DURATION_US = "duration_us"  # first request byte to last response byte
+LOG_BODY_US = "body_us"  # first request byte to the provider's first body byte
+LOG_CONTENT_TYPE = "content_type"
+LOG_REQUEST_ID = "request_id"
+# The request's traceparent as Envoy forwarded it (its own span and sampling decision when
+# tracing is on): the parent of the worker's GenAI span.
+LOG_TRACEPARENT = "traceparent"
 # The upstream ext_proc in each provider's failover cluster: one stream per attempt.
 ATTEMPT_FILTER = "plano.attempt"
 # Failover reaches a provider through two more clusters than its own (same endpoint, TLS and

@@ -1,12 +1,17 @@
-"""One proxied response as the usage filter sees it, free of gRPC and Envoy types.
+"""One proxied request as Envoy's usage record reports it, free of gRPC and protobuf.
 
-The usage filter (``envoy_config._usage_filter``) runs in observability mode on the proxy
-routes: Envoy sends the response headers and every body chunk as the client receives them
-(after any translation) and never waits for an answer. Its first message carries the
-routing stream's ``plano`` metadata: the client's API, the model that served (the last
-attempt's), the route, the model the client asked for and when the gateway got the request.
-From there this reads the provider's reported usage and the stream timing, and at the end
-hands one ``Exchange`` to the metrics and, when enabled, one access-log line.
+Envoy reads the token usage itself (``envoy_config._usage_extractors``: json_to_metadata for
+JSON answers, sse_to_metadata for streams, both on the bytes the client receives) and, when the
+request ends, its OpenTelemetry access logger sends one record with string attributes
+(``envoy_config._usage_log``): the routing stream's facts (client API, served and requested
+model, route, pin), the provider's counters under their own names, and Envoy's timings. This
+turns a record into an ``Exchange`` for the metrics, an access-log line and span attributes.
+
+The counters mean different things per client API (OpenTelemetry GenAI accounting):
+Chat's ``prompt_tokens`` include cached tokens; Anthropic's ``input_tokens`` exclude cache
+reads and writes (added back here); Responses' ``input_tokens`` include them. A Chat client that
+did not ask for usage has none in its stream: the response filter that took it out hands it
+over as ``u`` (``translate/chat_usage.py``).
 """
 
 from __future__ import annotations
@@ -15,105 +20,126 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from plano_extproc.metrics import Exchange
 from plano_extproc.names import (
     API_KEY,
+    CACHE_READ,
+    CACHE_WRITE,
+    CACHED_TOKENS,
+    COMPLETION_TOKENS,
+    INPUT_CACHED,
+    INPUT_TOKENS,
+    LOG_ATTEMPTS,
+    LOG_BODY_US,
+    LOG_CONTENT_TYPE,
+    LOG_DURATION_US,
+    LOG_REQUEST_ID,
+    LOG_STATUS,
     MODEL_KEY,
+    OUTPUT_TOKENS,
     PINNED_KEY,
-    REQUEST_ID_KEY,
+    PROMPT_TOKENS,
     REQUESTED_KEY,
     ROUTE_KEY,
-    STARTED_KEY,
+    USAGE_KEY,
 )
 from plano_extproc.providers import ClientApi
-from plano_extproc.usage import Usage, UsageMeter
+from plano_extproc.usage import MAX_COUNT, Usage
 
 _APIS = {api.value: api for api in ClientApi}
+ABSENT = "-"  # how Envoy's formatter writes a value it does not have
+MAX_TEXT = 256
+
+
+def _text(attrs: Mapping[str, str], key: str) -> str:
+    value = attrs.get(key, ABSENT)
+    return "" if value == ABSENT else value[:MAX_TEXT]
+
+
+def _count(attrs: Mapping[str, str], key: str) -> int | None:
+    """A counter as Envoy printed a metadata number ("37", "37.0"); None when absent or not a
+    bounded non-negative whole number."""
+    raw = attrs.get(key)
+    if raw is None or raw == ABSENT or len(raw) > 24:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        return None
+    return min(int(value), MAX_COUNT)
+
+
+def _micros(attrs: Mapping[str, str], key: str) -> float | None:
+    """A COMMON_DURATION in microseconds, as seconds (absent when Envoy never reached a point)."""
+    raw = attrs.get(key)
+    if raw is None or not raw.isdigit() or len(raw) > 15:
+        return None
+    return int(raw) / 1e6
+
+
+def usage_of(api: ClientApi | None, attrs: Mapping[str, str]) -> Usage | None:
+    """The provider's usage in OpenTelemetry terms, from the counters of the client's API."""
+    if api is ClientApi.CHAT:
+        inp, out = _count(attrs, PROMPT_TOKENS), _count(attrs, COMPLETION_TOKENS)
+        cached = _count(attrs, CACHED_TOKENS) or 0
+    elif api is ClientApi.MESSAGES:
+        base, out = _count(attrs, INPUT_TOKENS), _count(attrs, OUTPUT_TOKENS)
+        cached = _count(attrs, CACHE_READ) or 0
+        inp = None if base is None else base + cached + (_count(attrs, CACHE_WRITE) or 0)
+    elif api is ClientApi.RESPONSES:
+        inp, out = _count(attrs, INPUT_TOKENS), _count(attrs, OUTPUT_TOKENS)
+        cached = _count(attrs, INPUT_CACHED) or 0
+    else:
+        return None
+    if inp is None and out is None:
+        hidden = attrs.get(USAGE_KEY)
+        return Usage.decode(hidden) if hidden and hidden != ABSENT else None
+    inp = min(inp or 0, MAX_COUNT)
+    return Usage(inp, out or 0, min(cached, inp))
 
 
 class Observation:
-    """Usage and timing of one response; ``finish`` ends it (once)."""
+    """One usage record: the exchange for the metrics, the access-log line."""
 
-    __slots__ = (
-        "api",
-        "attempts",
-        "exchange",
-        "first_token_at",
-        "hidden",
-        "meter",
-        "pinned",
-        "request_id",
-        "started",
-        "stream",
-    )
+    __slots__ = ("attempts", "exchange", "pinned", "request_id", "stream")
 
-    def __init__(
-        self,
-        fields: Mapping[str, Any],
-        status: int,
-        headers: Mapping[str, str],
-        now: float,
-    ) -> None:
-        """``fields``: the ``plano`` metadata as plain values; ``now``: epoch seconds."""
-        api_name = fields.get(API_KEY)
-        api = _APIS.get(api_name) if isinstance(api_name, str) else None
-        self.api = api
-        started = fields.get(STARTED_KEY)
-        self.started = (
-            float(started)
-            if isinstance(started, (int, float)) and math.isfinite(started) and started <= now
-            else None
+    def __init__(self, attrs: Mapping[str, str]) -> None:
+        api = _APIS.get(attrs.get(API_KEY, ""))
+        status = _count(attrs, LOG_STATUS)
+        self.stream = (
+            attrs.get(LOG_CONTENT_TYPE, "").strip().lower().startswith("text/event-stream")
         )
-        route = fields.get(ROUTE_KEY)
-        self.exchange = Exchange(
+        route = _text(attrs, ROUTE_KEY)
+        ex = Exchange(
             client_api=api.value if api is not None else "other",
-            request_model=_text(fields.get(REQUESTED_KEY)),
-            model=_text(fields.get(MODEL_KEY)),
-            route=route if isinstance(route, str) else None,
-            status=status,
+            request_model=_text(attrs, REQUESTED_KEY),
+            model=_text(attrs, MODEL_KEY),
+            route=route or None,
+            status=status if status is not None and status <= 999 else 0,
         )
-        self.request_id = _text(fields.get(REQUEST_ID_KEY))
-        pinned = fields.get(PINNED_KEY)
-        self.pinned = pinned if isinstance(pinned, bool) else None
-        self.attempts = headers.get("x-plano-attempts", "")
-        content_type = headers.get("content-type", "").strip().lower()
-        encoding = headers.get("content-encoding", "").strip().lower()
-        self.stream = content_type.startswith("text/event-stream")
-        self.meter: UsageMeter | None = None
-        if api is not None and 200 <= status < 300 and encoding in ("", "identity"):
-            self.meter = UsageMeter(api, self.stream)
-        self.first_token_at: float | None = None
-        self.hidden: Usage | None = None
+        ex.seconds = _micros(attrs, LOG_DURATION_US)
+        if 200 <= ex.status < 300:
+            ex.usage = usage_of(api, attrs)
+            body = _micros(attrs, LOG_BODY_US)
+            if self.stream and body is not None:
+                ex.ttft = body
+                usage = ex.usage
+                if usage is not None and usage.output > 1 and ex.seconds is not None:
+                    ex.tpot = max(0.0, ex.seconds - body) / (usage.output - 1)
+        self.exchange = ex
+        self.request_id = _text(attrs, LOG_REQUEST_ID)
+        attempts = _count(attrs, LOG_ATTEMPTS)
+        self.attempts = attempts if attempts is not None and attempts <= 64 else None
+        pinned = attrs.get(PINNED_KEY)
+        self.pinned = {"true": True, "false": False}.get(pinned or "")
 
-    def chunk(self, data: bytes, now: float) -> None:
-        meter = self.meter
-        if meter is not None and data and meter.feed(data) and self.first_token_at is None:
-            self.first_token_at = now
-
-    def hidden_usage(self, text: str) -> None:
-        """The usage a stream before us took out of a Chat client's stream (``u``)."""
-        self.hidden = Usage.decode(text)
-
-    def finish(self, now: float) -> Exchange:
-        ex = self.exchange
-        if self.started is not None:
-            ex.seconds = max(0.0, now - self.started)
-        if self.meter is not None:
-            ex.usage = self.meter.finish()
-        if ex.usage is None and self.hidden is not None:
-            ex.usage = self.hidden
-        first = self.first_token_at
-        if first is not None and self.started is not None:
-            ex.ttft = max(0.0, first - self.started)
-            if ex.usage is not None and ex.usage.output > 1:
-                ex.tpot = max(0.0, now - first) / (ex.usage.output - 1)
-        return ex
-
-    def log_line(self, ex: Exchange) -> str:
+    def log_line(self) -> str:
         """The access-log record: no prompt text, no credentials, only what the gateway chose
         and measured (client-chosen strings are JSON-escaped by the encoder)."""
+        ex = self.exchange
         usage = ex.usage
         record = {
             "time": round(time.time(), 3),
@@ -123,7 +149,7 @@ class Observation:
             "model": ex.model,
             "route": ex.route,
             "pinned": self.pinned,
-            "attempts": int(self.attempts) if self.attempts.isdigit() else None,
+            "attempts": self.attempts,
             "status": ex.status,
             "stream": self.stream,
             "input_tokens": usage.input if usage is not None else None,
@@ -133,10 +159,6 @@ class Observation:
             "ttft_ms": _ms(ex.ttft),
         }
         return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
 
 
 def _ms(seconds: float | None) -> float | None:

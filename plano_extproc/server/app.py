@@ -30,6 +30,7 @@ from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.routing.base import NullRouter, Router
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream, health_handler
+from plano_extproc.server.usage_log import UsageLog
 from plano_extproc.spans import SpanExporter
 
 log = logging.getLogger("plano_extproc.server")
@@ -170,7 +171,8 @@ async def start(
     if config.tracing is not None:  # GenAI spans with token usage, into Envoy's traces
         spans = SpanExporter(config.tracing.host, config.tracing.port)
         await spans.start()
-    server, bound = await _start_extproc(transport, gateway, counters, host, port, log_file, spans)
+    usage = UsageLog(counters, log_file, spans)
+    server, bound = await _start_extproc(transport, gateway, counters, host, port, usage)
     runner = None
     bound_admin = None
     if admin_port is not None:
@@ -197,20 +199,17 @@ async def _start_extproc(
     metrics: Metrics,
     host: str,
     port: int,
-    access_log: AccessLog | None = None,
-    spans: SpanExporter | None = None,
+    usage: UsageLog,
 ) -> tuple[ExtProcServer, int]:
     if transport == "h2":
-        h2 = H2Server(lambda: ExtProcStream(gateway, metrics, access_log, spans))
+        h2 = H2Server(lambda: ExtProcStream(gateway, metrics), usage.export)
         try:
             return h2, await h2.start(host, port)
         except OSError as e:
             raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(gateway, metrics, access_log, spans), server
-    )
-    server.add_generic_rpc_handlers((health_handler(),))
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
+    server.add_generic_rpc_handlers((health_handler(), usage.grpc_handler()))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise StartupError(f"cannot listen on {host}:{port} (port in use?)")

@@ -59,6 +59,8 @@ log = logging.getLogger("plano_extproc.server.h2")
 
 PROCESS_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+# Envoy's OpenTelemetry access logger sends the usage records here (batched, unary).
+LOGS_PATH = b"/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 MAX_HEALTH_REQUEST = 1024
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -184,6 +186,7 @@ class _ConnectionError(Exception):
 class _Stream:
     __slots__ = (
         "busy",
+        "export",
         "extra",
         "headers_sent",
         "held",
@@ -203,7 +206,8 @@ class _Stream:
 
     def __init__(self, sid: int, logic: ExtProcStream | None, send_window: int) -> None:
         self.sid = sid
-        self.logic = logic  # None: a health check
+        self.logic = logic  # None: a unary call (health check, usage log export)
+        self.export = False  # a LogsService/Export call (else, without logic: a health check)
         self.inbuf = bytearray()
         # Parsed messages waiting for the logic, with their size on the wire.
         self.pending: deque[tuple[pb.ProcessingRequest, int]] = deque()
@@ -521,12 +525,12 @@ class H2Connection(asyncio.Protocol):
         fields = dict(headers)
         path = fields.get(b":path", b"")
         health = path == HEALTH_PATH
-        s = _Stream(sid, None if health else self.server.new_stream(), self.peer_initial_window)
+        export = path == LOGS_PATH and self.server.export is not None
+        unary = health or export
+        s = _Stream(sid, None if unary else self.server.new_stream(), self.peer_initial_window)
+        s.export = export
         self.streams[sid] = s
-        traceparent = fields.get(b"traceparent")  # Envoy's span for this call (tracing on)
-        if traceparent is not None and s.logic is not None:
-            s.logic.traceparent = traceparent
-        if fields.get(b":method") != b"POST" or (path != PROCESS_PATH and not health):
+        if fields.get(b":method") != b"POST" or (path != PROCESS_PATH and not unary):
             self._finish(s, GRPC_UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")
         elif not fields.get(b"content-type", b"").startswith(b"application/grpc"):
             self._finish(s, GRPC_UNIMPLEMENTED, "content-type must be application/grpc")
@@ -694,7 +698,7 @@ class H2Connection(asyncio.Protocol):
         inbuf = s.inbuf
         while len(inbuf) >= 5 and not s.local_closed:
             size = int.from_bytes(inbuf[1:5], "big")
-            limit = MAX_MESSAGE if s.logic is not None else MAX_HEALTH_REQUEST
+            limit = MAX_MESSAGE if s.logic is not None or s.export else MAX_HEALTH_REQUEST
             if size > limit:
                 self._finish(s, GRPC_RESOURCE_EXHAUSTED, f"message of {size} bytes is too large")
                 return
@@ -706,6 +710,9 @@ class H2Connection(asyncio.Protocol):
                 return
             raw = bytes(inbuf[5 : 5 + size])
             del inbuf[: 5 + size]
+            if s.export:
+                self._export(s, raw)
+                return
             if s.logic is None:
                 self._health(s, raw)
                 return
@@ -717,6 +724,18 @@ class H2Connection(asyncio.Protocol):
         else:
             s.need = 5 - len(inbuf) if inbuf else 0
         self._pump(s)
+
+    def _export(self, s: _Stream, raw: bytes) -> None:
+        """``LogsService/Export``: Envoy's batched usage records (answered when read)."""
+        export = self.server.export
+        assert export is not None
+        try:
+            reply = export(raw)
+        except Exception:
+            log.exception("usage records could not be read")
+            self._finish(s, GRPC_INTERNAL, "cannot read the usage records")
+            return
+        self._send_message(s, reply, True)
 
     def _health(self, s: _Stream, raw: bytes) -> None:
         """Answer ``grpc.health.v1.Health/Check`` as the grpcio transport does."""
@@ -802,10 +821,7 @@ class H2Connection(asyncio.Protocol):
         return _frame(HEADERS, END_HEADERS | flags, sid, block)
 
     def _reply(self, s: _Stream, reply: Reply) -> None:
-        if reply.message is not None:
-            self._send_message(s, reply.message.SerializeToString(), reply.last)
-        elif reply.last:  # nothing to answer (observability mode): end the stream
-            self._finish(s, GRPC_OK)
+        self._send_message(s, reply.message.SerializeToString(), reply.last)
 
     def _send_message(self, s: _Stream, msg: bytes, last: bool) -> None:
         head = b"" if s.headers_sent else self._header_frame(s.sid, RESPONSE_HEADERS, 0)
@@ -934,8 +950,15 @@ class H2Connection(asyncio.Protocol):
 class H2Server:
     """Serves ``ExternalProcessor/Process`` over HTTP/2 with one ``ExtProcStream`` per stream."""
 
-    def __init__(self, new_stream: Callable[[], ExtProcStream]) -> None:
+    def __init__(
+        self,
+        new_stream: Callable[[], ExtProcStream],
+        export: Callable[[bytes], bytes] | None = None,
+    ) -> None:
+        """``export``: reads one serialized ExportLogsServiceRequest, returns the serialized
+        response (None: the LogsService is not served)."""
         self.new_stream = new_stream
+        self.export = export
         self.connections: set[H2Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._idle: asyncio.Event | None = None

@@ -9,7 +9,6 @@ is sent as ``raw_value`` (Envoy ignores ``value`` for mutations).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,6 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from plano_extproc.access_log import AccessLog
 from plano_extproc.errors import GatewayError
 from plano_extproc.failover import Attempt, AttemptRequest, Failure, PlanError
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
@@ -33,20 +31,16 @@ from plano_extproc.names import (
     FAILURE_PREFIXES,
     MODEL_KEY,
     PINNED_KEY,
-    REQUEST_ID_KEY,
     REQUESTED_KEY,
     ROUTE_KEY,
-    STARTED_KEY,
     TX_KEY,
     USAGE_KEY,
     failure_key,
     retry_after_key,
 )
-from plano_extproc.observe import Observation
 from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ContextError, HeadersPlan, ResponseTranslation
 from plano_extproc.rewrite import HeaderPlan
-from plano_extproc.spans import SpanExporter, genai_span, parse_traceparent
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -86,11 +80,7 @@ def immediate_response(imm: Immediate) -> pb.ProcessingResponse:
 MAX_REQUESTED_CHARS = 256  # the requested model, as metadata for the usage filter
 
 
-def upstream_response(
-    up: Upstream, info: RequestInfo, started: float, request_id: bool = False
-) -> pb.ProcessingResponse:
-    """``started``: when the request reached the gateway (epoch seconds); ``request_id``:
-    also hand the request id to the usage filter (for the access log)."""
+def upstream_response(up: Upstream, info: RequestInfo) -> pb.ProcessingResponse:
     out = pb.ProcessingResponse()
     # The decision as dynamic metadata: Envoy turns it into x-plano-* response headers and
     # span tags without another ext_proc round trip (envoy_config: DECISION_METADATA).
@@ -105,14 +95,11 @@ def upstream_response(
         decision[API_KEY].string_value = up.api.value
     if up.failover is not None:  # read by each attempt's stream
         decision[FAILOVER_KEY].string_value = up.failover.metadata
-    # Read by the usage filter's stream (durations, gen_ai_request_model, the access log).
-    decision[STARTED_KEY].number_value = started
+    # For Envoy's usage record (gen_ai_request_model, the access log's pin).
     if info.request_model:
-        decision[REQUESTED_KEY].string_value = info.request_model[:MAX_REQUESTED_CHARS]
+        decision[REQUESTED_KEY].string_value = header_safe(info.request_model)[:MAX_REQUESTED_CHARS]
     if up.pinned is not None:
         decision[PINNED_KEY].bool_value = up.pinned
-    if request_id:
-        decision[REQUEST_ID_KEY].string_value = header_safe(info.request_id)[:MAX_REQUESTED_CHARS]
     _rewrite_request(out, up.headers, up.body).clear_route_cache = True
     return out
 
@@ -170,15 +157,10 @@ def _failover_plan(metadata: Any) -> str | None:
 
 @dataclass(slots=True)
 class Reply:
-    """One message for Envoy (None: nothing to send, as in observability mode); ``last``
-    ends the ext_proc stream after it."""
+    """One message for Envoy; ``last`` ends the ext_proc stream after it."""
 
-    message: pb.ProcessingResponse | None
+    message: pb.ProcessingResponse
     last: bool
-
-
-_QUIET = Reply(None, False)  # an observed message: nothing to answer
-_QUIET_END = Reply(None, True)
 
 
 _STREAMED = ProcessingMode.STREAMED
@@ -229,36 +211,11 @@ class ExtProcStream:
     a task when there is something to wait for.
     """
 
-    __slots__ = (
-        "access_log",
-        "attempt",
-        "gateway",
-        "info",
-        "metrics",
-        "observation",
-        "request_id",
-        "response",
-        "spans",
-        "started",
-        "traceparent",
-    )
+    __slots__ = ("attempt", "gateway", "info", "metrics", "request_id", "response")
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        metrics: Metrics,
-        access_log: AccessLog | None = None,
-        spans: SpanExporter | None = None,
-    ) -> None:
+    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
         self.gateway = gateway
         self.metrics = metrics
-        self.access_log = access_log
-        self.spans = spans
-        # The W3C traceparent Envoy sent with this gRPC call (tracing on), set by the transport.
-        self.traceparent: bytes | None = None
-        self.started = 0.0  # when the request headers arrived (epoch seconds)
-        # Set on the usage filter's streams (observability mode: nothing is answered).
-        self.observation: Observation | None = None
         self.info: RequestInfo | None = None
         # Set on the response-translation filter's streams (they start at response headers),
         # and on a failover attempt whose response is translated.
@@ -271,10 +228,7 @@ class ExtProcStream:
         which = req.WhichOneof("request")
         if self.attempt is not None:
             return self._attempt_step(req, which)
-        if req.observability_mode:
-            return self._observe(req, which)
         if which == "request_headers":
-            self.started = time.time()
             if req.HasField("metadata_context"):
                 plan = _failover_plan(req.metadata_context)
                 if plan is not None:  # the provider cluster's filter: a failover attempt
@@ -423,87 +377,18 @@ class ExtProcStream:
             return Reply(immediate_response(result), True)
         # Nothing else to process (response phases are SKIP): ending the stream now frees
         # it at once instead of holding it open until the upstream answers.
-        logged = self.access_log is not None
-        return Reply(upstream_response(result, info, self.started, logged), True)
-
-    # ------------------------------------------------------------------ usage filter
-
-    def _observe(self, req: pb.ProcessingRequest, which: str | None) -> Reply:
-        """A message of the usage filter (observability mode): read, never answered."""
-        obs = self.observation
-        if which == "response_body":
-            if obs is None:
-                return _QUIET_END
-            body = req.response_body
-            now = time.time()
-            obs.chunk(body.body, now)
-            if body.end_of_stream:
-                namespaces = req.metadata_context.filter_metadata
-                if DECISION_METADATA in namespaces:
-                    hidden = namespaces[DECISION_METADATA].fields.get(USAGE_KEY)
-                    if hidden is not None:
-                        obs.hidden_usage(hidden.string_value)
-                self._observed(obs, now)
-                return _QUIET_END
-            return _QUIET
-        if which != "response_headers" or obs is not None:
-            return _QUIET_END if which == "response_trailers" else _QUIET
-        fields: dict[str, Any] = {}
-        namespaces = req.metadata_context.filter_metadata
-        if DECISION_METADATA in namespaces:
-            for key, value in namespaces[DECISION_METADATA].fields.items():
-                kind = value.WhichOneof("kind")
-                if kind == "string_value":
-                    fields[key] = value.string_value
-                elif kind == "number_value":
-                    fields[key] = value.number_value
-                elif kind == "bool_value":
-                    fields[key] = value.bool_value
-        headers = _headers_map(req.response_headers)
-        try:
-            status = int(headers.get(":status", "0"))
-        except ValueError:
-            status = 0
-        now = time.time()
-        self.observation = obs = Observation(fields, status, headers, now)
-        if req.response_headers.end_of_stream:
-            self._observed(obs, now)
-            return _QUIET_END
-        return _QUIET
-
-    def _observed(self, obs: Observation, now: float) -> None:
-        ex = obs.finish(now)
-        self.metrics.record(ex)
-        if self.access_log is not None:
-            self.access_log.write(obs.log_line(ex))
-        if self.spans is not None:
-            parent = parse_traceparent(self.traceparent)
-            if parent is not None:
-                started = obs.started if obs.started is not None else now
-                self.spans.add(genai_span(parent, ex, started, now, obs.attempts))
+        return Reply(upstream_response(result, info), True)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """The grpc.aio transport (``--transport grpcio``)."""
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        metrics: Metrics,
-        access_log: AccessLog | None = None,
-        spans: SpanExporter | None = None,
-    ) -> None:
+    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
         self.gateway = gateway
         self.metrics = metrics
-        self.access_log = access_log
-        self.spans = spans
 
     async def Process(self, request_iterator: Any, context: Any) -> None:
-        stream = ExtProcStream(self.gateway, self.metrics, self.access_log, self.spans)
-        if self.spans is not None:
-            for key, value in context.invocation_metadata() or ():
-                if key == "traceparent":
-                    stream.traceparent = value.encode() if isinstance(value, str) else value
+        stream = ExtProcStream(self.gateway, self.metrics)
         while True:
             req = await context.read()
             if req is grpc.aio.EOF:
@@ -511,8 +396,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             reply = stream.step(req)
             if not isinstance(reply, Reply):
                 reply = await reply
-            if reply.message is not None:
-                await context.write(reply.message)
+            await context.write(reply.message)
             if reply.last:
                 return
 

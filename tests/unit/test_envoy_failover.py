@@ -35,7 +35,6 @@ from plano_extproc.names import (
     RESPONSE_FILTER,
     ROUTE_HEADER,
     TRANSLATE_HEADER,
-    USAGE_FILTER,
     failover_cluster,
     failure_key,
     first_cluster,
@@ -146,7 +145,7 @@ def test_the_hidden_usage_twin_differs_only_by_the_response_filter() -> None:
     ]
     assert hidden["route"] == plain["route"]
     assert hidden["request_headers_to_remove"] == [TRANSLATE_HEADER]
-    assert set(hidden["typed_per_filter_config"]) == {USAGE_FILTER, RESPONSE_FILTER}
+    assert set(hidden["typed_per_filter_config"]) == {RESPONSE_FILTER}
     modes = hidden["typed_per_filter_config"][RESPONSE_FILTER]["overrides"]["processing_mode"]
     assert modes["response_header_mode"] == "SEND"
 
@@ -206,11 +205,10 @@ def test_no_attempt_timer_when_it_is_off() -> None:
         assert "per_try_idle_timeout" not in failover_route(render(cfg))["route"]["retry_policy"]
 
 
-def test_the_failover_route_overrides_only_the_usage_filter() -> None:
+def test_the_failover_route_overrides_no_filter() -> None:
     """The failover clusters' attempt filter is on by itself; a route override would also
-    reach the first clusters' attempts, which must open no stream. The one override turns
-    the (downstream) usage filter on."""
-    assert set(failover_route(render())["typed_per_filter_config"]) == {USAGE_FILTER}
+    reach the first clusters' attempts, which must open no stream."""
+    assert "typed_per_filter_config" not in failover_route(render())
 
 
 @pytest.mark.parametrize("failover", ["{enabled: false}", "{max_attempts: 1}"])

@@ -17,7 +17,6 @@ from plano_extproc.names import (
     RESPONSE_FILTER,
     ROUTE_HEADER,
     TRANSLATE_HEADER,
-    USAGE_FILTER,
 )
 from tests.gateway_proc import assert_envoy_accepts
 
@@ -50,10 +49,11 @@ def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
 def test_response_filter_follows_the_routing_filter_and_is_inert_by_default() -> None:
     filters = hcm(render())["http_filters"]
     names = [f["name"] for f in filters]
-    # The usage filter sits between them: responses reach it translated.
+    # The usage extractors sit between them: responses reach them translated.
     assert names[1:] == [
         "envoy.filters.http.ext_proc",
-        USAGE_FILTER,
+        "envoy.filters.http.json_to_metadata",
+        "envoy.filters.http.sse_to_metadata",
         RESPONSE_FILTER,
         "envoy.filters.http.router",
     ]
@@ -95,7 +95,7 @@ def test_each_provider_has_a_translated_route_before_its_native_one() -> None:
         modes = per_route["overrides"]["processing_mode"]
         assert modes["response_header_mode"] == "SEND"
         assert modes["request_header_mode"] == "SKIP" and modes["request_body_mode"] == "NONE"
-        assert set(native["typed_per_filter_config"]) == {USAGE_FILTER}  # metering only
+        assert "typed_per_filter_config" not in native
         # Both still tell the client what served it.
         assert translated["response_headers_to_add"] == native["response_headers_to_add"]
 

@@ -1,4 +1,4 @@
-"""The usage filter's side: observations, hidden Chat usage, and the stream over both transports."""
+"""Usage records: hidden Chat usage, reading Envoy's records, the LogsService on both transports."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as ls
 
 from plano_extproc.affinity.memory import MemorySessionCache
 from plano_extproc.config import parse_config
 from plano_extproc.dispatch import HIDDEN_USAGE, hides_usage
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
+from plano_extproc.names import USAGE_KEYS
 from plano_extproc.observe import Observation
 from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ResponseTranslation
@@ -23,6 +24,7 @@ from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import GRPC_OPTIONS
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
+from plano_extproc.server.usage_log import UsageLog
 from plano_extproc.translate.chat_usage import HiddenUsage
 from plano_extproc.usage import Usage
 from tests.fakes import Script, chat_chunks
@@ -119,75 +121,90 @@ def test_usage_travels_as_three_bounded_counts() -> None:
         assert Usage.decode(bad) is None, bad
 
 
-# ---------------------------------------------------------------- one observation
+# ---------------------------------------------------------------- one usage record
 
 
-def fields(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"api": "chat_completions", "model": GPT, "rq": "fast", "t0": 100.0}
+def record(**kw: str) -> dict[str, str]:
+    """A usage record's attributes as Envoy's formatter writes them ("-": not known)."""
+    base = {key: "-" for key in (*USAGE_KEYS, "u", "route", "pn", "traceparent")}
+    base.update(api="chat_completions", model=GPT, rq="fast", status="200", attempts="1",
+                duration_us="1700000", body_us="700000", content_type="application/json",
+                request_id="r1")  # fmt: skip
     base.update(kw)
     return base
 
 
-def test_stream_timing_and_usage() -> None:
-    obs = Observation(fields(route="code"), 200, SSE, now=100.5)
-    data = chat_stream(include_usage=True)
-    second = data.index(b"\n\n") + 2  # the role chunk ("content": "") is no token
-    cut = data.index(b"\n\n", second) + 2  # the first token's event ends here
-    obs.chunk(data[: cut - 1], now=100.6)
-    obs.chunk(data[cut - 1 : cut], now=100.7)  # first token complete here
-    obs.chunk(data[cut:], now=101.0)
-    ex = obs.finish(now=101.7)
-    assert ex.usage == Usage(30, 4, 8)
-    assert ex.seconds == pytest.approx(1.7)
-    assert ex.ttft == pytest.approx(0.7)
-    assert ex.tpot == pytest.approx((101.7 - 100.7) / 3)
+@pytest.mark.parametrize(
+    ("api", "counters", "usage"),
+    [
+        ("chat_completions", {"prompt_tokens": "30", "completion_tokens": "4",
+                              "cached_tokens": "8"}, Usage(30, 4, 8)),
+        # Anthropic's input_tokens exclude cache reads and writes: added back.
+        ("messages", {"input_tokens": "10", "output_tokens": "6", "cache_read": "5",
+                      "cache_write": "2"}, Usage(17, 6, 5)),
+        ("responses", {"input_tokens": "30.0", "output_tokens": "4", "input_cached": "8"},
+         Usage(30, 4, 8)),
+        # Counters of another API's shape are not this API's usage.
+        ("chat_completions", {"input_tokens": "10", "output_tokens": "6"}, None),
+    ],
+)  # fmt: skip
+def test_counters_mean_what_the_client_api_says(
+    api: str, counters: dict[str, str], usage: Usage | None
+) -> None:
+    assert Observation(record(api=api, **counters)).exchange.usage == usage
+
+
+def test_stream_timing() -> None:
+    obs = Observation(record(content_type="text/event-stream; charset=utf-8",
+                             prompt_tokens="30", completion_tokens="4"))  # fmt: skip
+    ex = obs.exchange
+    assert ex.seconds == pytest.approx(1.7) and ex.ttft == pytest.approx(0.7)
+    assert ex.tpot == pytest.approx((1.7 - 0.7) / 3)
     assert (ex.client_api, ex.request_model, ex.model, ex.route) == (
-        "chat_completions", "fast", GPT, "code"
+        "chat_completions", "fast", GPT, None
     )  # fmt: skip
+    json_answer = Observation(record(prompt_tokens="30", completion_tokens="4")).exchange
+    assert json_answer.ttft is None and json_answer.tpot is None  # streams only
 
 
-@pytest.mark.parametrize("t0", ["100", float("inf"), float("nan"), 500.0, None])
-def test_a_bad_start_time_gives_no_duration(t0: Any) -> None:
-    obs = Observation(fields(t0=t0), 200, {"content-type": "application/json"}, now=101.0)
-    obs.chunk(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}}', now=101.0)
-    ex = obs.finish(now=102.0)
-    assert ex.seconds is None and ex.ttft is None
-    assert ex.usage == Usage(1, 2, 0)
+@pytest.mark.parametrize("bad", ["-1", "1.5", "nan", "inf", "1e400", "x", "", "9" * 30, "true"])
+def test_hostile_counters_are_ignored(bad: str) -> None:
+    ex = Observation(record(prompt_tokens=bad, completion_tokens="4")).exchange
+    assert ex.usage == Usage(0, 4, 0)
+    assert Observation(record(duration_us=bad)).exchange.seconds is None
 
 
-def test_errors_and_compressed_bodies_are_not_metered() -> None:
-    for status, headers in ((500, {}), (200, {"content-encoding": "gzip"})):
-        obs = Observation(fields(), status, headers, now=100.0)
-        obs.chunk(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}}', now=100.0)
-        assert obs.finish(now=100.1).usage is None
+def test_errors_are_not_metered_and_unknown_apis_have_no_usage() -> None:
+    ex = Observation(record(status="429", prompt_tokens="5", completion_tokens="1")).exchange
+    assert ex.usage is None and ex.ttft is None and ex.status == 429
+    ex = Observation(record(api="-", prompt_tokens="5", completion_tokens="1")).exchange
+    assert ex.client_api == "other" and ex.usage is None
+    assert Observation(record(status="-")).exchange.status == 0
 
 
-def test_hidden_usage_fills_in_only_when_the_stream_had_none() -> None:
-    obs = Observation(fields(), 200, SSE, now=100.0)
-    obs.chunk(chat_stream(include_usage=False), now=100.1)
-    obs.hidden_usage("30,4,8")
-    assert obs.finish(now=100.2).usage == Usage(30, 4, 8)
-    obs = Observation(fields(), 200, SSE, now=100.0)
-    obs.chunk(chat_stream(include_usage=True), now=100.1)
-    obs.hidden_usage("1,1,1")  # the stream's own report wins
-    assert obs.finish(now=100.2).usage == Usage(30, 4, 8)
+def test_hidden_usage_fills_in_only_when_the_answer_had_none() -> None:
+    assert Observation(record(u="30,4,8")).exchange.usage == Usage(30, 4, 8)
+    shown = record(u="1,1,1", prompt_tokens="30", completion_tokens="4")
+    assert Observation(shown).exchange.usage == Usage(30, 4, 0)
+    assert Observation(record(u="garbage")).exchange.usage is None
 
 
 def test_the_log_line_escapes_and_omits() -> None:
     hostile = 'x"}\n{"status": 1'
-    headers = {"x-plano-attempts": "2", "content-type": "application/json"}
-    obs = Observation(fields(id=hostile, rq=hostile, pn=True), 200, headers, now=100.0)
-    obs.chunk(b'{"choices": [{"message": {"content": "SECRET ANSWER"}}], "usage": '
-              b'{"prompt_tokens": 3, "completion_tokens": 1}}', now=100.1)  # fmt: skip
-    line = obs.log_line(obs.finish(now=100.2))
-    assert "\n" not in line and "SECRET" not in line
-    record = json.loads(line)
-    assert record["request_id"] == hostile and record["requested_model"] == hostile
-    assert record["pinned"] is True and record["attempts"] == 2 and record["status"] == 200
-    assert (record["input_tokens"], record["output_tokens"]) == (3, 1)
+    obs = Observation(record(request_id=hostile, rq=hostile, pn="true", attempts="2",
+                             prompt_tokens="3", completion_tokens="1"))  # fmt: skip
+    line = obs.log_line()
+    assert "\n" not in line
+    rec = json.loads(line)
+    assert rec["request_id"] == hostile and rec["requested_model"] == hostile
+    assert rec["pinned"] is True and rec["attempts"] == 2 and rec["status"] == 200
+    assert (rec["input_tokens"], rec["output_tokens"], rec["cached_input_tokens"]) == (3, 1, 0)
+    assert rec["duration_ms"] == 1700.0 and rec["ttft_ms"] is None
+    long = Observation(record(rq="m" * 5000)).exchange.request_model
+    assert len(long) == 256
 
 
-# ---------------------------------------------------------------- the stream, both transports
+# ---------------------------------------------------------------- the LogsService, both transports
 
 CONFIG = """
 version: v0.4.0
@@ -199,66 +216,65 @@ routing:
 """
 
 
+def export_request(*records: dict[str, str]) -> bytes:
+    req = ls.ExportLogsServiceRequest()
+    resource = req.resource_logs.add()
+    group_field = (
+        "scope_logs" if hasattr(resource, "scope_logs") else "instrumentation_library_logs"
+    )
+    group = getattr(resource, group_field).add()
+    for attrs in records:
+        rec = group.logs.add()
+        for key, value in attrs.items():
+            kv = rec.attributes.add()
+            kv.key = key
+            kv.value.string_value = value
+    return req.SerializeToString()
+
+
 @pytest.fixture(params=["h2", "grpcio"])
-async def served(
-    request: pytest.FixtureRequest,
-) -> AsyncIterator[tuple[pb_grpc.ExternalProcessorStub, Metrics]]:
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Metrics, list[str]]]:
     gateway = Gateway(parse_config(CONFIG), NullRouter(), MemorySessionCache())
     metrics = Metrics(models=[GPT])
+    lines: list[str] = []
+
+    class Lines:  # an AccessLog stand-in that keeps what it is given
+        def write(self, line: str) -> None:
+            lines.append(line)
+
+    usage = UsageLog(metrics, Lines())  # type: ignore[arg-type]
     server: H2Server | grpc.aio.Server
     if request.param == "h2":
-        server = H2Server(lambda: ExtProcStream(gateway, metrics))
+        server = H2Server(lambda: ExtProcStream(gateway, metrics), usage.export)
         port = await server.start("127.0.0.1", 0)
     else:
         server = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
+        server.add_generic_rpc_handlers((usage.grpc_handler(),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield pb_grpc.ExternalProcessorStub(channel), metrics
+    export = channel.unary_unary(
+        "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        request_serializer=lambda b: b,
+        response_deserializer=ls.ExportLogsServiceResponse.FromString,
+    )
+    yield export, metrics, lines
     await channel.close()
     await server.stop(None)
 
 
-def observed_headers(**meta: Any) -> pb.ProcessingRequest:
-    req = pb.ProcessingRequest(observability_mode=True)
-    for k, v in (SSE | {"x-plano-attempts": "1"}).items():
-        req.response_headers.headers.headers.add(key=k, raw_value=v.encode())
-    f = req.metadata_context.filter_metadata["plano"].fields
-    for key, value in fields(**meta).items():
-        if isinstance(value, float):
-            f[key].number_value = value
-        else:
-            f[key].string_value = value
-    return req
-
-
-def observed_body(data: bytes, end: bool, hidden: str | None = None) -> pb.ProcessingRequest:
-    req = pb.ProcessingRequest(observability_mode=True)
-    req.response_body.body = data
-    req.response_body.end_of_stream = end
-    if hidden is not None:
-        req.metadata_context.filter_metadata["plano"].fields["u"].string_value = hidden
-    return req
-
-
-@pytest.mark.parametrize("hidden", [None, "30,4,8"])
-async def test_an_observed_stream_answers_nothing_and_counts_once(
-    served: tuple[pb_grpc.ExternalProcessorStub, Metrics], hidden: str | None
+async def test_a_batch_of_records_is_counted_once_each(
+    served: tuple[Any, Metrics, list[str]],
 ) -> None:
-    stub, metrics = served
-    call = stub.Process()
-    await call.write(observed_headers(t0=1.0))
-    data = chat_stream(include_usage=hidden is None)
-    await call.write(observed_body(data[:50], False))
-    await call.write(observed_body(data[50:], True, hidden))
-    # No message back: the server just ends the stream (Envoy waits for nothing).
-    assert await call.read() == grpc.aio.EOF
-    assert (await call.code()) == grpc.StatusCode.OK
+    export, metrics, lines = served
+    stream = record(content_type="text/event-stream", u="30,4,8")
+    reply = await export(export_request(record(prompt_tokens="5", completion_tokens="2"), stream))
+    assert isinstance(reply, ls.ExportLogsServiceResponse)
     reg = metrics.registry
     labels = {"endpoint": "proxy", "client_api": "chat_completions", "model": GPT,
               "route": "none", "status_class": "2xx"}  # fmt: skip
-    assert reg.get_sample_value("plano_requests_total", labels) == 1
+    assert reg.get_sample_value("plano_requests_total", labels) == 2
     tokens = {
         "gen_ai_request_model": "fast",
         "gen_ai_response_model": GPT,
@@ -266,10 +282,25 @@ async def test_an_observed_stream_answers_nothing_and_counts_once(
         "route": "none",
         "client_api": "chat_completions",
     }
-    assert (
-        reg.get_sample_value(
-            "gen_ai_client_token_usage_sum", {"gen_ai_token_type": "input", **tokens}
-        )
-        == 30
+    got = reg.get_sample_value(
+        "gen_ai_client_token_usage_sum", {"gen_ai_token_type": "input", **tokens}
     )
+    assert got == 35
     assert reg.get_sample_value("gen_ai_server_time_to_first_token_seconds_count", tokens) == 1
+    assert len(lines) == 2 and json.loads(lines[1])["input_tokens"] == 30
+
+
+async def test_a_broken_batch_is_an_error_not_a_crash(
+    served: tuple[Any, Metrics, list[str]],
+) -> None:
+    export, metrics, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await export(b"\xff\xff\xff")
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    # The server still answers the next batch.
+    await export(export_request(record()))
+    assert metrics.registry.get_sample_value(
+        "plano_requests_total",
+        {"endpoint": "proxy", "client_api": "chat_completions", "model": GPT, "route": "none",
+         "status_class": "2xx"},
+    ) == 1  # fmt: skip

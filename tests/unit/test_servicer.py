@@ -215,12 +215,12 @@ def test_header_path_cannot_carry_control_characters() -> None:
     provider = replace(cfg.providers[0], name="openai/x\r\nX-Smuggled: 1")
     plan = HeaderPlan(set=[("x-custom", "a\r\nb\x00c\x7f")])
     info = RequestInfo.build({})
-    msg = upstream_response(Upstream(provider, plan, None, route="r\nX-Route: 1"), info, 0.0)
+    msg = upstream_response(Upstream(provider, plan, None, route="r\nX-Route: 1"), info)
     meta = msg.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
     assert meta["model"].string_value == "openai/x%0D%0AX-Smuggled: 1"
     assert meta["route"].string_value == "r%0AX-Route: 1"
     # a configured (trusted) non-ASCII route name: percent-encoded UTF-8, not mangled bytes
-    msg = upstream_response(Upstream(provider, plan, None, route="código"), info, 0.0)
+    msg = upstream_response(Upstream(provider, plan, None, route="código"), info)
     meta = msg.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
     assert meta["route"].string_value == "c%C3%B3digo"
     mutation = msg.request_body.response.header_mutation.set_headers[0].header
