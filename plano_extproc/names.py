@@ -42,7 +42,7 @@ REQUESTED_KEY = "rq"  # the model the client asked for (the metrics' gen_ai_requ
 PINNED_KEY = "pn"  # true/false when the request had a session pin (absent: no session)
 REQUEST_ID_KEY = "id"  # the request id, for the access log (set only when it is on)
 # Usage the client's stream does not show ("input,output,cached_input"), set by the stream
-# that hid it, read by the usage filter's stream at the response's end.
+# that hid it, read by Envoy's usage record at the request's end.
 USAGE_KEY = "u"
 FAILURE_PREFIX = "failed_"
 RETRY_AFTER_PREFIX = "retry_after_"
@@ -85,6 +85,7 @@ USAGE_KEYS = (
     INPUT_CACHED,
 )
 # The usage log record's attributes beyond those: what Envoy knows when the request ends.
+LOG_USAGE = "usage"  # the USAGE_METADATA namespace as JSON ({"prompt_tokens": 37, ...})
 LOG_STATUS = "status"
 LOG_ATTEMPTS = "attempts"
 LOG_DURATION_US = "duration_us"  # first request byte to last response byte

@@ -20,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from plano_extproc.metrics import Exchange
 from plano_extproc.names import (
@@ -36,6 +37,7 @@ from plano_extproc.names import (
     LOG_DURATION_US,
     LOG_REQUEST_ID,
     LOG_STATUS,
+    LOG_USAGE,
     MODEL_KEY,
     OUTPUT_TOKENS,
     PINNED_KEY,
@@ -57,19 +59,35 @@ def _text(attrs: Mapping[str, str], key: str) -> str:
     return "" if value == ABSENT else value[:MAX_TEXT]
 
 
-def _count(attrs: Mapping[str, str], key: str) -> int | None:
-    """A counter as Envoy printed a metadata number ("37", "37.0"); None when absent or not a
-    bounded non-negative whole number."""
-    raw = attrs.get(key)
-    if raw is None or raw == ABSENT or len(raw) > 24:
+def _count(values: Mapping[str, Any], key: str) -> int | None:
+    """A counter (a JSON number, or a number as Envoy printed it: "37", "37.0"); None when
+    absent or not a bounded non-negative whole number."""
+    raw = values.get(key)
+    if isinstance(raw, bool) or raw is None or raw == ABSENT:
         return None
+    if isinstance(raw, str):
+        if len(raw) > 24:
+            return None
+        try:
+            raw = float(raw)
+        except ValueError:
+            return None
+    if not isinstance(raw, (int, float)):
+        return None
+    if not math.isfinite(raw) or raw < 0 or raw != int(raw):
+        return None
+    return min(int(raw), MAX_COUNT)
+
+
+def _counters(raw: str | None) -> dict[str, Any]:
+    """The ``plano.usage`` namespace as Envoy wrote it (a JSON object; "-" when empty)."""
+    if not raw or raw == ABSENT or len(raw) > 4096:
+        return {}
     try:
-        value = float(raw)
+        value = json.loads(raw)
     except ValueError:
-        return None
-    if not math.isfinite(value) or value < 0 or value != int(value):
-        return None
-    return min(int(value), MAX_COUNT)
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _micros(attrs: Mapping[str, str], key: str) -> float | None:
@@ -80,8 +98,11 @@ def _micros(attrs: Mapping[str, str], key: str) -> float | None:
     return int(raw) / 1e6
 
 
-def usage_of(api: ClientApi | None, attrs: Mapping[str, str]) -> Usage | None:
-    """The provider's usage in OpenTelemetry terms, from the counters of the client's API."""
+def usage_of(
+    api: ClientApi | None, attrs: Mapping[str, Any], hidden: str | None = None
+) -> Usage | None:
+    """The provider's usage in OpenTelemetry terms, from the counters of the client's API
+    (``attrs``); ``hidden``: the usage a response filter took out of a Chat stream."""
     if api is ClientApi.CHAT:
         inp, out = _count(attrs, PROMPT_TOKENS), _count(attrs, COMPLETION_TOKENS)
         cached = _count(attrs, CACHED_TOKENS) or 0
@@ -95,7 +116,6 @@ def usage_of(api: ClientApi | None, attrs: Mapping[str, str]) -> Usage | None:
     else:
         return None
     if inp is None and out is None:
-        hidden = attrs.get(USAGE_KEY)
         return Usage.decode(hidden) if hidden and hidden != ABSENT else None
     inp = min(inp or 0, MAX_COUNT)
     return Usage(inp, out or 0, min(cached, inp))
@@ -109,6 +129,7 @@ class Observation:
     def __init__(self, attrs: Mapping[str, str]) -> None:
         api = _APIS.get(attrs.get(API_KEY, ""))
         status = _count(attrs, LOG_STATUS)
+        counters = _counters(attrs.get(LOG_USAGE))
         self.stream = (
             attrs.get(LOG_CONTENT_TYPE, "").strip().lower().startswith("text/event-stream")
         )
@@ -122,7 +143,7 @@ class Observation:
         )
         ex.seconds = _micros(attrs, LOG_DURATION_US)
         if 200 <= ex.status < 300:
-            ex.usage = usage_of(api, attrs)
+            ex.usage = usage_of(api, counters, attrs.get(USAGE_KEY))
             body = _micros(attrs, LOG_BODY_US)
             if self.stream and body is not None:
                 ex.ttft = body

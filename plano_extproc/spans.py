@@ -1,14 +1,13 @@
 """A GenAI span per traced request, with the token usage Envoy's own span cannot carry.
 
 Envoy's request span gets the model and route as tags from the routing stream's metadata
-(``envoy_config._tracing``). The token usage is known only when the response ends, and only to
-the usage filter's stream, which runs in observability mode: Envoy ignores what it answers, so
-it cannot add tags to Envoy's span. Instead the worker exports one more span into the same
-trace, as OpenTelemetry's GenAI conventions describe a model call: named
-``"{operation} {requested model}"``, kind CLIENT, with ``gen_ai.*`` attributes (models, provider,
-token usage) and the route, status and attempts. Its parent is the span Envoy made for the usage
-filter's gRPC call (Envoy sends its ``traceparent`` with the call), a child of the request's
-span; only sampled traces are exported.
+(``envoy_config._tracing``). The token usage is known only when the answer ends, after Envoy
+has settled its span's tags, and reaches a worker in Envoy's usage record
+(``server/usage_log.py``). So the worker exports one more span into the same trace, as
+OpenTelemetry's GenAI conventions describe a model call: named ``"{operation} {requested
+model}"``, kind CLIENT, with ``gen_ai.*`` attributes (models, provider, token usage) and the
+route, status and attempts. Its parent is the span Envoy forwarded the request under (the
+record carries Envoy's ``traceparent``); only sampled traces are exported.
 
 Export is OTLP/gRPC to the ``tracing`` block's collector, batched (at most ``MAX_BATCH`` per call,
 one call per ``FLUSH_SECONDS``) from a bounded queue: a slow or absent collector drops spans

@@ -1,4 +1,9 @@
-"""Token usage and first-token time read from a response body in the client's API format.
+"""Token usage and first-token time read from a response body, in Python.
+
+Envoy reads the usage of every answer itself (``envoy_config._usage_extractors``); this reader
+serves the one place where Python holds a stream: the response filter that hides usage from a
+Chat client that did not ask for it reads the provider's counters here before they go
+(``response_phase``).
 
 The gateway sees every response body after any translation, in the pieces Envoy forwards it in:
 an SSE line, an event or a UTF-8 character may be cut anywhere. ``UsageMeter`` is fed those

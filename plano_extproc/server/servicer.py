@@ -77,7 +77,7 @@ def immediate_response(imm: Immediate) -> pb.ProcessingResponse:
     return out
 
 
-MAX_REQUESTED_CHARS = 256  # the requested model, as metadata for the usage filter
+MAX_REQUESTED_CHARS = 256  # the requested model, as metadata for the usage record
 
 
 def upstream_response(up: Upstream, info: RequestInfo) -> pb.ProcessingResponse:
@@ -288,7 +288,7 @@ class ExtProcStream:
             reply = response_body_reply(out)
             if body.end_of_stream:
                 usage = response.hidden_usage()
-                if usage is not None:  # for the usage filter, which reads the stream after us
+                if usage is not None:  # for the usage record (the client's stream lacks it)
                     fields = reply.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
                     fields[USAGE_KEY].string_value = usage.encode()
             return Reply(reply, body.end_of_stream)

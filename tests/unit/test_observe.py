@@ -124,12 +124,16 @@ def test_usage_travels_as_three_bounded_counts() -> None:
 # ---------------------------------------------------------------- one usage record
 
 
-def record(**kw: str) -> dict[str, str]:
-    """A usage record's attributes as Envoy's formatter writes them ("-": not known)."""
-    base = {key: "-" for key in (*USAGE_KEYS, "u", "route", "pn", "traceparent")}
+def record(**kw: Any) -> dict[str, str]:
+    """A usage record's attributes as Envoy's formatter writes them ("-": not known); counters
+    (keyword arguments named like them) go into the ``usage`` JSON object."""
+    base = {key: "-" for key in ("u", "route", "pn", "traceparent", "usage")}
     base.update(api="chat_completions", model=GPT, rq="fast", status="200", attempts="1",
                 duration_us="1700000", body_us="700000", content_type="application/json",
                 request_id="r1")  # fmt: skip
+    counters = {k: kw.pop(k) for k in list(kw) if k in USAGE_KEYS}
+    if counters:
+        base["usage"] = json.dumps(counters)
     base.update(kw)
     return base
 
@@ -137,54 +141,63 @@ def record(**kw: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("api", "counters", "usage"),
     [
-        ("chat_completions", {"prompt_tokens": "30", "completion_tokens": "4",
-                              "cached_tokens": "8"}, Usage(30, 4, 8)),
+        ("chat_completions", {"prompt_tokens": 30, "completion_tokens": 4,
+                              "cached_tokens": 8}, Usage(30, 4, 8)),
         # Anthropic's input_tokens exclude cache reads and writes: added back.
-        ("messages", {"input_tokens": "10", "output_tokens": "6", "cache_read": "5",
-                      "cache_write": "2"}, Usage(17, 6, 5)),
-        ("responses", {"input_tokens": "30.0", "output_tokens": "4", "input_cached": "8"},
+        ("messages", {"input_tokens": 10, "output_tokens": 6, "cache_read": 5,
+                      "cache_write": 2}, Usage(17, 6, 5)),
+        ("responses", {"input_tokens": 30.0, "output_tokens": 4, "input_cached": 8},
          Usage(30, 4, 8)),
         # Counters of another API's shape are not this API's usage.
-        ("chat_completions", {"input_tokens": "10", "output_tokens": "6"}, None),
+        ("chat_completions", {"input_tokens": 10, "output_tokens": 6}, None),
     ],
 )  # fmt: skip
 def test_counters_mean_what_the_client_api_says(
-    api: str, counters: dict[str, str], usage: Usage | None
+    api: str, counters: dict[str, Any], usage: Usage | None
 ) -> None:
     assert Observation(record(api=api, **counters)).exchange.usage == usage
 
 
 def test_stream_timing() -> None:
     obs = Observation(record(content_type="text/event-stream; charset=utf-8",
-                             prompt_tokens="30", completion_tokens="4"))  # fmt: skip
+                             prompt_tokens=30, completion_tokens=4))  # fmt: skip
     ex = obs.exchange
     assert ex.seconds == pytest.approx(1.7) and ex.ttft == pytest.approx(0.7)
     assert ex.tpot == pytest.approx((1.7 - 0.7) / 3)
     assert (ex.client_api, ex.request_model, ex.model, ex.route) == (
         "chat_completions", "fast", GPT, None
     )  # fmt: skip
-    json_answer = Observation(record(prompt_tokens="30", completion_tokens="4")).exchange
+    json_answer = Observation(record(prompt_tokens=30, completion_tokens=4)).exchange
     assert json_answer.ttft is None and json_answer.tpot is None  # streams only
 
 
-@pytest.mark.parametrize("bad", ["-1", "1.5", "nan", "inf", "1e400", "x", "", "9" * 30, "true"])
-def test_hostile_counters_are_ignored(bad: str) -> None:
-    ex = Observation(record(prompt_tokens=bad, completion_tokens="4")).exchange
+@pytest.mark.parametrize(
+    "bad", [-1, 1.5, True, None, [1], {"a": 1}, "x", "", "9" * 30, "nan", "-1", "1e400"]
+)
+def test_hostile_counters_are_ignored(bad: Any) -> None:
+    ex = Observation(record(prompt_tokens=bad, completion_tokens=4)).exchange
     assert ex.usage == Usage(0, 4, 0)
-    assert Observation(record(duration_us=bad)).exchange.seconds is None
+    assert Observation(record(duration_us=str(bad))).exchange.seconds is None
+
+
+def test_a_huge_counter_is_capped_and_broken_usage_json_is_none() -> None:
+    ex = Observation(record(prompt_tokens=1e300, completion_tokens=1)).exchange
+    assert ex.usage is not None and ex.usage.input == 1 << 53
+    for raw in ("{", "[1]", "-", "x" * 5000):
+        assert Observation(record(usage=raw)).exchange.usage is None
 
 
 def test_errors_are_not_metered_and_unknown_apis_have_no_usage() -> None:
-    ex = Observation(record(status="429", prompt_tokens="5", completion_tokens="1")).exchange
+    ex = Observation(record(status="429", prompt_tokens=5, completion_tokens=1)).exchange
     assert ex.usage is None and ex.ttft is None and ex.status == 429
-    ex = Observation(record(api="-", prompt_tokens="5", completion_tokens="1")).exchange
+    ex = Observation(record(api="-", prompt_tokens=5, completion_tokens=1)).exchange
     assert ex.client_api == "other" and ex.usage is None
     assert Observation(record(status="-")).exchange.status == 0
 
 
 def test_hidden_usage_fills_in_only_when_the_answer_had_none() -> None:
     assert Observation(record(u="30,4,8")).exchange.usage == Usage(30, 4, 8)
-    shown = record(u="1,1,1", prompt_tokens="30", completion_tokens="4")
+    shown = record(u="1,1,1", prompt_tokens=30, completion_tokens=4)
     assert Observation(shown).exchange.usage == Usage(30, 4, 0)
     assert Observation(record(u="garbage")).exchange.usage is None
 
@@ -192,7 +205,7 @@ def test_hidden_usage_fills_in_only_when_the_answer_had_none() -> None:
 def test_the_log_line_escapes_and_omits() -> None:
     hostile = 'x"}\n{"status": 1'
     obs = Observation(record(request_id=hostile, rq=hostile, pn="true", attempts="2",
-                             prompt_tokens="3", completion_tokens="1"))  # fmt: skip
+                             prompt_tokens=3, completion_tokens=1))  # fmt: skip
     line = obs.log_line()
     assert "\n" not in line
     rec = json.loads(line)
@@ -269,7 +282,7 @@ async def test_a_batch_of_records_is_counted_once_each(
 ) -> None:
     export, metrics, lines = served
     stream = record(content_type="text/event-stream", u="30,4,8")
-    reply = await export(export_request(record(prompt_tokens="5", completion_tokens="2"), stream))
+    reply = await export(export_request(record(prompt_tokens=5, completion_tokens=2), stream))
     assert isinstance(reply, ls.ExportLogsServiceResponse)
     reg = metrics.registry
     labels = {"endpoint": "proxy", "client_api": "chat_completions", "model": GPT,
