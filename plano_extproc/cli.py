@@ -105,6 +105,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         envoy_concurrency=args.envoy_concurrency,
         transport=args.transport,
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
         request_log=args.request_log,
     )
 
@@ -225,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=9092,
         help="the gateway's one Prometheus /metrics (all workers summed, plus Envoy's provider "
         "series) on 127.0.0.1; 0 = a free one (default 9092)",
+    )
+    u.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address of that endpoint (default 127.0.0.1; 0.0.0.0 for a scraper outside a "
+        "container or pod: it shows model and route names, no prompts or credentials)",
     )
     u.add_argument("--address", default=None, help="override the listener address")
     u.add_argument("--port", type=int, default=None, help="override the listener port")

@@ -586,13 +586,14 @@ def run_up(
     transport: str = "h2",
     metrics_port: int = DEFAULT_METRICS_PORT,
     request_log: str | None = None,
+    metrics_address: str = "127.0.0.1",
 ) -> int:
     addr = listen_address or config.listener.address
     port = listen_port or config.listener.port
     taken = [
         (addr, port, "pass --port (or change the listener port in the config)"),
         ("127.0.0.1", envoy_admin_port, "pass --envoy-admin-port, or 0 to pick a free port"),
-        (ADMIN_HOST, metrics_port, METRICS_PORT_ADVICE),
+        (metrics_address, metrics_port, METRICS_PORT_ADVICE),
     ]
     taken += _worker_ports(
         "127.0.0.1",
@@ -609,7 +610,7 @@ def run_up(
     tmp_name: str | None = None
     metrics: MetricsServer | None = None
     try:
-        metrics = _start_metrics(sup, config, metrics_port, envoy_admin_port)
+        metrics = _start_metrics(sup, config, metrics_address, metrics_port, envoy_admin_port)
         eps = start_workers(
             sup,
             config_path,
@@ -663,19 +664,18 @@ def run_up(
         os.unlink(tmp.name)
 
 
-ADMIN_HOST = "127.0.0.1"  # where ``up`` binds every admin port: workers', Envoy's, metrics
 METRICS_PORT_ADVICE = "pass --metrics-port, or 0 to pick a free port"
 
 
 def _start_metrics(
-    sup: Supervisor, config: Config, port: int, envoy_admin_port: int
+    sup: Supervisor, config: Config, host: str, port: int, envoy_admin_port: int
 ) -> MetricsServer:
     """Serve the gateway's one ``/metrics`` (workers summed plus Envoy's provider series)
     from a thread, over a fresh multiprocess directory the workers get in their env."""
     sup.metrics_dir = tempfile.mkdtemp(prefix="plano-metrics-")
     try:
         server = MetricsServer(
-            ADMIN_HOST,
+            host,
             port,
             sup.metrics_dir,
             envoy_admin=f"http://127.0.0.1:{envoy_admin_port}",
@@ -686,11 +686,11 @@ def _start_metrics(
         sup.metrics_dir = None
         if e.errno == errno.EADDRINUSE:
             raise SystemExit(
-                f"plano-extproc: port {ADMIN_HOST}:{port} is already in use (another gateway "
+                f"plano-extproc: port {host}:{port} is already in use (another gateway "
                 f"running?); {METRICS_PORT_ADVICE}"
             ) from None
         raise SystemExit(
-            f"plano-extproc: cannot serve metrics on {ADMIN_HOST}:{port}: {e}"
+            f"plano-extproc: cannot serve metrics on {host}:{port}: {e}"
         ) from None
     return server.start()
 

@@ -44,6 +44,8 @@ def test_dockerfile_command_parses_and_its_config_loads() -> None:
     assert entry == ["plano-extproc"]
     args = cli(cmd)
     assert args.command == "up" and args.address == "0.0.0.0"
+    assert args.metrics_address == "0.0.0.0"  # scraped from outside the container
+    assert f"EXPOSE 12000 {args.metrics_port}" in text
     assert args.config.startswith("/app/")
     load_config(ROOT / args.config.removeprefix("/app/"), env=KEYS)
 
@@ -59,6 +61,8 @@ def test_compose_command_parses_and_mounted_config_loads() -> None:
     assert cfg.session_cache.url is not None and "redis:6379" in cfg.session_cache.url
     assert "redis" in compose["services"]
     assert f"{cfg.listener.port}:{cfg.listener.port}" in gateway["ports"]
+    assert args.metrics_address == "0.0.0.0"
+    assert f"127.0.0.1:{args.metrics_port}:{args.metrics_port}" in gateway["ports"]
 
 
 def _pod() -> dict[str, Any]:

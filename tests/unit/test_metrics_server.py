@@ -381,7 +381,7 @@ def test_up_taken_metrics_port_at_bind_names_the_flag_and_leaves_no_dir() -> Non
         held.listen()
         port = held.getsockname()[1]
         with pytest.raises(SystemExit) as e:
-            _start_metrics(sup, cfg, port, 9901)
+            _start_metrics(sup, cfg, "127.0.0.1", port, 9901)
     assert f"port 127.0.0.1:{port} is already in use" in str(e.value)
     assert "--metrics-port" in str(e.value)
     assert sup.metrics_dir is None
@@ -393,7 +393,7 @@ def test_up_metrics_server_gets_a_fresh_dir_and_the_provider_clusters() -> None:
 
     cfg = load_config_text(seed_config("http://127.0.0.1:1000", "http://127.0.0.1:2000"))
     sup = Supervisor()
-    server = _start_metrics(sup, cfg, 0, 9901)
+    server = _start_metrics(sup, cfg, "127.0.0.1", 0, 9901)
     try:
         assert sup.metrics_dir is not None and os.listdir(sup.metrics_dir) == []
         assert server.multiproc_dir == sup.metrics_dir
@@ -405,3 +405,19 @@ def test_up_metrics_server_gets_a_fresh_dir_and_the_provider_clusters() -> None:
         _stop_metrics(sup, server)
         sup._probes.shutdown()
     assert not os.path.exists(d)
+
+
+def test_up_metrics_server_binds_the_address_it_is_given() -> None:
+    """``up --metrics-address``: e.g. 0.0.0.0 in a container; "localhost" here (loopback)."""
+    from plano_extproc.supervisor import _start_metrics, _stop_metrics
+
+    cfg = load_config_text(seed_config("http://127.0.0.1:1000", "http://127.0.0.1:2000"))
+    sup = Supervisor()
+    server = _start_metrics(sup, cfg, "localhost", 0, 9901)
+    try:
+        assert server.url == f"http://localhost:{server.port}/metrics"
+        with urllib.request.urlopen(server.url, timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        _stop_metrics(sup, server)
+        sup._probes.shutdown()
