@@ -689,9 +689,7 @@ def _start_metrics(
                 f"plano-extproc: port {host}:{port} is already in use (another gateway "
                 f"running?); {METRICS_PORT_ADVICE}"
             ) from None
-        raise SystemExit(
-            f"plano-extproc: cannot serve metrics on {host}:{port}: {e}"
-        ) from None
+        raise SystemExit(f"plano-extproc: cannot serve metrics on {host}:{port}: {e}") from None
     return server.start()
 
 
