@@ -147,7 +147,9 @@ class SseTranslation:
         if not events:
             return b""
         event = self._translator.event
+        # A translator that keeps most events as they are reads their text itself.
+        raw = getattr(self._translator, "raw_events", False)
         out: list[SseOut] = []
         for name, data in events:
-            out += event(name, parse_data(data))
+            out += event(name, data if raw else parse_data(data))
         return encode(out) if out else b""

@@ -797,6 +797,20 @@ def _token_sums(gw: GatewayProcess, model: str) -> dict[str, float]:
     return out
 
 
+def _settled(gw: GatewayProcess, model: str) -> dict[str, float]:
+    """The sums once earlier tests' usage records have arrived (Envoy sends them in batches
+    every 0.5 s): two reads a second apart that agree, bounded."""
+    last = _token_sums(gw, model)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = _token_sums(gw, model)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("usage records kept arriving")
+
+
 @pytest.mark.parametrize(
     ("prompt", "first", "second", "first_fails"),
     [
@@ -825,7 +839,7 @@ def test_chat_stream_without_usage_is_counted_whichever_attempt_serves(
     served = {"an": CLAUDE, "oa": GPT4O, "extra": "openai/gpt-4o-mini"}[
         second if first_fails else first
     ]
-    before = _token_sums(gw, served)
+    before = _settled(gw, served)
     body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": prompt}]}
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as resp:
         assert resp.status_code == 200
