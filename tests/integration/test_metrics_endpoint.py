@@ -28,6 +28,7 @@ import httpx
 import openai
 import pytest
 
+from bench.overhead import children
 from plano_extproc.config import load_config
 from plano_extproc.metrics_server import MULTIPROC_ENV
 from plano_extproc.names import EXTPROC_CLUSTER
@@ -195,19 +196,6 @@ def test_worker_series_of_both_workers_are_summed(gw: GatewayProcess) -> None:
     assert sum(own) == n
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -217,12 +205,12 @@ def _cmdline(pid: int) -> str:
 
 def _workers(gw: GatewayProcess) -> list[int]:
     assert gw.proc is not None
-    return [p for p in _children(gw.proc.pid) if "plano_extproc serve" in _cmdline(p)]
+    return [p for p in children(gw.proc.pid) if "plano_extproc serve" in _cmdline(p)]
 
 
 def _envoy(gw: GatewayProcess) -> int:
     assert gw.proc is not None
-    return next(p for p in _children(gw.proc.pid) if "envoy" in _cmdline(p).split()[0])
+    return next(p for p in children(gw.proc.pid) if "envoy" in _cmdline(p).split()[0])
 
 
 def _multiproc_dir(pid: int) -> str:

@@ -48,15 +48,20 @@ tracing:
         yield g
 
 
+def traced_chat(gw: GatewayProcess, traceparent: str) -> httpx.Response:
+    """The seed config's routed chat request (code_generation -> Claude) under a trace."""
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CODE}]},
+        headers={"traceparent": traceparent, "authorization": "Bearer c"},
+        timeout=30,
+    )
+
+
 def test_spans_carry_route_model_and_the_clients_trace(
     gw: GatewayProcess, collector: FakeCollector, anthropic_fake: FakeProvider
 ) -> None:
-    resp = httpx.post(
-        gw.url + "/v1/chat/completions",
-        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CODE}]},
-        headers={"traceparent": f"00-{TRACE}-b7ad6b7169203331-01", "authorization": "Bearer c"},
-        timeout=30,
-    )
+    resp = traced_chat(gw, f"00-{TRACE}-b7ad6b7169203331-01")
     assert resp.status_code == 200, resp.text
     # The provider sees the same trace, continued by Envoy.
     assert anthropic_fake.last().headers["traceparent"].split("-")[1] == TRACE
@@ -87,15 +92,10 @@ def test_spans_carry_route_model_and_the_clients_trace(
 def test_a_genai_span_with_token_usage_joins_the_trace(
     gw: GatewayProcess, collector: FakeCollector, anthropic_fake: FakeProvider
 ) -> None:
-    """Envoy's span cannot take the usage (known only when the answer ends, to a filter Envoy
-    does not wait for): the worker exports a GenAI child span into the same trace."""
+    """Envoy's span cannot take the usage (known only when the answer ends, after Envoy settled
+    its tags): the worker exports a GenAI child span into the same trace."""
     trace = "5bf92f3577b34da6a3ce929d0e0e4737"
-    resp = httpx.post(
-        gw.url + "/v1/chat/completions",
-        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CODE}]},
-        headers={"traceparent": f"00-{trace}-c7ad6b7169203332-01", "authorization": "Bearer c"},
-        timeout=30,
-    )
+    resp = traced_chat(gw, f"00-{trace}-c7ad6b7169203332-01")
     assert resp.status_code == 200, resp.text
     usage = resp.json()["usage"]
     deadline = time.monotonic() + 20
@@ -109,7 +109,7 @@ def test_a_genai_span_with_token_usage_joins_the_trace(
     assert len(genai) == 1, [s.name for _, s in spans]
     span = genai[0]
     assert span.name == "chat gpt-4o-mini"
-    assert span.parent_span_id in envoy_ids  # Envoy's span of the usage filter's call
+    assert span.parent_span_id in envoy_ids  # the span Envoy forwarded the request under
     attrs = {
         a.key: a.value.int_value if a.value.HasField("int_value") else a.value.string_value
         for a in span.attributes
@@ -134,12 +134,7 @@ def test_an_unsampled_trace_gets_no_genai_span(
     gw: GatewayProcess, collector: FakeCollector
 ) -> None:
     trace = "6bf92f3577b34da6a3ce929d0e0e4738"
-    resp = httpx.post(
-        gw.url + "/v1/chat/completions",
-        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CODE}]},
-        headers={"traceparent": f"00-{trace}-d7ad6b7169203333-00", "authorization": "Bearer c"},
-        timeout=30,
-    )
+    resp = traced_chat(gw, f"00-{trace}-d7ad6b7169203333-00")
     assert resp.status_code == 200
     time.sleep(2.5)  # two export periods of the worker
     assert not [s for _, s in collector.spans_of(trace) if s.name.startswith("chat ")]
