@@ -19,13 +19,7 @@ from plano_extproc.names import TRANSLATE_HEADER
 from plano_extproc.providers import PROVIDERS, ClientApi
 from plano_extproc.rewrite import HeaderPlan, upstream_headers
 from plano_extproc.routing.preferences import INLINE_KEYS
-from plano_extproc.translate import (
-    HIDDEN_USAGE_PAIR,
-    chat_usage,
-    pair_name,
-    provider_api,
-    translator,
-)
+from plano_extproc.translate import pair_name, provider_api, translator
 from plano_extproc.translate.base import PairTranslator
 
 log = logging.getLogger("plano_extproc.gateway")
@@ -72,7 +66,8 @@ def dispatch_api(provider: Provider, client: ClientApi) -> tuple[ClientApi, Pair
 
 def hides_usage(client: ClientApi, values: Mapping[str, Any]) -> bool:
     """A streamed Chat request whose client did not ask for usage: the provider is asked
-    anyway (every stream is counted) and the client's stream loses it again."""
+    anyway (every stream is counted) and Envoy takes it out of the client's stream again
+    (``envoy_config._HIDE_USAGE``)."""
     if client is not ClientApi.CHAT or values.get("stream") is not True:
         return False
     options = values.get("stream_options")
@@ -87,9 +82,6 @@ def usage_asked(values: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}
     }
-
-
-HIDDEN_USAGE = Translation.build(HIDDEN_USAGE_PAIR, chat_usage.CONTEXT)
 
 
 def pair_for(provider: Provider, client: ClientApi) -> tuple[bool, PairTranslator | None]:
@@ -128,8 +120,8 @@ async def native_request(
 ) -> tuple[HeaderPlan, bytes | None]:
     """A native pair: the client's bytes, edited only where a member must change (None:
     unchanged; then content-length is set to ``unchanged_size`` when given). ``ask_usage``:
-    set ``stream_options.include_usage`` (see ``hides_usage``); the response then goes
-    through the response filter, uncompressed."""
+    set ``stream_options.include_usage`` (see ``hides_usage``), and ask for an uncompressed
+    answer (Envoy's Lua filter reads it)."""
     plan = upstream_headers(provider, client, query, headers)
     remove = tuple(k for k in INLINE_KEYS if k in body.values)
     set_values: dict[str, Any] = {}
@@ -138,7 +130,6 @@ async def native_request(
     if ask_usage:
         set_values.update(usage_asked(body.values))
         plan.set.append(("accept-encoding", "identity"))
-        plan.set.append((TRANSLATE_HEADER, "1"))
     new_body: bytes | None = None
     if remove or set_values:
         new_body = body.edited(remove=remove, set_values=set_values)

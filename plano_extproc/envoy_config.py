@@ -33,11 +33,14 @@ from plano_extproc.names import (
     COMPLETION_TOKENS,
     DECISION_METADATA,
     EXTPROC_CLUSTER,
+    HIDE_USAGE_FILTER,
+    HIDE_USAGE_KEY,
     INPUT_CACHED,
     INPUT_TOKENS,
     LOG_ATTEMPTS,
     LOG_BODY_US,
     LOG_CONTENT_TYPE,
+    LOG_DURATION_MS,
     LOG_DURATION_US,
     LOG_REQUEST_ID,
     LOG_STATUS,
@@ -511,7 +514,7 @@ def _routes(config: Config, timeout: str) -> list[dict[str, Any]]:
         }
     ]
     if failover_on(config):
-        routes.extend(_failover_routes(config, timeout))
+        routes.append(_failover_route(config, timeout))
     for p in _one_per_cluster(config):
         routes.extend(_provider_routes(p, config, timeout))
     routes.append(
@@ -677,24 +680,6 @@ def _failover_route(config: Config, timeout: str) -> dict[str, Any]:
         },
         "response_headers_to_add": _decision_headers(),
     }
-
-
-def _failover_routes(config: Config, timeout: str) -> list[dict[str, Any]]:
-    """The failover route, and before it its twin for a Chat stream whose usage the gateway
-    asked for (TRANSLATE_HEADER): that one turns the response filter on, which takes the
-    usage out of the client's stream again, whichever attempt served."""
-    plain = _failover_route(config, timeout)
-    hidden = copy.deepcopy(plain)
-    hidden["name"] = "failover_hidden_usage"
-    hidden["match"]["headers"].append({"name": TRANSLATE_HEADER, "present_match": True})
-    hidden["request_headers_to_remove"] = [TRANSLATE_HEADER]
-    hidden["typed_per_filter_config"] = {
-        RESPONSE_FILTER: {
-            "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {"processing_mode": dict(TRANSLATED_MODES)},
-        }
-    }
-    return [hidden, plain]
 
 
 def failover_on(config: Config) -> bool:
@@ -972,6 +957,67 @@ def _usage_extractors() -> list[dict[str, Any]]:
     ]
 
 
+# A Chat stream whose usage the gateway asked for and the client did not: drop the usage chunk
+# (no choices, a usage object) and the "usage": null member of every other chunk, as the
+# events pass (no round trip to a worker). Events are cut at their blank line; an unfinished
+# event waits for the next chunk (one the stream ends in without a blank line is dropped, as an
+# SSE client drops it). Inside a JSON string quotes are escaped, so the patterns below only
+# match a member name. The extractors read the stream before this (they come after it in the
+# filter chain, and responses run the chain backwards).
+_HIDE_USAGE = f"""
+local function strip(event)
+  if not string.find(event, '"usage"', 1, true) then
+    return event
+  end
+  if string.find(event, '"usage"%s*:%s*{{') and string.find(event, '"choices"%s*:%s*%[%s*%]') then
+    return ""
+  end
+  local out, n = string.gsub(event, ',%s*"usage"%s*:%s*null', '', 1)
+  if n == 0 then
+    out = string.gsub(event, '"usage"%s*:%s*null%s*,', '', 1)
+  end
+  return out
+end
+
+function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get("{DECISION_METADATA}")
+  if meta == nil or meta["{HIDE_USAGE_KEY}"] ~= true then
+    return
+  end
+  local ctype = handle:headers():get("content-type") or ""
+  if not string.find(ctype, "text/event-stream", 1, true) then
+    return
+  end
+  local carry = ""
+  for chunk in handle:bodyChunks() do
+    local data = carry .. chunk:getBytes(0, chunk:length())
+    local parts = {{}}
+    local from = 1
+    while true do
+      local i, j = string.find(data, "\\n\\r?\\n", from)
+      if i == nil then
+        break
+      end
+      parts[#parts + 1] = strip(string.sub(data, from, j))
+      from = j + 1
+    end
+    carry = string.sub(data, from)
+    chunk:setBytes(table.concat(parts))
+  end
+end
+"""
+
+
+def _hide_usage_filter() -> dict[str, Any]:
+    return {
+        "name": HIDE_USAGE_FILTER,
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": _HIDE_USAGE},
+        },
+    }
+
+
 def _usage_log() -> dict[str, Any]:
     """One record per proxied request (the routing stream named a model), sent by Envoy's
     OpenTelemetry access logger to the ext_proc workers in batches (OTLP LogsService/Export):
@@ -994,6 +1040,8 @@ def _usage_log() -> dict[str, Any]:
         LOG_STATUS: "%RESPONSE_CODE%",
         LOG_ATTEMPTS: "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
         LOG_DURATION_US: "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
+        # A client that closes a stream once it has [DONE] can leave DS_TX_END unset.
+        LOG_DURATION_MS: "%DURATION%",
         LOG_BODY_US: "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:us)%",
         LOG_CONTENT_TYPE: "%RESP(CONTENT-TYPE):64%",
         LOG_REQUEST_ID: "%REQ(X-REQUEST-ID):128%",
@@ -1014,13 +1062,11 @@ def _usage_log() -> dict[str, Any]:
         "typed_config": {
             "@type": _T
             + "extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
-            "common_config": {
-                "log_name": USAGE_LOG_NAME,
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-                "transport_api_version": "V3",
-                "buffer_flush_interval": "0.5s",
-                "buffer_size_bytes": 65536,
-            },
+            "log_name": USAGE_LOG_NAME,
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "buffer_flush_interval": "0.5s",
+            "buffer_size_bytes": 65536,
+            "disable_builtin_labels": True,
             "attributes": {
                 "values": [{"key": k, "value": {"string_value": v}} for k, v in values.items()]
             },
@@ -1142,6 +1188,7 @@ def render_bootstrap(
                     },
                 },
             },
+            _hide_usage_filter(),
             *_usage_extractors(),
             _response_filter(),
             {

@@ -31,7 +31,6 @@ from plano_extproc.config import Config, Provider
 from plano_extproc.conversation import extract, is_user_turn, tool_names
 from plano_extproc.cooldown import Cooldowns
 from plano_extproc.dispatch import (
-    HIDDEN_USAGE,
     Translation,
     dispatch_api,
     hides_usage,
@@ -46,7 +45,7 @@ from plano_extproc.failover import MAX_PLAN_CHARS, FailoverPlan
 from plano_extproc.failover import plan as failover_plan
 from plano_extproc.identifiers import header_safe
 from plano_extproc.model_metrics import ModelMetrics
-from plano_extproc.names import ROUTE_HEADER, TRANSLATE_HEADER
+from plano_extproc.names import ROUTE_HEADER
 from plano_extproc.providers import ClientApi
 from plano_extproc.rewrite import HeaderPlan
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
@@ -129,6 +128,8 @@ class Upstream:
     # Two or more models to try in order (the body then keeps the client's API); None: one.
     failover: FailoverPlan | None = None
     api: ClientApi | None = None  # the client's: Envoy's own error replies take its format
+    # The provider was asked for usage the client did not ask for: Envoy hides it again.
+    hide_usage: bool = False
 
     @classmethod
     def of(
@@ -329,13 +330,13 @@ class Gateway:
         assert provider is not None
         target, pair = dispatch_api(provider, info.api)
         translation: Translation | None = None
+        hide_usage = False
         if pair is None:
             hide = hides_usage(info.api, body.values)
             plan, new_body = await native_request(
                 info.api, info.query, info.headers, body, provider, ask_usage=hide
             )
-            if hide:
-                translation = HIDDEN_USAGE
+            hide_usage = hide
         else:
             plan, new_body, translation = await translated_request(
                 info.api, info.query, info.headers, body, provider, target, pair, info.request_id
@@ -347,7 +348,9 @@ class Gateway:
             decision.route,
             translation.pair if translation is not None else None,
         )
-        return Upstream.of(decision, info, provider, plan, new_body, translation=translation)
+        up = Upstream.of(decision, info, provider, plan, new_body, translation=translation)
+        up.hide_usage = hide_usage
+        return up
 
     async def _failover(
         self, info: RequestInfo, body: JsonBody, decision: Decision, fo: FailoverPlan
@@ -360,7 +363,7 @@ class Gateway:
         candidates = fo.candidates
         hp = fo.headers
         # A Chat stream without usage: every attempt asks for it (translated ones emit it), and
-        # the response filter of the failover route takes it out of the client's stream again.
+        # Envoy's Lua filter takes it out of the client's stream again, whoever served.
         hide = hides_usage(info.api, body.values)
         if fo.first_built:
             first = candidates[0]
@@ -382,17 +385,16 @@ class Gateway:
             if new_body is not None:
                 hp.set.append(("content-length", str(len(new_body))))
             if hide:
-                hp.set += [("accept-encoding", "identity"), (TRANSLATE_HEADER, "1")]
+                hp.set.append(("accept-encoding", "identity"))
         log.debug(
             "request_id=%s dispatch models=%s route=%s",
             info.request_id,
             ",".join(c.name for c in candidates),
             decision.route,
         )
-        translation = HIDDEN_USAGE if hide else None
-        return Upstream.of(
-            decision, info, candidates[0], hp, new_body, failover=fo, translation=translation
-        )
+        up = Upstream.of(decision, info, candidates[0], hp, new_body, failover=fo)
+        up.hide_usage = hide
+        return up
 
     def _candidates(
         self,

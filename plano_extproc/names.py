@@ -44,6 +44,10 @@ REQUEST_ID_KEY = "id"  # the request id, for the access log (set only when it is
 # Usage the client's stream does not show ("input,output,cached_input"), set by the stream
 # that hid it, read by Envoy's usage record at the request's end.
 USAGE_KEY = "u"
+# true: the gateway asked a Chat provider for usage the client did not ask for; Envoy's Lua
+# filter HIDE_USAGE_FILTER takes it out of the client's stream again.
+HIDE_USAGE_KEY = "hu"
+HIDE_USAGE_FILTER = "plano.hide_usage"
 FAILURE_PREFIX = "failed_"
 RETRY_AFTER_PREFIX = "retry_after_"
 FAILURE_PREFIXES = (FAILURE_PREFIX, RETRY_AFTER_PREFIX)
@@ -89,6 +93,7 @@ LOG_USAGE = "usage"  # the USAGE_METADATA namespace as JSON ({"prompt_tokens": 3
 LOG_STATUS = "status"
 LOG_ATTEMPTS = "attempts"
 LOG_DURATION_US = "duration_us"  # first request byte to last response byte
+LOG_DURATION_MS = "duration_ms"  # Envoy's %DURATION%: when the last byte's time is unknown
 LOG_BODY_US = "body_us"  # first request byte to the provider's first body byte
 LOG_CONTENT_TYPE = "content_type"
 LOG_REQUEST_ID = "request_id"

@@ -34,6 +34,7 @@ from plano_extproc.names import (
     LOG_ATTEMPTS,
     LOG_BODY_US,
     LOG_CONTENT_TYPE,
+    LOG_DURATION_MS,
     LOG_DURATION_US,
     LOG_REQUEST_ID,
     LOG_STATUS,
@@ -142,6 +143,9 @@ class Observation:
             status=status if status is not None and status <= 999 else 0,
         )
         ex.seconds = _micros(attrs, LOG_DURATION_US)
+        if ex.seconds is None:
+            millis = _count(attrs, LOG_DURATION_MS)
+            ex.seconds = millis / 1000 if millis is not None and millis < 10**9 else None
         if 200 <= ex.status < 300:
             ex.usage = usage_of(api, counters, attrs.get(USAGE_KEY))
             body = _micros(attrs, LOG_BODY_US)

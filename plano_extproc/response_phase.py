@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from plano_extproc.providers import ClientApi
-from plano_extproc.translate import parse_pair, response_translator
+from plano_extproc.translate import parse_pair, translator
 from plano_extproc.translate.base import PairTranslator
 from plano_extproc.translate.errors import client_error
 from plano_extproc.translate.sse import SseTranslation
@@ -111,7 +111,9 @@ class ResponseTranslation:
         if pair is None or not isinstance(context, dict):
             raise ContextError(f"translation context names no known pair: {raw[:200]!r}")
         client, provider = pair
-        return cls(client, provider, response_translator(client, provider), context)
+        found = translator(client, provider)
+        assert found is not None  # parse_pair names only pairs that have a translator
+        return cls(client, provider, found, context)
 
     # ------------------------------------------------------------------ headers
 
@@ -132,9 +134,6 @@ class ResponseTranslation:
             plan.remove.append("content-encoding")
             plan.set.append(("content-type", "application/json"))
             return plan
-        if self.client is self.provider:  # hidden usage: only a stream is rewritten
-            if not (200 <= status < 300 and self._is_sse(headers)):
-                return HeadersPlan(body_mode=None)  # errors and JSON replies: untouched
         if not 200 <= status < 300:
             self.kind = "error"
             plan.body_mode = "buffered"

@@ -29,6 +29,7 @@ from plano_extproc.names import (
     DECISION_METADATA,
     FAILOVER_KEY,
     FAILURE_PREFIXES,
+    HIDE_USAGE_KEY,
     MODEL_KEY,
     PINNED_KEY,
     REQUESTED_KEY,
@@ -100,6 +101,8 @@ def upstream_response(up: Upstream, info: RequestInfo) -> pb.ProcessingResponse:
         decision[REQUESTED_KEY].string_value = header_safe(info.request_model)[:MAX_REQUESTED_CHARS]
     if up.pinned is not None:
         decision[PINNED_KEY].bool_value = up.pinned
+    if up.hide_usage:  # Envoy's Lua filter takes it out of the client's stream again
+        decision[HIDE_USAGE_KEY].bool_value = True
     _rewrite_request(out, up.headers, up.body).clear_route_cache = True
     return out
 

@@ -7,25 +7,13 @@ has no translator (the identity: the body is edited in place and the response is
 from __future__ import annotations
 
 from plano_extproc.providers import PROVIDERS, ClientApi
-from plano_extproc.translate import (
-    chat_messages,
-    chat_usage,
-    messages_chat,
-    responses_chat,
-    responses_messages,
-)
+from plano_extproc.translate import chat_messages, messages_chat, responses_chat, responses_messages
 from plano_extproc.translate.base import PairTranslator
 
 _PAIRS: dict[tuple[ClientApi, ClientApi], PairTranslator] = {
     (m.client, m.provider): m
     for m in (messages_chat, chat_messages, responses_chat, responses_messages)
 }
-# Pairs only the response side knows: a native Chat stream whose usage the gateway asked for
-# and the client did not (the request is the client's own, edited in place).
-_RESPONSE_ONLY: dict[tuple[ClientApi, ClientApi], PairTranslator] = {
-    (ClientApi.CHAT, ClientApi.CHAT): chat_usage,
-}
-HIDDEN_USAGE_PAIR = "chat_completions>chat_completions"
 
 
 def provider_api(interface: str, client: ClientApi) -> ClientApi | None:
@@ -65,9 +53,4 @@ def parse_pair(name: str) -> tuple[ClientApi, ClientApi] | None:
         pair = (ClientApi(client), ClientApi(provider))
     except ValueError:
         return None
-    return pair if sep and (pair in _PAIRS or pair in _RESPONSE_ONLY) else None
-
-
-def response_translator(client: ClientApi, provider: ClientApi) -> PairTranslator:
-    """The response side of a pair ``parse_pair`` accepted (response-only pairs included)."""
-    return _PAIRS.get((client, provider)) or _RESPONSE_ONLY[(client, provider)]
+    return pair if sep and pair in _PAIRS else None

@@ -9,6 +9,7 @@ counters must move by exactly the fake's usage for every client API, native and 
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -302,6 +303,13 @@ def test_chat_stream_without_include_usage_is_counted_and_shows_no_usage(
         sent = json.loads(fakes[fake].last().body)
         assert sent["stream_options"] == {"include_usage": True}
         assert sent["messages"] == body["messages"]
+        # Byte for byte what the provider streams to a client that does not ask for usage
+        # (the same script straight from the fake; only its answer counter differs).
+        fakes[fake].queue(Script(text="hello there", usage=USAGE))
+        direct = {**sent, "stream_options": {"include_usage": False}}
+        plain = httpx.post(fakes[fake].base_url + "/v1/chat/completions", json=direct, timeout=30)
+        renumber = re.compile(r"(chatcmpl-fake|req_fake)\d+")
+        assert renumber.sub("X", raw) == renumber.sub("X", plain.text)
     after = wait_for_requests(gw, total(before, "plano_requests_total", endpoint="proxy"))
     labels = {"client_api": "chat_completions", "gen_ai_response_model": served}
     name = "gen_ai_client_token_usage_sum"

@@ -32,9 +32,7 @@ from plano_extproc.names import (
     EXTPROC_CLUSTER,
     MAX_RETRIES_HEADER,
     MAX_SLOTS,
-    RESPONSE_FILTER,
     ROUTE_HEADER,
-    TRANSLATE_HEADER,
     failover_cluster,
     failure_key,
     first_cluster,
@@ -124,30 +122,14 @@ def action_cluster(on_match: dict[str, Any]) -> str:
 def test_the_failover_route_comes_before_the_provider_routes() -> None:
     rs = routes(render())
     names = [r["name"] for r in rs]
-    assert names[:3] == ["healthz", "failover_hidden_usage", "failover"]
+    assert names[0] == "healthz" and names[1] == "failover"
     providers = [i for i, r in enumerate(rs) if "cluster" in r.get("route", {})]
     assert providers and min(providers) > names.index("failover")
     # Only requests that carry slot 0 take it (the routing ext_proc sets it).
-    assert rs[2]["match"] == {
+    assert rs[1]["match"] == {
         "prefix": "/",
         "headers": [{"name": slot_header(0), "present_match": True}],
     }
-
-
-def test_the_hidden_usage_twin_differs_only_by_the_response_filter() -> None:
-    """A Chat stream whose usage the gateway asked for (TRANSLATE_HEADER) takes the twin: the
-    same retries and slots, plus the response filter that hides the usage again."""
-    rs = routes(render())
-    hidden, plain = rs[1], rs[2]
-    assert hidden["match"]["headers"] == [
-        *plain["match"]["headers"],
-        {"name": TRANSLATE_HEADER, "present_match": True},
-    ]
-    assert hidden["route"] == plain["route"]
-    assert hidden["request_headers_to_remove"] == [TRANSLATE_HEADER]
-    assert set(hidden["typed_per_filter_config"]) == {RESPONSE_FILTER}
-    modes = hidden["typed_per_filter_config"][RESPONSE_FILTER]["overrides"]["processing_mode"]
-    assert modes["response_header_mode"] == "SEND"
 
 
 @pytest.mark.parametrize("attempts", [2, 3, 8])

@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as ls
 
 from plano_extproc.affinity.memory import MemorySessionCache
 from plano_extproc.config import parse_config
-from plano_extproc.dispatch import HIDDEN_USAGE, hides_usage
+from plano_extproc.dispatch import hides_usage
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
 from plano_extproc.names import USAGE_KEYS
@@ -25,7 +25,6 @@ from plano_extproc.server.app import GRPC_OPTIONS
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
 from plano_extproc.server.usage_log import UsageLog
-from plano_extproc.translate.chat_usage import HiddenUsage
 from plano_extproc.usage import Usage
 from tests.fakes import Script, chat_chunks
 from tests.fakes import Usage as FakeUsage
@@ -52,50 +51,6 @@ def test_hides_usage_only_for_chat_streams_that_did_not_ask() -> None:
     assert not hides_usage(chat, {"stream": "yes"})  # the provider refuses it, as sent
     assert not hides_usage(chat, {"stream": True, "stream_options": "x"})
     assert not hides_usage(ClientApi.MESSAGES, {"stream": True})  # always carries usage
-
-
-def test_hidden_usage_drops_the_usage_chunk_and_null_members() -> None:
-    h = HiddenUsage()
-    assert h.event(None, '{"id": "a", "choices": [], "usage": {"prompt_tokens": 1}}') == []
-    # The null member is cut out of the text: everything else byte for byte.
-    assert h.event(None, '{"id": "a",  "choices": [{"index": 0}], "usage" : null}') == [
-        (None, '{"id": "a",  "choices": [{"index": 0}]}')
-    ]
-    assert h.event(None, '{"usage":null,"id":"a","choices":[]}') == [
-        (None, '{"id":"a","choices":[]}')
-    ]
-    # Text that only mentions usage is not a member: untouched.
-    quoted = '{"choices": [{"delta": {"content": "\\"usage\\": null"}}]}'
-    assert h.event(None, quoted) == [(None, quoted)]
-    # A provider that puts usage on the last content chunk: the content stays.
-    last = '{"choices": [{"delta": {"content": "x"}}], "usage": {"prompt_tokens": 1}}'
-    assert h.event(None, last) == [(None, {"choices": [{"delta": {"content": "x"}}]})]
-    assert h.event(None, "[DONE]") == [(None, "[DONE]")]
-    assert h.event(None, "{not json") == [(None, "{not json")]
-    assert h.end() == []
-
-
-@pytest.mark.parametrize("piece", [1, 7, 1 << 20])
-def test_the_client_gets_the_stream_it_would_have_got(piece: int) -> None:
-    """With usage asked for and hidden again, the client gets, byte for byte, the stream the
-    provider sends without include_usage; the usage is kept for the metrics."""
-    rt = ResponseTranslation.from_metadata(HIDDEN_USAGE.metadata)
-    plan = rt.on_headers(200, SSE, False)
-    assert plan.body_mode == "streamed"
-    data = chat_stream(include_usage=True)
-    out = b""
-    for i in range(0, len(data), piece):
-        out += rt.on_chunk(data[i : i + piece], False)
-    out += rt.on_chunk(b"", True)
-    assert out == chat_stream(include_usage=False)
-    assert rt.hidden_usage() == Usage(input=30, output=4, cached_input=8)
-
-
-def test_hidden_usage_leaves_errors_and_json_untouched() -> None:
-    for status, headers in ((429, {"content-type": "application/json"}), (200, {})):
-        rt = ResponseTranslation.from_metadata(HIDDEN_USAGE.metadata)
-        plan = rt.on_headers(status, headers, False)
-        assert (plan.body_mode, plan.remove, plan.set, plan.status) == (None, [], [], None)
 
 
 def test_a_translated_chat_client_without_usage_gets_it_measured() -> None:
@@ -188,6 +143,12 @@ def test_a_huge_counter_is_capped_and_broken_usage_json_is_none() -> None:
     assert ex.usage is not None and ex.usage.input == 1 << 53
     for raw in ("{", "[1]", "-", "x" * 5000):
         assert Observation(record(usage=raw)).exchange.usage is None
+
+
+def test_duration_falls_back_to_envoys_whole_milliseconds() -> None:
+    ex = Observation(record(duration_us="-", duration_ms="250")).exchange
+    assert ex.seconds == 0.25
+    assert Observation(record(duration_us="-", duration_ms="-")).exchange.seconds is None
 
 
 def test_errors_are_not_metered_and_unknown_apis_have_no_usage() -> None:

@@ -132,10 +132,8 @@ def test_provider_api_choice() -> None:
     assert provider_api("amazon_bedrock", ClientApi.CHAT) is None
     assert provider_api("no-such-provider", ClientApi.CHAT) is None
     assert parse_pair("messages>chat_completions") == (ClientApi.MESSAGES, ClientApi.CHAT)
-    # Chat to Chat is native; the pair names only the response side that hides usage.
-    assert parse_pair("chat_completions>chat_completions") == (ClientApi.CHAT, ClientApi.CHAT)
+    assert parse_pair("chat_completions>chat_completions") is None  # native: no pair
     assert translator(ClientApi.CHAT, ClientApi.CHAT) is None
-    assert parse_pair("messages>messages") is None
     assert parse_pair("bogus") is None
 
 
