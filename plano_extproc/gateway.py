@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from plano_extproc.dispatch import (
 from plano_extproc.errors import GatewayError, bad_request, not_found
 from plano_extproc.failover import MAX_PLAN_CHARS, FailoverPlan
 from plano_extproc.failover import plan as failover_plan
-from plano_extproc.identifiers import header_safe
+from plano_extproc.identifiers import header_safe, traceparent
 from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.names import ROUTE_HEADER
 from plano_extproc.providers import ClientApi
@@ -68,7 +67,6 @@ DECISION_PATHS = {
     "/routing/v1/messages": ClientApi.MESSAGES,
     "/routing/v1/responses": ClientApi.RESPONSES,
 }
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 JSON_HEADERS = (("content-type", "application/json"),)
 
 
@@ -142,6 +140,7 @@ class Upstream:
         *,
         translation: Translation | None = None,
         failover: FailoverPlan | None = None,
+        hide_usage: bool = False,
     ) -> Upstream:
         return cls(
             provider=provider,
@@ -154,6 +153,7 @@ class Upstream:
             translation=translation,
             failover=failover,
             api=info.api,
+            hide_usage=hide_usage,
         )
 
 
@@ -185,9 +185,9 @@ class Decision:
 
 
 def trace_id_from(headers: Mapping[str, str]) -> str:
-    m = _TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
-    if m and m.group(1) != "0" * 32:
-        return m.group(1)
+    parsed = traceparent(headers.get("traceparent", ""))
+    if parsed is not None and parsed[0] != "0" * 32:
+        return parsed[0]
     return os.urandom(16).hex()
 
 
@@ -330,13 +330,11 @@ class Gateway:
         assert provider is not None
         target, pair = dispatch_api(provider, info.api)
         translation: Translation | None = None
-        hide_usage = False
+        hide_usage = pair is None and hides_usage(info.api, body.values)
         if pair is None:
-            hide = hides_usage(info.api, body.values)
             plan, new_body = await native_request(
-                info.api, info.query, info.headers, body, provider, ask_usage=hide
+                info.api, info.query, info.headers, body, provider, ask_usage=hide_usage
             )
-            hide_usage = hide
         else:
             plan, new_body, translation = await translated_request(
                 info.api, info.query, info.headers, body, provider, target, pair, info.request_id
@@ -348,9 +346,9 @@ class Gateway:
             decision.route,
             translation.pair if translation is not None else None,
         )
-        up = Upstream.of(decision, info, provider, plan, new_body, translation=translation)
-        up.hide_usage = hide_usage
-        return up
+        return Upstream.of(
+            decision, info, provider, plan, new_body, translation=translation, hide_usage=hide_usage
+        )
 
     async def _failover(
         self, info: RequestInfo, body: JsonBody, decision: Decision, fo: FailoverPlan
@@ -392,9 +390,9 @@ class Gateway:
             ",".join(c.name for c in candidates),
             decision.route,
         )
-        up = Upstream.of(decision, info, candidates[0], hp, new_body, failover=fo)
-        up.hide_usage = hide
-        return up
+        return Upstream.of(
+            decision, info, candidates[0], hp, new_body, failover=fo, hide_usage=hide
+        )
 
     def _candidates(
         self,

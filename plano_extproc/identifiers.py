@@ -20,6 +20,16 @@ MAX_MODEL_ID = 256
 _MODEL_ID = re.compile(r"[\x21-\x7e]+")
 _UNSAFE_HEADER = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]+")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def traceparent(value: str) -> tuple[str, str, int] | None:
+    """A W3C ``traceparent`` header's (trace id, parent span id, flags), or None when it is
+    not one; each reader decides what else it requires (non-zero ids, the sampled flag)."""
+    m = _TRACEPARENT.match(value.strip().lower())
+    if m is None:
+        return None
+    return m.group(1), m.group(2), int(m.group(3), 16)
 
 
 def check_model_id(model_id: str, requested: str) -> str:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 from typing import Any
 
 import grpc
@@ -29,6 +28,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from plano_extproc.identifiers import traceparent
 from plano_extproc.metrics import Exchange
 
 log = logging.getLogger("plano_extproc.spans")
@@ -40,7 +40,6 @@ FLUSH_SECONDS = 1.0
 EXPORT_TIMEOUT_SECONDS = 2.0
 SCOPE = "plano-extproc"
 
-_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 # The bundled OTLP schema may be older (instrumentation_library_spans) or newer (scope_spans):
 # the same field number, so the same bytes on the wire.
 _GROUP_FIELD = (
@@ -51,14 +50,12 @@ _GROUP_FIELD = (
 _OPERATION = {"chat_completions": "chat", "messages": "chat", "responses": "chat"}
 
 
-def parse_traceparent(value: bytes | None) -> tuple[bytes, bytes] | None:
+def parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
     """(trace id, parent span id) of a sampled W3C traceparent, else None."""
-    if not value:
+    parsed = traceparent(value)
+    if parsed is None or not parsed[2] & 1:
         return None
-    m = _TRACEPARENT.match(value.strip().lower())
-    if m is None or not int(m.group(3), 16) & 1:
-        return None
-    trace_id, span_id = bytes.fromhex(m.group(1).decode()), bytes.fromhex(m.group(2).decode())
+    trace_id, span_id = bytes.fromhex(parsed[0]), bytes.fromhex(parsed[1])
     if not any(trace_id) or not any(span_id):
         return None
     return trace_id, span_id

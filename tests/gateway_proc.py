@@ -117,6 +117,19 @@ class GatewayProcess:
         self.stop()
 
 
+def decisions_answered(metrics_text: str) -> int:
+    """The decision requests a worker answered (2xx), from its own /metrics text."""
+    return int(
+        sum(
+            float(line.split()[-1])
+            for line in metrics_text.splitlines()
+            if line.startswith("plano_requests_total{")
+            and 'endpoint="decision"' in line
+            and 'status_class="2xx"' in line
+        )
+    )
+
+
 def assert_envoy_accepts(bootstrap: dict[str, object], tmp_path: Path) -> None:
     """``envoy --mode validate`` on a rendered bootstrap: Envoy itself accepts the config."""
     from plano_extproc.envoy_config import render_yaml

@@ -67,7 +67,7 @@ class UsageLog:
             self.access_log.write(obs.log_line())
         if self.spans is not None:
             # Envoy's traceparent on the forwarded request: its span, and whether it sampled.
-            parent = parse_traceparent(attrs.get(LOG_TRACEPARENT, "").encode("ascii", "replace"))
+            parent = parse_traceparent(attrs.get(LOG_TRACEPARENT, ""))
             if parent is not None:
                 started = rec.time_unix_nano / 1e9 if rec.time_unix_nano else 0.0
                 ended = started + (ex.seconds or 0.0)

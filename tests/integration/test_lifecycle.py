@@ -18,7 +18,7 @@ from plano_extproc.envoy_config import render_bootstrap, render_yaml
 from plano_extproc.supervisor import wait_envoy_ready
 from tests.conftest import seed_config
 from tests.fakes import FakeProvider, free_port
-from tests.gateway_proc import ROOT, GatewayProcess, assert_envoy_accepts
+from tests.gateway_proc import ROOT, GatewayProcess, assert_envoy_accepts, decisions_answered
 
 pytestmark = pytest.mark.integration
 
@@ -181,17 +181,7 @@ def test_two_workers_serve_traffic(
         served = []
         for admin in g.worker_admin:
             text = httpx.get(admin + "/metrics").text
-            served.append(
-                int(
-                    sum(
-                        float(ln.split()[-1])
-                        for ln in text.splitlines()
-                        if ln.startswith("plano_requests_total{")
-                        and 'endpoint="decision"' in ln
-                        and 'status_class="2xx"' in ln
-                    )
-                )
-            )
+            served.append(decisions_answered(text))
         assert len(served) == 2 and sum(served) == 40
         assert all(n > 0 for n in served), served
 

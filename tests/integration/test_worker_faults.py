@@ -24,7 +24,7 @@ from plano_extproc.config import load_config
 from plano_extproc.server.app import start, stop
 from tests.conftest import seed_config
 from tests.fakes import FakeProvider, free_port
-from tests.gateway_proc import ROOT, GatewayProcess
+from tests.gateway_proc import ROOT, GatewayProcess, decisions_answered
 from tests.integration.test_lifecycle import _children, _cmdline, _wait_dead
 
 pytestmark = pytest.mark.integration
@@ -54,15 +54,7 @@ def _served(admin: str) -> int:
         text = httpx.get(admin + "/metrics", timeout=2).text
     except httpx.HTTPError:
         return -1
-    return int(
-        sum(
-            float(ln.split()[-1])
-            for ln in text.splitlines()
-            if ln.startswith("plano_requests_total{")
-            and 'endpoint="decision"' in ln
-            and 'status_class="2xx"' in ln
-        )
-    )
+    return decisions_answered(text)
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
