@@ -319,3 +319,32 @@ def test_chat_stream_without_include_usage_is_counted_and_shows_no_usage(
         for kind in ("input", "output", "cached_input")
     }
     assert moved == {"input": 37, "output": 9, "cached_input": 12}
+
+
+@pytest.mark.parametrize("split", [1, 3, 17])
+def test_hidden_usage_survives_a_stream_cut_anywhere(
+    gw: GatewayProcess, fakes: dict[str, FakeProvider], split: int
+) -> None:
+    """The provider writes its stream in pieces of ``split`` bytes (cuts inside events, lines and
+    UTF-8 characters): Envoy's Lua filter still hands the client the stream the provider sends
+    without include_usage, byte for byte."""
+    text = "héllo wörld 你好"
+    fakes["openai"].queue(Script(text=text, usage=USAGE, split=split, split_utf8=True))
+    body: dict[str, Any] = {
+        "model": "chat-model",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, timeout=30, headers=headers
+    ) as resp:
+        assert resp.status_code == 200
+        raw = resp.read().decode()
+    sent = json.loads(fakes["openai"].last().body)
+    assert sent["stream_options"] == {"include_usage": True}
+    fakes["openai"].queue(Script(text=text, usage=USAGE))
+    direct = {**sent, "stream_options": {"include_usage": False}}
+    plain = httpx.post(fakes["openai"].base_url + "/v1/chat/completions", json=direct, timeout=30)
+    renumber = re.compile(r"(chatcmpl-fake|req_fake)\d+")
+    assert renumber.sub("X", raw) == renumber.sub("X", plain.text)
