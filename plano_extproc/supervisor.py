@@ -44,6 +44,7 @@ from plano_extproc.metrics_server import (
     provider_clusters,
 )
 from plano_extproc.names import EXTPROC_CLUSTER
+from plano_extproc.ratelimit.memory import BUDGET_FILE_ENV
 
 _PR_SET_PDEATHSIG = 1
 
@@ -388,6 +389,12 @@ def start_workers(
         fd, path = tempfile.mkstemp(prefix="plano-cooldowns-")
         os.close(fd)
         os.environ[COOLDOWN_FILE_ENV] = path
+        atexit.register(_unlink_quietly, path)
+    if not os.environ.get(BUDGET_FILE_ENV):
+        # The token budgets every worker maps (plano_extproc.ratelimit.memory), the same way.
+        fd, path = tempfile.mkstemp(prefix="plano-budgets-")
+        os.close(fd)
+        os.environ[BUDGET_FILE_ENV] = path
         atexit.register(_unlink_quietly, path)
     kids = [
         sup.spawn(
