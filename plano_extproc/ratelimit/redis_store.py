@@ -1,0 +1,432 @@
+"""Token budgets in Redis: one budget shared by every worker of every gateway replica.
+
+Key layout: one Redis hash per bucket, ``{key_prefix}{bucket.key}`` (default prefix
+``plano:budget:``), with fields ``u`` (tokens used and not yet refilled) and ``t`` (Redis's
+clock, in seconds, when ``u`` was written). Every write sets the key's expiry to the time the
+bucket takes to refill completely (``used / rate``, in milliseconds rounded up, plus a small
+margin): a full bucket and a missing key mean the same thing, so idle budgets vanish and
+Redis memory stays bounded by the budgets in use.
+
+Why Lua: ``take`` must check every bucket of a group and charge them all, atomically, across
+several keys, and tell every group's wait, in one round trip. A script does that on Redis's
+own clock (``TIME``), so the replicas' clocks never matter. A ``MULTI``/``WATCH`` loop would
+need at least two round trips and would retry under contention, which is exactly when a
+budget is hot. Numbers cross the script boundary as strings (``%.17g``): a Lua number
+returned to Redis is truncated to an integer.
+
+Redis Cluster: a multi-key script needs all its keys in one hash slot. This store talks to
+one Redis node (a standalone server, or the primary behind Sentinel or a proxy); it does not
+route by slot. To run it against a Cluster, give ``key_prefix`` a hash tag (for example
+``plano:budget:{rl}:``): Cluster hashes only the first ``{...}`` of a key, which is then in
+the prefix, so every budget lands in one slot whatever braces a bucket key holds. The cost is
+that all budgets live on one shard; they are small and short-lived, so that is the choice.
+
+Failures: Redis down, slow or refusing scripts never fails or slows a request beyond the
+short timeouts. The call is served by ``fallback`` (an in-process store), a circuit breaker
+then skips Redis, and a background probe (the ``take`` script with no buckets, so a server
+that forbids scripting stays skipped) sends calls back to Redis once it answers, without a
+restart. Nothing raises to the caller; failures are counted in ``health()``.
+
+What was counted in the fallback during an outage is not merged back into Redis: Redis holds
+the shared truth, and the other replicas may also have served the same clients from their
+own fallbacks in that time, so adding the local counts would charge those tokens twice (and
+a charge whose reply was lost to a timeout may already be in Redis). The outage is bounded;
+a budget is at worst overspent by what the replicas admitted locally during it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from plano_extproc.affinity.redis_cache import _is_outage, _scripting_forbidden, mask_url
+from plano_extproc.ratelimit.budget import Bucket, BudgetStore, Verdict
+
+log = logging.getLogger("plano_extproc.ratelimit")
+
+# Added to every key's expiry: the key outlives the moment its bucket is full by this much,
+# so rounding never drops a bucket that still has tokens in use.
+_TTL_MARGIN_MS = 100
+# Per-command errors (not outages) are logged at most this often.
+_ERROR_LOG_INTERVAL = 60.0
+
+# Shared by both scripts: read a bucket's ``used`` drained to ``now``, and write one back.
+_LUA_COMMON = """
+local function fmt(x)
+  if x == math.huge then return 'inf' end
+  return string.format('%.17g', x)
+end
+local function load(key, rate, now)
+  local h = redis.call('HMGET', key, 'u', 't')
+  local u = tonumber(h[1]) or 0
+  if u <= 0 then return 0 end
+  local el = now - (tonumber(h[2]) or now)
+  if el < 0 then el = 0 end
+  u = u - rate * el
+  if u < 0 then u = 0 end
+  return u
+end
+local function store(key, used, rate, now, margin)
+  if used <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'u', fmt(used), 't', fmt(now))
+  if rate > 0 then
+    redis.call('PEXPIRE', key, math.ceil(used / rate * 1000) + margin)
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# budget.take on Redis. KEYS: the distinct bucket keys. ARGV: cost, expiry margin (ms),
+# number of groups, one drain rate per key, then per group its size followed by one
+# (key index 1-based, capacity, rate) triple per bucket.
+# Reply: {charged group index (0-based, -1: none), wait of group 1, ...}; waits as strings
+# ('%.17g', 'inf' for a cost above a capacity).
+_TAKE_LUA = (
+    _LUA_COMMON
+    + """
+local cost = tonumber(ARGV[1])
+local margin = tonumber(ARGV[2])
+local ngroups = tonumber(ARGV[3])
+local nkeys = #KEYS
+local rate, used, dirty = {}, {}, {}
+for k = 1, nkeys do
+  rate[k] = tonumber(ARGV[3 + k])
+  used[k] = load(KEYS[k], rate[k], now)
+end
+local pos = 4 + nkeys
+local taken = -1
+local out = {}
+for g = 1, ngroups do
+  local n = tonumber(ARGV[pos])
+  pos = pos + 1
+  local first = pos
+  local longest = 0
+  for j = 1, n do
+    local k = tonumber(ARGV[pos])
+    local cap = tonumber(ARGV[pos + 1])
+    local r = tonumber(ARGV[pos + 2])
+    pos = pos + 3
+    local w = 0
+    if cost > cap then
+      w = math.huge
+    else
+      local over = used[k] + cost - cap
+      if over > 0 then w = over / r end
+    end
+    if w > longest then longest = w end
+  end
+  if taken < 0 and longest == 0 then
+    taken = g - 1
+    for j = 0, n - 1 do
+      local k = tonumber(ARGV[first + 3 * j])
+      used[k] = used[k] + cost
+      dirty[k] = true
+    end
+  end
+  out[g + 1] = fmt(longest)
+end
+out[1] = taken
+for k = 1, nkeys do
+  if dirty[k] then store(KEYS[k], used[k], rate[k], now, margin) end
+end
+return out
+"""
+)
+
+# adjust: KEYS: one per bucket (in order, repeats allowed: each counts, as in ``take``).
+# ARGV: delta, expiry margin (ms), then one rate per key. Reply: the number of buckets.
+_ADJUST_LUA = (
+    _LUA_COMMON
+    + """
+local delta = tonumber(ARGV[1])
+local margin = tonumber(ARGV[2])
+local used, rate, seen = {}, {}, {}
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  if seen[key] == nil then
+    seen[key] = k
+    rate[k] = tonumber(ARGV[2 + k])
+    used[k] = load(key, rate[k], now)
+  end
+  local i = seen[key]
+  used[i] = used[i] + delta
+  if used[i] < 0 then used[i] = 0 end
+end
+for k = 1, #KEYS do
+  if seen[KEYS[k]] == k then store(KEYS[k], used[k], rate[k], now, margin) end
+end
+return #KEYS
+"""
+)
+
+
+def _num(x: float) -> str:
+    """A float as Lua's ``tonumber`` reads it back exactly (``repr`` is shortest-exact)."""
+    x = float(x)
+    if math.isfinite(x):
+        return repr(x)
+    if math.isnan(x):
+        raise ValueError("NaN in a budget")
+    return "1e999" if x > 0 else "-1e999"  # strtod overflows to +-inf
+
+
+def _wait(raw: Any) -> float:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return float(text)  # 'inf' included
+
+
+class RedisBudgets:
+    """``BudgetStore`` in Redis; see the module docstring. ``start()`` must be awaited first:
+    until Redis has answered, calls are served by ``fallback``."""
+
+    def __init__(
+        self,
+        url: str,
+        fallback: BudgetStore,
+        *,
+        connect_timeout: float = 0.25,
+        op_timeout: float = 0.25,
+        retry_interval: float = 1.0,
+        key_prefix: str = "plano:budget:",
+        max_connections: int = 64,
+        ca_file: str | None = None,
+    ) -> None:
+        """Build the client; raises ``ValueError`` for an unusable URL (a config error)."""
+        self._fallback = fallback
+        self._masked_url = mask_url(url)
+        # Whole-call bound: a connect, then EVALSHA, and after a Redis restart NOSCRIPT
+        # followed by SCRIPT LOAD and EVALSHA again.
+        self._call_timeout = connect_timeout + 3 * op_timeout
+        self._retry_interval = retry_interval
+        self._prefix = key_prefix
+        tls: dict[str, Any] = {}
+        if url.startswith("rediss://") and ca_file and "ssl_ca_certs=" not in url:
+            tls["ssl_ca_certs"] = ca_file
+        # No client-side retries: the breaker handles failures (redis-py's default retries
+        # with backoff would add seconds to a request).
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=op_timeout,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=op_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            **tls,
+        )
+        self._client = Redis(connection_pool=self._pool)
+        self._take_script = self._client.register_script(_TAKE_LUA)
+        self._adjust_script = self._client.register_script(_ADJUST_LUA)
+        self._healthy = False
+        self._closed = False
+        self._probe_task: asyncio.Task[None] | None = None
+        self._errors = 0
+        self._fallbacks = 0
+        self._adjust_fallbacks = 0
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._last_logged_error = 0.0
+        self._scripting_refused = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check Redis once; if it does not answer, log and keep probing in the background."""
+        self._closed = False
+        try:
+            await self._ping()
+        except Exception as exc:
+            self._record_error(exc)
+            self._scripting_refused = isinstance(exc, ResponseError) and _scripting_forbidden(exc)
+            log.warning(
+                "rate limits: Redis at %s unusable at start (%s); budgets are per gateway "
+                "until it answers",
+                self._masked_url,
+                self._last_error,
+            )
+            self._trip()
+            return
+        self._healthy = True
+        log.info("rate limits: budgets in Redis at %s", self._masked_url)
+
+    async def close(self) -> None:
+        self._closed = True
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect()
+
+    # -- BudgetStore -------------------------------------------------------------------
+
+    async def take(self, groups: Sequence[Sequence[Bucket]], cost: float) -> Verdict:
+        if not cost >= 0.0:  # also NaN: a caller's bug, not a Redis failure
+            raise ValueError(f"cost must be a number >= 0, not {cost!r}")
+        if not groups:
+            return Verdict(None, ())
+        if self._healthy:
+            try:
+                keys, args = self._take_args(groups, cost)
+                async with asyncio.timeout(self._call_timeout):
+                    reply = await self._take_script(keys=keys, args=args)
+                return self._verdict(reply, len(groups))
+            except Exception as exc:
+                self._fail(exc, "take")
+        self._fallbacks += 1
+        return await self._fallback.take(groups, cost)
+
+    async def adjust(self, buckets: Sequence[Bucket], delta: float) -> None:
+        if not buckets or delta == 0 or not math.isfinite(delta):
+            return  # a usage report that is not a number changes nothing
+        if self._healthy:
+            try:
+                keys = [self._prefix + b.key for b in buckets]
+                args: list[str | int] = [_num(delta), _TTL_MARGIN_MS]
+                args += [_num(b.rate) for b in buckets]
+                async with asyncio.timeout(self._call_timeout):
+                    await self._adjust_script(keys=keys, args=args)
+                return
+            except Exception as exc:
+                self._fail(exc, "adjust")
+        # Most likely the charge being corrected was taken from the fallback too.
+        self._adjust_fallbacks += 1
+        await self._fallback.adjust(buckets, delta)
+
+    def _take_args(
+        self, groups: Sequence[Sequence[Bucket]], cost: float
+    ) -> tuple[list[str], list[str | int]]:
+        index: dict[str, int] = {}
+        keys: list[str] = []
+        rates: list[str] = []
+        layout: list[str | int] = []
+        for group in groups:
+            layout.append(len(group))
+            for b in group:
+                i = index.get(b.key)
+                if i is None:
+                    keys.append(self._prefix + b.key)
+                    rates.append(_num(b.rate))  # a key drains at its first bucket's rate
+                    i = index[b.key] = len(keys)
+                layout += [i, _num(b.capacity), _num(b.rate)]
+        args: list[str | int] = [_num(cost), _TTL_MARGIN_MS, len(groups), *rates, *layout]
+        return keys, args
+
+    @staticmethod
+    def _verdict(reply: Any, ngroups: int) -> Verdict:
+        if not isinstance(reply, list) or len(reply) != ngroups + 1:
+            raise ValueError(f"unexpected reply from the take script: {reply!r}")
+        taken = int(reply[0])
+        waits = tuple(_wait(w) for w in reply[1:])
+        return Verdict(None if taken < 0 else taken, waits)
+
+    async def _ping(self) -> None:
+        """The take script with no buckets: Redis answers and lets this client script."""
+        async with asyncio.timeout(self._call_timeout):
+            await self._take_script(keys=[], args=["0", _TTL_MARGIN_MS, 0])
+
+    # -- failure handling --------------------------------------------------------------
+
+    def _record_error(self, exc: BaseException) -> None:
+        self._errors += 1
+        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._last_error_at = time.time()
+
+    def _fail(self, exc: BaseException, op: str) -> None:
+        """Count ``exc``; trip the breaker if Redis as a whole is unusable."""
+        self._record_error(exc)
+        forbidden = isinstance(exc, ResponseError) and _scripting_forbidden(exc)
+        if forbidden or _is_outage(exc):
+            self._scripting_refused = forbidden
+            if self._healthy:  # once per outage
+                log.warning(
+                    "rate limits: Redis %s failed (%s); budgets are per gateway, retrying "
+                    "Redis every %.1fs",
+                    op,
+                    self._last_error,
+                    self._retry_interval,
+                )
+            self._trip()
+            return
+        # One call's error (a foreign value under a budget key, a bad number): serve this
+        # call from the fallback and keep using Redis.
+        now = time.monotonic()
+        if now - self._last_logged_error >= _ERROR_LOG_INTERVAL:
+            self._last_logged_error = now
+            log.warning("rate limits: Redis %s error: %s", op, self._last_error)
+
+    def _trip(self) -> None:
+        """Open the breaker: calls use the fallback until the background probe succeeds."""
+        self._healthy = False
+        if self._closed:
+            return
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.create_task(self._probe_loop(), name="ratelimit-redis-probe")
+
+    async def _probe_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._retry_interval)
+            # Drop sockets from before the outage so the calls after it use fresh ones.
+            with contextlib.suppress(Exception):
+                await self._pool.disconnect(inuse_connections=False)
+            try:
+                await self._ping()
+            except Exception as exc:
+                # Not counted in ``errors`` (that counts failed calls); keep the reason.
+                self._last_error = (
+                    f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                )
+                self._last_error_at = time.time()
+                log.debug("rate limits: Redis probe failed: %s", self._last_error)
+                continue
+            self._healthy = True
+            self._scripting_refused = False
+            log.warning("rate limits: Redis at %s usable again; budgets shared", self._masked_url)
+            return
+
+    # -- observability -----------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def fallbacks(self) -> int:
+        """``take`` calls served by the fallback because Redis was unusable."""
+        return self._fallbacks
+
+    @property
+    def errors(self) -> int:
+        """Calls to Redis that failed (the probe's failures are not counted)."""
+        return self._errors
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "backend": "redis",
+            "healthy": self._healthy,
+            "errors": self._errors,
+            "fallbacks": self._fallbacks,
+            "adjust_fallbacks": self._adjust_fallbacks,
+            "scripting_refused": self._scripting_refused,
+            "last_error": self._last_error,
+            "last_error_at": self._last_error_at,
+            "url": self._masked_url,
+            "key_prefix": self._prefix,
+        }

@@ -1,0 +1,344 @@
+"""RedisBudgets on a real redis-server: one budget for every replica, refill on Redis's clock,
+adjust, key expiry, and outages (served by the in-process fallback, healed without restart).
+
+No wall-clock asserts: calls are wrapped in a generous ``wait_for`` so a hang fails the test,
+and waiting for refill or recovery polls a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from plano_extproc.ratelimit.budget import Bucket, Verdict
+from plano_extproc.ratelimit.memory import SharedBudgets
+from plano_extproc.ratelimit.redis_store import RedisBudgets
+from tests.redis_server import RedisServer, RedisServerError, find_redis_server, free_port
+
+pytestmark = pytest.mark.integration
+
+CALL_LIMIT = 5.0  # far above the ~1 s worst case of one call; only catches hangs
+PREFIX = "plano:budget:"
+SLOW = 0.001  # tokens per second: no visible refill during a test
+
+
+def _binary() -> str:
+    try:
+        return find_redis_server()
+    except RedisServerError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(binary=_binary())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def admin(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _store(url: str, **kw: float) -> RedisBudgets:
+    # Generous timeouts: these tests check behaviour, not latency, on a possibly busy machine.
+    opts: dict[str, float] = {"connect_timeout": 1.0, "op_timeout": 1.0, "retry_interval": 0.1}
+    opts.update(kw)
+    return RedisBudgets(url, SharedBudgets(), **opts)
+
+
+@pytest.fixture
+async def pair(redis_server: RedisServer) -> AsyncIterator[tuple[RedisBudgets, RedisBudgets]]:
+    """Two stores on one Redis, each with its own fallback: two gateway replicas."""
+    a, b = _store(redis_server.url), _store(redis_server.url)
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def take(store: RedisBudgets, groups: list[list[Bucket]], cost: float) -> Verdict:
+    return await asyncio.wait_for(store.take(groups, cost), CALL_LIMIT)
+
+
+async def wait_healthy(store: RedisBudgets, healthy: bool = True, rounds: int = 150) -> None:
+    """Poll for at most rounds x 0.05 s."""
+    for _ in range(rounds):
+        if store.healthy is healthy:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"store never became healthy={healthy}: {store.health()}")
+
+
+async def test_two_stores_enforce_one_budget(pair: tuple[RedisBudgets, RedisBudgets]) -> None:
+    a, b = pair
+    bucket = Bucket("lim1:tenant", capacity=10, rate=SLOW)
+    admitted = 0
+    for i in range(10):
+        v = await take(a if i % 2 else b, [[bucket]], 1)
+        assert v == Verdict(0, (0.0,))
+        admitted += 1
+    assert admitted == 10
+    for store in (a, b):
+        v = await take(store, [[bucket]], 1)
+        assert v.taken is None
+        assert 0.0 < v.waits[0] < math.inf
+    # A routed request: the first candidate is spent, the second takes it; the wait of the
+    # first is told, and the second's wait (0) is the one it was charged at.
+    other = Bucket("lim2:tenant", capacity=5, rate=SLOW)
+    v = await take(a, [[bucket], [other]], 5)
+    assert v.taken == 1 and v.waits[0] > 0.0 and v.waits[1] == 0.0
+    v = await take(b, [[other]], 1)
+    assert v.taken is None  # b sees what a charged
+    assert a.fallbacks == b.fallbacks == 0 and a.errors == b.errors == 0
+    assert a.healthy and b.healthy
+
+
+async def test_concurrent_takes_admit_exactly_the_budget(
+    pair: tuple[RedisBudgets, RedisBudgets],
+) -> None:
+    a, b = pair
+    bucket = Bucket("burst", capacity=20, rate=SLOW)
+    calls = [take(a if i % 2 else b, [[bucket]], 1) for i in range(60)]
+    verdicts = await asyncio.gather(*calls)
+    assert sum(v.taken == 0 for v in verdicts) == 20
+    assert a.fallbacks == b.fallbacks == 0
+
+
+async def test_a_group_is_charged_all_or_nothing(pair: tuple[RedisBudgets, RedisBudgets]) -> None:
+    a, b = pair
+    model = Bucket("model", capacity=100, rate=SLOW)
+    tenant = Bucket("tenant", capacity=3, rate=SLOW)
+    assert (await take(a, [[model, tenant]], 3)).taken == 0
+    v = await take(b, [[model, tenant]], 1)
+    assert v.taken is None and v.waits[0] > 0.0
+    # The refused group charged nothing: the model bucket still holds 97.
+    assert (await take(b, [[model]], 97)).taken == 0
+    assert (await take(a, [[model]], 1)).taken is None
+
+
+async def test_cost_above_capacity_waits_forever(pair: tuple[RedisBudgets, RedisBudgets]) -> None:
+    a, _ = pair
+    small = Bucket("small", capacity=10, rate=1)
+    big = Bucket("big", capacity=1000, rate=1)
+    v = await take(a, [[small]], 11)
+    assert v == Verdict(None, (math.inf,))
+    v = await take(a, [[small], [big]], 11)
+    assert v == Verdict(1, (math.inf, 0.0))
+
+
+async def test_budget_refills_on_redis_clock(pair: tuple[RedisBudgets, RedisBudgets]) -> None:
+    a, b = pair
+    bucket = Bucket("refill", capacity=2, rate=2)  # full again within a second
+    assert (await take(a, [[bucket]], 2)).taken == 0
+    v = await take(b, [[bucket]], 2)
+    assert v.taken is None
+    assert 0.0 < v.waits[0] <= 1.0
+    for _ in range(20):
+        await asyncio.sleep(v.waits[0] + 0.05)
+        v = await take(b, [[bucket]], 2)
+        if v.taken == 0:
+            break
+    assert v.taken == 0
+
+
+async def test_partial_refill_is_credited(
+    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+) -> None:
+    a, b = pair
+    bucket = Bucket("partial", capacity=10, rate=10)  # the key lives 1.1 s after this take
+    assert (await take(a, [[bucket]], 10)).taken == 0
+    await asyncio.sleep(0.3)  # at least 3 tokens back, long before the key expires
+    assert (await take(b, [[bucket]], 1)).taken == 0
+    assert float(admin.hget(PREFIX + "partial", "u") or 0) < 10
+
+
+async def test_adjust_charges_and_refunds(
+    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+) -> None:
+    a, b = pair
+    bucket = Bucket("adj", capacity=10, rate=SLOW)
+    assert (await take(a, [[bucket]], 5)).taken == 0
+    await asyncio.wait_for(b.adjust([bucket], 10), CALL_LIMIT)  # the reply was larger: debt
+    v = await take(a, [[bucket]], 1)
+    assert v.taken is None and v.waits[0] > 0.0
+    assert float(admin.hget(PREFIX + "adj", "u") or 0) == pytest.approx(15, abs=0.01)
+    await asyncio.wait_for(a.adjust([bucket], -12), CALL_LIMIT)
+    assert (await take(b, [[bucket]], 7)).taken == 0
+    assert (await take(b, [[bucket]], 1)).taken is None
+    await asyncio.wait_for(a.adjust([bucket], -100), CALL_LIMIT)  # floored at 0, key gone
+    assert admin.exists(PREFIX + "adj") == 0
+    assert (await take(a, [[bucket]], 10)).taken == 0
+    assert (await take(a, [[bucket]], 1)).taken is None
+    assert a.errors == b.errors == 0
+
+
+async def test_keys_expire_when_drained(
+    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+) -> None:
+    a, _ = pair
+    slow = Bucket("slow", capacity=100, rate=SLOW)
+    fast = Bucket("fast", capacity=4, rate=8)  # full again in 0.5 s
+    assert (await take(a, [[slow, fast]], 4)).taken == 0
+    assert set(admin.hkeys(PREFIX + "fast")) == {b"u", b"t"}
+    assert 0 < admin.pttl(PREFIX + "fast") <= 500 + 100
+    # 4 tokens at 0.001/s: 4000 s.
+    assert 3_900_000 < admin.pttl(PREFIX + "slow") <= 4_000_000 + 100
+    for _ in range(100):
+        if admin.exists(PREFIX + "fast") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert admin.exists(PREFIX + "fast") == 0
+    assert admin.exists(PREFIX + "slow") == 1
+
+
+async def test_hostile_key_is_just_a_key(
+    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+) -> None:
+    a, b = pair
+    key = "x" * 20000 + "\r\n*3\r\n$3\r\nDEL\r\n{tag}}{" + "é🦀\x00 ' \" -- ]]" + "\n"
+    bucket = Bucket(key, capacity=3, rate=SLOW)
+    assert (await take(a, [[bucket]], 2)).taken == 0
+    assert (await take(b, [[bucket]], 2)).taken is None
+    assert (await take(b, [[bucket]], 1)).taken == 0
+    assert admin.exists((PREFIX + key).encode()) == 1
+    assert admin.dbsize() == 1
+    assert a.errors == b.errors == 0
+
+
+async def test_redis_killed_mid_run_falls_back_then_heals(redis_server: RedisServer) -> None:
+    a, b = _store(redis_server.url), _store(redis_server.url)
+    await a.start()
+    await b.start()
+    try:
+        bucket = Bucket("outage", capacity=4, rate=SLOW)
+        assert (await take(a, [[bucket]], 4)).taken == 0
+        assert (await take(b, [[bucket]], 1)).taken is None
+
+        redis_server.kill()
+        # Served by a's own fallback (an empty in-process budget): no exception, and the
+        # budget is per gateway for the outage.
+        for _ in range(4):
+            v = await take(a, [[bucket]], 1)
+            assert v == Verdict(0, (0.0,))
+        assert (await take(a, [[bucket]], 1)).taken is None
+        await asyncio.wait_for(a.adjust([bucket], -1), CALL_LIMIT)  # no exception either
+        assert a.healthy is False
+        assert a.fallbacks == 5
+        assert 1 <= a.errors <= 2  # only the call that met the outage went to Redis
+        h = a.health()
+        assert h["healthy"] is False and h["fallbacks"] == 5 and h["last_error"]
+
+        redis_server.restart()  # same port, empty data set
+        await wait_healthy(a)
+        errors = a.errors
+        # Enforcement is back on Redis: what a charges, b is refused (b may still meet its
+        # stale socket once, which its fallback answers; the next call is on Redis again).
+        assert (await take(a, [[bucket]], 4)).taken == 0
+        await take(b, [[bucket]], 0)
+        await wait_healthy(b)
+        v = await take(b, [[bucket]], 1)
+        assert v.taken is None and v.waits[0] > 0.0
+        assert a.fallbacks == 5 and a.errors == errors
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_down_at_start_then_heals() -> None:
+    server = RedisServer(binary=_binary(), port=free_port())
+    store = _store(server.url)
+    try:
+        await asyncio.wait_for(store.start(), CALL_LIMIT)  # must not raise
+        assert store.healthy is False and store.errors == 1
+        bucket = Bucket("k", capacity=1, rate=SLOW)
+        assert (await take(store, [[bucket]], 1)).taken == 0
+        assert (await take(store, [[bucket]], 1)).taken is None
+        assert store.fallbacks == 2 and store.errors == 1  # the breaker skipped Redis
+
+        server.start()
+        await wait_healthy(store)
+        assert (await take(store, [[bucket]], 1)).taken == 0  # Redis: a fresh budget
+        assert store.fallbacks == 2
+        with redis.Redis.from_url(server.url, socket_timeout=5) as admin:
+            assert admin.exists(PREFIX + "k") == 1
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_paused_redis_is_bounded_by_timeouts(redis_server: RedisServer) -> None:
+    """A server that accepts but never answers (SIGSTOP) must not hang calls."""
+    store = _store(redis_server.url, connect_timeout=0.2, op_timeout=0.1)
+    await store.start()
+    proc = redis_server._proc
+    assert proc is not None
+    bucket = Bucket("paused", capacity=5, rate=SLOW)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert (await take(store, [[bucket]], 1)).taken == 0
+        assert (await take(store, [[bucket]], 1)).taken == 0
+        assert store.healthy is False and store.errors == 1 and store.fallbacks == 2
+        assert "Timeout" in (store.health()["last_error"] or "")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    try:
+        await wait_healthy(store)
+        # The timed-out call may still have been run once Redis resumed (its charge is then
+        # in Redis: a reply lost, not a command): 4 fit either way.
+        assert (await take(store, [[bucket]], 4)).taken == 0
+    finally:
+        await store.close()
+
+
+async def test_scripting_forbidden_uses_fallback_and_stays_off_redis() -> None:
+    acl = "plano on >s3cret ~* &* +@all -@scripting".split()
+    server = RedisServer(binary=_binary(), extra_args=["--user", *acl])
+    server.start()
+    url = f"redis://plano:s3cret@127.0.0.1:{server.port}/0"
+    store = _store(url)
+    try:
+        await store.start()  # the start check runs the script: refused
+        bucket = Bucket("noscript", capacity=2, rate=SLOW)
+        assert (await take(store, [[bucket]], 2)).taken == 0
+        assert (await take(store, [[bucket]], 1)).taken is None
+        await asyncio.sleep(0.3)  # a few probe rounds: PING would answer, the script does not
+        h = store.health()
+        assert h["healthy"] is False and h["fallbacks"] == 2 and h["scripting_refused"]
+        assert "permission" in (h["last_error"] or "")
+        assert "s3cret" not in repr(h) and "***" in h["url"]
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_close_stops_probe_task() -> None:
+    store = _store(f"redis://127.0.0.1:{free_port()}/0", retry_interval=0.05)
+    await store.start()
+    assert store._probe_task is not None
+    await store.close()
+    assert store._probe_task is None
+
+
+def test_health_masks_password() -> None:
+    store = RedisBudgets("redis://:hunter2@127.0.0.1:1/0", SharedBudgets())
+    h = store.health()
+    assert "hunter2" not in repr(h)
+    assert h["backend"] == "redis" and h["healthy"] is False
