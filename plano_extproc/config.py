@@ -147,6 +147,22 @@ class RawRouter(_Strict):
     threads: int = Field(default=2, ge=1, le=64)  # embedded: onnxruntime intra-op threads
 
 
+class RawSelector(_Strict):
+    key: str = Field(min_length=1)
+    value: str | None = None  # "*" or absent: one budget per distinct value of the header
+
+
+class RawLimit(_Strict):
+    tokens: int = Field(ge=1, le=10**12)
+    unit: Literal["second", "minute", "hour", "day"]
+
+
+class RawRateLimit(_Strict):
+    model: str = Field(min_length=1)
+    selector: RawSelector
+    limit: RawLimit
+
+
 class RawFailover(_Strict):
     """plano-extproc extension: failover across a routed request's models (on by default)."""
 
@@ -224,7 +240,7 @@ class RawConfig(_Strict):
     prompt_targets: Any = None
     system_prompt: Any = None
     prompt_guards: Any = None
-    ratelimits: Any = None
+    ratelimits: list[RawRateLimit] | None = None
     state_storage: Any = None
     mode: Any = None
 
@@ -334,6 +350,33 @@ class FailoverConfig:
         return status in self.on_status
 
 
+UNIT_SECONDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+# A header name (RFC 9110 token), lower-cased; pseudo-headers (":path") are not selectors.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """One ``ratelimits`` entry: ``tokens`` per ``unit`` for the requests ``models`` serve
+    that carry header ``header`` (with ``value``; None: one budget per distinct value)."""
+
+    model: str  # as written
+    models: tuple[str, ...]  # the configured model names it applies to (Provider.name)
+    header: str  # lower-case
+    value: str | None
+    tokens: int
+    unit: str
+
+    @property
+    def window_seconds(self) -> float:
+        return UNIT_SECONDS[self.unit]
+
+    @property
+    def label(self) -> str:
+        """How logs, errors and metrics name the limit (configured text only)."""
+        return f"{self.model} {self.header}={'*' if self.value is None else self.value}"
+
+
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     type: Literal["embedded", "orchestrator", "none"] = "embedded"
@@ -421,6 +464,7 @@ class Config:
     route_on_user_only: bool = False
     tracing: TracingConfig | None = None
     failover: FailoverConfig = field(default_factory=FailoverConfig)
+    ratelimits: tuple[RateLimitConfig, ...] = ()
 
     @property
     def default_provider(self) -> Provider | None:
@@ -875,6 +919,7 @@ def _normalise(
         overrides.upstream_connect_timeout, "overrides.upstream_connect_timeout", problems, 5.0
     )
     failover = _failover(routing.failover, listener, problems)
+    ratelimits = _ratelimits(raw, providers, aliases, problems)
     for w in warnings:
         log.warning("%s", w)
     if problems:
@@ -894,7 +939,72 @@ def _normalise(
         route_on_user_only=routing.route_on_user_only,
         tracing=tracing,
         failover=failover,
+        ratelimits=ratelimits,
     )
+
+
+def _ratelimits(
+    raw: RawConfig,
+    providers: list[Provider],
+    aliases: Mapping[str, str],
+    problems: list[str],
+) -> tuple[RateLimitConfig, ...]:
+    """Plano's ``ratelimits``, each tied to the configured models it names: a model name,
+    its ``provider/model`` or bare id, an alias, or a name a ``provider/*`` entry serves."""
+    out: list[RateLimitConfig] = []
+    seen: dict[tuple[tuple[str, ...], str, str | None], int] = {}
+    wild = {canonical_provider(p.model.split("/", 1)[0]) for p in providers if p.wildcard}
+    for i, rl in enumerate(raw.ratelimits or []):
+        at = f"ratelimits[{i}]"
+        target = aliases.get(rl.model, rl.model)
+        models = tuple(
+            dict.fromkeys(
+                p.name
+                for p in providers
+                if not p.wildcard and target in (p.name, p.model, p.model_id)
+            )
+        )
+        if not models and "/" in target:
+            prefix, model_id = target.split("/", 1)
+            if canonical_provider(prefix) in wild and model_id and model_id != "*":
+                models = (target,)
+        if not models:
+            names = ", ".join(p.name for p in providers) or "none"
+            problems.append(
+                f"{at}.model: {rl.model!r} is not a configured model (configured: {names})"
+            )
+            continue
+        header = rl.selector.key.strip().lower()
+        if not _HEADER_NAME.match(header):
+            problems.append(f"{at}.selector.key: {rl.selector.key!r} is not an HTTP header name")
+            continue
+        value = rl.selector.value
+        if value == "*":
+            value = None
+        elif value is not None and (not value or value != value.strip() or len(value) > 1024):
+            problems.append(
+                f"{at}.selector.value: give the header's exact value (no surrounding spaces, "
+                "at most 1024 characters), or '*' for one budget per distinct value"
+            )
+            continue
+        twin = seen.setdefault((models, header, value), i)
+        if twin != i:
+            problems.append(
+                f"{at}.selector: ratelimits[{twin}] already limits {rl.model!r} on "
+                f"{header}={'*' if value is None else value}"
+            )
+            continue
+        out.append(
+            RateLimitConfig(
+                model=rl.model,
+                models=models,
+                header=header,
+                value=value,
+                tokens=rl.limit.tokens,
+                unit=rl.limit.unit,
+            )
+        )
+    return tuple(out)
 
 
 def _failover(
@@ -990,7 +1100,6 @@ _IGNORED_FEATURES = (
     "prompt_targets",
     "system_prompt",
     "prompt_guards",
-    "ratelimits",
     "state_storage",
 )
 

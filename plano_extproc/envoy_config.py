@@ -53,6 +53,7 @@ from plano_extproc.names import (
     OUTPUT_TOKENS,
     PINNED_KEY,
     PROMPT_TOKENS,
+    RATELIMIT_KEY,
     REQUESTED_KEY,
     RESPONSE_FILTER,
     ROUTE_HEADER,
@@ -1034,6 +1035,7 @@ def _usage_log() -> dict[str, Any]:
         REQUESTED_KEY: meta(DECISION_METADATA, REQUESTED_KEY),
         PINNED_KEY: meta(DECISION_METADATA, PINNED_KEY),
         USAGE_KEY: meta(DECISION_METADATA, USAGE_KEY),
+        RATELIMIT_KEY: meta(DECISION_METADATA, RATELIMIT_KEY),
         # The whole namespace as one JSON object: measured 8x cheaper for Envoy to format
         # (and for the worker to read) than one attribute per counter.
         LOG_USAGE: f"%DYNAMIC_METADATA({USAGE_METADATA})%",

@@ -34,3 +34,27 @@ def bad_request(message: str) -> GatewayError:
 
 def not_found(message: str) -> GatewayError:
     return GatewayError(404, "not_found_error", message)
+
+
+class RateLimitError(GatewayError):
+    """A 429 from the gateway's own budgets, shaped as each API's rate-limit error: OpenAI's
+    ``{"error": {"message", "type": "tokens", "param", "code": "rate_limit_exceeded"}}`` and
+    Anthropic's ``rate_limit_error``, so SDKs raise their RateLimitError with the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(429, "rate_limit_error", message)
+
+    def body(self, anthropic: bool = False) -> bytes:
+        if anthropic:
+            return error_body(self.type, self.message, anthropic=True)
+        error = {
+            "message": self.message,
+            "type": "tokens",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+        return json.dumps({"error": error}).encode()
+
+
+def rate_limited(message: str) -> RateLimitError:
+    return RateLimitError(message)

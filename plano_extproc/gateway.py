@@ -44,8 +44,10 @@ from plano_extproc.failover import MAX_PLAN_CHARS, FailoverPlan
 from plano_extproc.failover import plan as failover_plan
 from plano_extproc.identifiers import header_safe, traceparent
 from plano_extproc.model_metrics import ModelMetrics
-from plano_extproc.names import ROUTE_HEADER
+from plano_extproc.names import MAX_SLOTS, ROUTE_HEADER
 from plano_extproc.providers import ClientApi
+from plano_extproc.ratelimit.estimate import prompt_tokens
+from plano_extproc.ratelimit.limiter import RateLimiter, Refused
 from plano_extproc.rewrite import HeaderPlan
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
 from plano_extproc.routing.preferences import INLINE_KEYS, parse_inline
@@ -128,6 +130,8 @@ class Upstream:
     api: ClientApi | None = None  # the client's: Envoy's own error replies take its format
     # The provider was asked for usage the client did not ask for: Envoy hides it again.
     hide_usage: bool = False
+    # The budgets this request was charged, for the usage record to settle (ratelimit).
+    ratelimit: str | None = None
 
     @classmethod
     def of(
@@ -208,8 +212,11 @@ class Gateway:
         metrics: ModelMetrics | None = None,
         cooldowns: Cooldowns | None = None,
         telemetry: Metrics | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.config = config
+        # Token budgets (Plano ratelimits); None or inactive: no request is limited.
+        self.limiter = limiter if limiter is not None and limiter.active else None
         # Counts decisions, router latency and session-cache lookups (None: not counted).
         self.telemetry = telemetry
         self.catalog = Catalog(config)
@@ -311,6 +318,13 @@ class Gateway:
         decision = await self._select(info, requested, inline, messages, body.values)
         self._count(info, decision)
         served = self._candidates(decision, inline, info.api, body.values)
+        settlement = None
+        if self.limiter is not None:
+            within = await self._within_budget(info, decision, inline, body.values, served)
+            if isinstance(within, Immediate):
+                await body.release()
+                return within
+            served, settlement = within
         candidates = [p for p, _ in served]
         if len(candidates) > 1:
             first_native = served[0][1] is None
@@ -318,7 +332,9 @@ class Gateway:
             if len(fo.metadata) <= MAX_PLAN_CHARS:
                 if self.cooldowns is not None:
                     self.cooldowns.attempted(candidates[0].name)
-                return await self._failover(info, body, decision, fo)
+                up = await self._failover(info, body, decision, fo)
+                up.ratelimit = settlement
+                return up
             # A huge query string or credential: served, without failover, not refused.
             log.warning(
                 "request_id=%s failover plan of %d characters exceeds %d: one attempt only",
@@ -346,9 +362,63 @@ class Gateway:
             decision.route,
             translation.pair if translation is not None else None,
         )
-        return Upstream.of(
+        up = Upstream.of(
             decision, info, provider, plan, new_body, translation=translation, hide_usage=hide_usage
         )
+        up.ratelimit = settlement
+        return up
+
+    async def _within_budget(
+        self,
+        info: RequestInfo,
+        decision: Decision,
+        inline: tuple[RoutePreference, ...] | None,
+        values: dict[str, Any],
+        served: list[tuple[Provider, PairTranslator | None]],
+    ) -> tuple[list[tuple[Provider, PairTranslator | None]], str | None] | Immediate:
+        """Token budgets before dispatch: the first candidate whose budgets hold the prompt's
+        estimate serves (without failover, a routed request still moves on to its route's
+        next model); none: a 429 in the client's format with Retry-After."""
+        limiter = self.limiter
+        assert limiter is not None and info.api is not None
+        options = served
+        if not options:
+            if decision.dispatch is None:
+                return served, None
+            options = [(decision.dispatch, None)]
+            if decision.route is not None:
+                alternatives = self._candidates(decision, inline, info.api, values, MAX_SLOTS)
+                if alternatives and alternatives[0][0].name == decision.dispatch.name:
+                    options = alternatives
+        names = [p.name for p, _ in options]
+        if not any(map(limiter.applies_to, names)):
+            return served, None
+        result = await limiter.admit(names, info.headers, prompt_tokens(values))
+        if isinstance(result, Refused):
+            log.info(
+                "request_id=%s rate limited (%s): %s",
+                info.request_id,
+                ", ".join(result.limits),
+                f"retry after {result.retry_after}s" if result.retry_after else "never fits",
+            )
+            reply = Immediate.error(result.error, info)
+            if result.retry_after is not None:
+                reply.headers += (("retry-after", str(result.retry_after)),)
+            else:  # the OpenAI and Anthropic SDKs honour this: retrying cannot help
+                reply.headers += (("x-should-retry", "false"),)
+            return reply
+        if result.index and names[result.index] != names[0]:
+            log.info(
+                "request_id=%s %s over its token budget: %s serves",
+                info.request_id,
+                names[0],
+                names[result.index],
+            )
+        if served:
+            served = [o for o, keep in zip(options, result.keep, strict=True) if keep]
+        elif result.index:
+            served = [options[result.index]]
+        return served, result.settlement
 
     async def _failover(
         self, info: RequestInfo, body: JsonBody, decision: Decision, fo: FailoverPlan
@@ -400,16 +470,21 @@ class Gateway:
         inline: tuple[RoutePreference, ...] | None,
         api: ClientApi,
         values: dict[str, Any],
+        most: int | None = None,
     ) -> list[tuple[Provider, PairTranslator | None]]:
         """The models a routed request tries, in order: the chosen one, then the rest of its
         route; those that cannot serve the client's API or would refuse this body left out,
         resting ones skipped (all kept when all rest), at most ``max_attempts``. Empty: a
         single attempt at ``decision.dispatch`` (failover off, the request was not routed,
         or no model takes it: the first one's refusal is the answer). Each with its
-        translator (None: native)."""
+        translator (None: native). ``most``: that many, whether failover is on or not."""
         fo = self.config.failover
-        if not fo.enabled or fo.max_attempts < 2 or decision.route is None:
+        if decision.route is None:
             return []
+        if most is None:
+            if not fo.enabled or fo.max_attempts < 2:
+                return []
+            most = fo.max_attempts
         prefs = inline if inline is not None else self.config.preferences
         pref = next((p for p in prefs if p.name == decision.route), None)
         names = [decision.dispatch.name] if decision.dispatch is not None else []
@@ -426,7 +501,7 @@ class Gateway:
             found = self.cooldowns.available(found, lambda served: served[0].name)
         taken: list[tuple[Provider, PairTranslator | None]] = []
         for p, pair in found:
-            if len(taken) == fo.max_attempts:
+            if len(taken) == most:
                 break
             if not refuses(pair, values, p.model_id):
                 taken.append((p, pair))

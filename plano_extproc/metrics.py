@@ -166,6 +166,29 @@ class Metrics:
             ("from_model", "to_model", "reason"),
             registry=reg,
         )
+        self.ratelimit_rejections = Counter(
+            "plano_ratelimit_rejections",
+            "Requests a token rate limit refused (429 before dispatch), per limit.",
+            ("limit",),
+            registry=reg,
+        )
+        self.ratelimit_tokens = Counter(
+            "plano_ratelimit_tokens",
+            "Tokens charged to each rate limit: the provider's input + output (else the estimate).",
+            ("limit",),
+            registry=reg,
+        )
+        self.ratelimit_fail_open = Counter(
+            "plano_ratelimit_fail_open",
+            "Budget checks served from this gateway's own budgets while Redis was unusable.",
+            registry=reg,
+        )
+        self.ratelimit_store_healthy = Gauge(
+            "plano_ratelimit_store_healthy",
+            "1 while the shared budget store (Redis) answers (the lowest of all workers).",
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
         self._healthy: bool | None = None
 
     # ------------------------------------------------------------------ recording
@@ -203,6 +226,18 @@ class Metrics:
     def count_failover(self, from_model: str, to_model: str, reason: str) -> None:
         key = (self._model_label(from_model), self._model_label(to_model), reason)
         self._child(self.failovers, key).inc()
+
+    def count_ratelimit_rejection(self, limit: str) -> None:
+        self._child(self.ratelimit_rejections, (limit,)).inc()
+
+    def count_ratelimit_tokens(self, limit: str, tokens: int) -> None:
+        self._child(self.ratelimit_tokens, (limit,)).inc(tokens)
+
+    def set_ratelimit_store(self, healthy: bool, fail_open: int = 0) -> None:
+        """The budget store's health, and checks served locally since the last call."""
+        self.ratelimit_store_healthy.set(1 if healthy else 0)
+        if fail_open:
+            self.ratelimit_fail_open.inc(fail_open)
 
     def record(self, ex: Exchange) -> None:
         """A proxied request whose response ended: requests, duration, tokens, stream timing."""

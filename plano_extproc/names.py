@@ -44,6 +44,9 @@ REQUEST_ID_KEY = "id"  # the request id, for the access log (set only when it is
 # Usage the client's stream does not show ("input,output,cached_input"), set by the stream
 # that hid it, read by Envoy's usage record at the request's end.
 USAGE_KEY = "u"
+# The token budgets an admitted request was charged (ratelimit.limiter), settled by the worker
+# that receives the request's usage record.
+RATELIMIT_KEY = "rl"
 # true: the gateway asked a Chat provider for usage the client did not ask for; Envoy's Lua
 # filter HIDE_USAGE_FILTER takes it out of the client's stream again.
 HIDE_USAGE_KEY = "hu"

@@ -27,6 +27,9 @@ from plano_extproc.cooldown import Cooldowns
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
 from plano_extproc.model_metrics import ModelMetrics
+from plano_extproc.ratelimit.factory import build_budget_store
+from plano_extproc.ratelimit.limiter import RateLimiter
+from plano_extproc.ratelimit.redis_store import RedisBudgets
 from plano_extproc.routing.base import NullRouter, Router
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream, health_handler
@@ -124,11 +127,21 @@ class Running:
 CACHE_HEALTH_SECONDS = 2.0
 
 
-async def _cache_health(cache: SessionCache, metrics: Metrics) -> None:
-    """Keep plano_session_cache_healthy current without traffic (a lookup also updates it):
-    the gateway's one endpoint reads the workers' files, it cannot ask them."""
+async def _health(
+    cache: SessionCache | None, limiter: RateLimiter | None, metrics: Metrics
+) -> None:
+    """Keep plano_session_cache_healthy and the budget store's series current without
+    traffic (a lookup also updates the cache's): the gateway's one endpoint reads the
+    workers' files, it cannot ask them."""
+    store = limiter.store if limiter is not None else None
+    served_locally = 0
     while True:
-        metrics.set_cache_healthy(cache.healthy)
+        if cache is not None:
+            metrics.set_cache_healthy(cache.healthy)
+        if isinstance(store, RedisBudgets):
+            now = store.fallbacks
+            metrics.set_ratelimit_store(store.healthy, now - served_locally)
+            served_locally = now
         await asyncio.sleep(CACHE_HEALTH_SECONDS)
 
 
@@ -165,13 +178,22 @@ async def start(
     )
     if cache is not None:
         counters.set_cache_healthy(cache.healthy)
-    gateway = Gateway(config, router, cache, metrics, cooldowns, telemetry=counters)
+    limiter = None
+    if config.ratelimits:
+        store = build_budget_store(config)
+        if isinstance(store, RedisBudgets):
+            await store.start()
+            counters.set_ratelimit_store(store.healthy)
+        limiter = RateLimiter(config.ratelimits, store, counters)
+    gateway = Gateway(
+        config, router, cache, metrics, cooldowns, telemetry=counters, limiter=limiter
+    )
     log_file = AccessLog(access_log) if access_log else None
     spans = None
     if config.tracing is not None:  # GenAI spans with token usage, into Envoy's traces
         spans = SpanExporter(config.tracing.host, config.tracing.port)
         await spans.start()
-    usage = UsageLog(counters, log_file, spans)
+    usage = UsageLog(counters, log_file, spans, limiter)
     server, bound = await _start_extproc(transport, gateway, counters, host, port, usage)
     runner = None
     bound_admin = None
@@ -188,8 +210,8 @@ async def start(
         config.session_cache.type,
     )
     health_task = None
-    if cache is not None:
-        health_task = asyncio.get_running_loop().create_task(_cache_health(cache, counters))
+    if cache is not None or limiter is not None:
+        health_task = asyncio.get_running_loop().create_task(_health(cache, limiter, counters))
     return Running(server, runner, gateway, bound, bound_admin, spans, log_file, health_task)
 
 
@@ -229,6 +251,7 @@ async def _start_admin(
             "model_metrics": gateway.metrics.health() if gateway.metrics else [],
             "routes": [p.name for p in gateway.config.preferences],
             "session_cache": health,
+            "ratelimits": gateway.limiter.health() if gateway.limiter else None,
         }
         return web.Response(text=json.dumps(body), content_type="application/json")
 
@@ -261,6 +284,10 @@ async def stop(running: Running, grace: float = 5.0) -> None:
         await running.gateway.metrics.close()
     if running.gateway.cache is not None:
         await running.gateway.cache.close()
+    if running.gateway.limiter is not None:
+        store = running.gateway.limiter.store
+        if isinstance(store, RedisBudgets):
+            await store.close()
     if running.spans is not None:
         await running.spans.close()
     if running.access_log is not None:

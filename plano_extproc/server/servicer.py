@@ -32,6 +32,7 @@ from plano_extproc.names import (
     HIDE_USAGE_KEY,
     MODEL_KEY,
     PINNED_KEY,
+    RATELIMIT_KEY,
     REQUESTED_KEY,
     ROUTE_KEY,
     TX_KEY,
@@ -103,6 +104,8 @@ def upstream_response(up: Upstream, info: RequestInfo) -> pb.ProcessingResponse:
         decision[PINNED_KEY].bool_value = up.pinned
     if up.hide_usage:  # Envoy's Lua filter takes it out of the client's stream again
         decision[HIDE_USAGE_KEY].bool_value = True
+    if up.ratelimit is not None:  # settled by the worker that gets the usage record
+        decision[RATELIMIT_KEY].string_value = up.ratelimit
     _rewrite_request(out, up.headers, up.body).clear_route_cache = True
     return out
 

@@ -18,8 +18,9 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 
 from plano_extproc.access_log import AccessLog
 from plano_extproc.metrics import Metrics
-from plano_extproc.names import LOG_TRACEPARENT
+from plano_extproc.names import LOG_TRACEPARENT, RATELIMIT_KEY
 from plano_extproc.observe import Observation
+from plano_extproc.ratelimit.limiter import RateLimiter
 from plano_extproc.spans import SpanExporter, genai_span, parse_traceparent
 
 log = logging.getLogger("plano_extproc.usage")
@@ -42,8 +43,10 @@ class UsageLog:
         metrics: Metrics,
         access_log: AccessLog | None = None,
         spans: SpanExporter | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.metrics = metrics
+        self.limiter = limiter  # settles the token budgets an admitted request was charged
         self.access_log = access_log
         self.spans = spans
         self.records = 0
@@ -63,6 +66,12 @@ class UsageLog:
         ex = obs.exchange
         self.records += 1
         self.metrics.record(ex)
+        if self.limiter is not None:
+            charged = attrs.get(RATELIMIT_KEY)
+            if charged and charged != "-":
+                usage = ex.usage
+                used = usage.input + usage.output if usage is not None else None
+                self.limiter.settle(charged, ex.model, ex.status, used)
         if self.access_log is not None:
             self.access_log.write(obs.log_line())
         if self.spans is not None:

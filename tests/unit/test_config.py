@@ -1122,7 +1122,6 @@ def test_tracing_endpoint_must_be_plain_http_host_port(endpoint: str) -> None:
 @pytest.mark.parametrize(
     "snippet",
     [
-        "ratelimits:\n  - {model: openai/gpt-4o, selector: {key: x-user}, limit: {tokens: 100}}\n",
         "prompt_guards: {input_guards: {jailbreak: {on_exception: {message: no}}}}\n",
         "prompt_targets:\n  - {name: weather, description: get weather}\n",
     ],

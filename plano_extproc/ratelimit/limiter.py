@@ -1,0 +1,288 @@
+"""Which budgets a request draws on, the check before dispatch, and the settlement after.
+
+A ``ratelimits`` entry applies to a request when the model that serves it is one the entry
+names and the request carries the entry's header (with its value, for a literal selector).
+Every configured selector header is read from the request itself: Plano's
+``x-arch-ratelimit-selector`` (naming the header to key on) changes nothing, since the header
+it names is read anyway, and a client cannot escape a limit by leaving it out.
+
+Before dispatch the request's candidate models (the routed model, then the rest of its route)
+are offered to the store in order, one group of buckets each, with the prompt's estimated
+tokens: the first model whose budgets all hold the estimate is charged and serves; models
+before it are skipped (over budget) and later ones stay failover candidates only while they
+could take the estimate too. When none can, the client gets a 429 in its own API's format
+with ``Retry-After``: the seconds until the first of them could.
+
+After the reply Envoy's usage record reaches a worker (``server/usage_log.py``), and
+``settle`` charges the difference between the estimate and what the provider reported (input
+plus output tokens) to the budgets of the model that actually served; when failover moved the
+request to another model, the admitted model's budgets get the estimate back and the serving
+model's are charged. A failed reply without usage gives the estimate back (the provider
+billed nothing); a successful one without usage keeps it.
+
+Bucket keys name a limit by a digest of its definition (model, header, value, tokens, unit:
+editing a limit starts a fresh budget) and a selector value by a digest (the value itself,
+client-controlled and possibly long, is never stored or logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from plano_extproc.config import RateLimitConfig
+from plano_extproc.errors import GatewayError, rate_limited
+from plano_extproc.ratelimit.budget import NEVER, Bucket, BudgetStore
+
+if TYPE_CHECKING:
+    from plano_extproc.metrics import Metrics
+
+log = logging.getLogger("plano_extproc.ratelimit")
+
+MAX_PENDING = 10000  # settlements in flight (Redis); beyond it they are dropped and counted
+MAX_SETTLEMENT_CHARS = 16384
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def limit_id(limit: RateLimitConfig) -> str:
+    """A stable name for one limit: the same on every replica with the same config."""
+    value = "*" if limit.value is None else "=" + limit.value
+    return _digest(f"{limit.model}\0{limit.header}\0{value}\0{limit.tokens}\0{limit.unit}")[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """``index``: the candidate that was charged; ``keep``: which candidates may still serve
+    (the charged one and later ones that could take the estimate); ``settlement``: what the
+    usage record brings back to ``settle`` (None: no budget was involved)."""
+
+    index: int
+    keep: tuple[bool, ...]
+    settlement: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    error: GatewayError
+    retry_after: int | None  # whole seconds; None: the request can never fit the limit
+    limits: tuple[str, ...]  # the labels of the limits that refused it
+
+
+class RateLimiter:
+    """The configured limits over one budget store; see the module docstring."""
+
+    def __init__(
+        self,
+        limits: Sequence[RateLimitConfig],
+        store: BudgetStore,
+        telemetry: Metrics | None = None,
+    ) -> None:
+        self.limits = tuple(limits)
+        self.store = store
+        self.telemetry = telemetry
+        self._ids = tuple(limit_id(lim) for lim in self.limits)
+        self._by_model: dict[str, list[int]] = {}
+        for i, lim in enumerate(self.limits):
+            for name in lim.models:
+                self._by_model.setdefault(name, []).append(i)
+        self._pending: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.limits)
+
+    def health(self) -> dict[str, Any]:
+        """For the worker's /ready: the limits, the store's state, dropped settlements."""
+        store = self.store
+        health = getattr(store, "health", None)
+        entries = getattr(store, "entries", None)
+        state = health() if health is not None else {"backend": "memory"}
+        if health is None and entries is not None:
+            state["entries"] = entries()
+        return {
+            "limits": [lim.label for lim in self.limits],
+            "store": state,
+            "settlements_dropped": self.dropped,
+        }
+
+    def applies_to(self, model: str) -> bool:
+        return model in self._by_model
+
+    def _bucket(self, i: int, digest: str) -> Bucket:
+        """Limit ``i``'s bucket for a selector value's digest ("" for a literal selector)."""
+        lim = self.limits[i]
+        key = f"{self._ids[i]}:{digest}" if digest else self._ids[i]
+        tokens = float(lim.tokens)
+        return Bucket(key, tokens, tokens / lim.window_seconds)
+
+    def buckets(self, model: str, headers: Mapping[str, str]) -> list[tuple[int, Bucket, str]]:
+        """The limits on ``model`` this request's headers select: (limit, bucket, reference)."""
+        found: list[tuple[int, Bucket, str]] = []
+        for i in self._by_model.get(model, ()):
+            lim = self.limits[i]
+            value = headers.get(lim.header)
+            if value is None or (lim.value is not None and value != lim.value):
+                continue
+            digest = _digest(value)[:16] if lim.value is None else ""
+            found.append((i, self._bucket(i, digest), f"{i}:{digest}"))
+        return found
+
+    async def admit(
+        self, models: Sequence[str], headers: Mapping[str, str], estimate: int
+    ) -> Admitted | Refused:
+        """Charge ``estimate`` to the first of ``models`` whose budgets all hold it."""
+        chosen = [self.buckets(m, headers) for m in models]
+        if not any(chosen):
+            return Admitted(0, (True,) * len(models), None)
+        groups = [[b for _, b, _ in group] for group in chosen]
+        verdict = await self.store.take(groups, float(estimate))
+        if verdict.taken is None:
+            return self._refusal(models, chosen, verdict.waits, estimate)
+        k = verdict.taken
+        keep = tuple(i == k or (i > k and w == 0.0) for i, w in enumerate(verdict.waits))
+        refs = {
+            m: [ref for _, _, ref in group]
+            for m, group, kept in zip(models, chosen, keep, strict=True)
+            if group and kept
+        }
+        doc = {"e": estimate, "a": models[k], "b": refs}
+        settlement = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+        if len(settlement) > MAX_SETTLEMENT_CHARS:  # a config with hundreds of limits
+            doc["b"] = {models[k]: refs.get(models[k], [])}
+            settlement = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+        return Admitted(k, keep, settlement)
+
+    def _refusal(
+        self,
+        models: Sequence[str],
+        chosen: Sequence[list[tuple[int, Bucket, str]]],
+        waits: Sequence[float],
+        estimate: int,
+    ) -> Refused:
+        soonest = min(waits) if waits else NEVER
+        first = next(g for g in chosen if g)  # the first model with a budget in the way
+        labels = tuple(dict.fromkeys(self.limits[i].label for i, _, _ in first))
+        lim = self.limits[first[0][0]]
+        rule = f"{lim.tokens} tokens per {lim.unit}"
+        if self.telemetry is not None:
+            for group, w in zip(chosen, waits, strict=True):
+                for i, _, _ in group if w > 0.0 else ():
+                    self.telemetry.count_ratelimit_rejection(self.limits[i].label)
+        if math.isinf(soonest):
+            message = (
+                f"Rate limit {labels[0]!s}: this request needs about {estimate} tokens, more "
+                f"than the limit allows in total ({rule}); it cannot be served under this limit."
+            )
+            return Refused(rate_limited(message), None, labels)
+        seconds = max(1, math.ceil(soonest))
+        message = (
+            f"Rate limit {labels[0]!s} reached ({rule}; this request needs about {estimate} "
+            f"tokens). Retry after {seconds} s."
+        )
+        if len(models) > 1:
+            message += f" Every model that can serve it is over its budget ({len(models)} tried)."
+        return Refused(rate_limited(message), seconds, labels)
+
+    # ------------------------------------------------------------------ after the reply
+
+    def settle(self, settlement: str, served: str, status: int, used: int | None) -> None:
+        """The usage record of an admitted request: correct the budgets (see the module
+        docstring). ``used``: input + output tokens the provider reported, None if unknown."""
+        adjustments = self.corrections(settlement, served, status, used)
+        for buckets, delta in adjustments:
+            if len(self._pending) >= MAX_PENDING:
+                self.dropped += 1
+                continue
+            task = asyncio.get_running_loop().create_task(self._adjust(buckets, delta))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _adjust(self, buckets: list[Bucket], delta: float) -> None:
+        try:
+            await self.store.adjust(buckets, delta)
+        except Exception:  # a store never raises by contract; never let a task die loud
+            log.exception("rate limits: a budget correction failed")
+
+    def corrections(
+        self, settlement: str, served: str, status: int, used: int | None
+    ) -> list[tuple[list[Bucket], float]]:
+        """The (buckets, tokens) charges that settle one request; pure, for tests."""
+        doc = _settlement(settlement)
+        if doc is None:
+            return []
+        estimate, admitted, refs = doc
+        ok = 200 <= status < 300
+        actual = used if used is not None else (estimate if ok else 0)
+        out: list[tuple[list[Bucket], float]] = []
+        if served == admitted or served not in refs:
+            # The admitted model served, or failover moved it to a model without budgets
+            # here: either way the admitted model's budgets carry the difference or refund.
+            delta = (actual - estimate) if served == admitted else -estimate
+            buckets = self._resolve(refs.get(admitted, ()))
+            if buckets and delta:
+                out.append((buckets, float(delta)))
+            if served == admitted:
+                self._count_tokens(refs.get(admitted, ()), actual)
+            return out
+        back = self._resolve(refs.get(admitted, ()))
+        if back and estimate:
+            out.append((back, float(-estimate)))
+        charged = self._resolve(refs[served])
+        if charged and actual:
+            out.append((charged, float(actual)))
+        self._count_tokens(refs[served], actual)
+        return out
+
+    def _resolve(self, refs: Sequence[str]) -> list[Bucket]:
+        """Settlement references back to buckets (ones from another config are skipped)."""
+        out: list[Bucket] = []
+        for ref in refs:
+            index, _, digest = ref.partition(":")
+            if not index.isdigit() or int(index) >= len(self.limits):
+                continue
+            i = int(index)
+            if (self.limits[i].value is None) != bool(digest) or len(digest) > 16:
+                continue
+            out.append(self._bucket(i, digest))
+        return out
+
+    def _count_tokens(self, refs: Sequence[str], tokens: int) -> None:
+        if self.telemetry is None or not tokens:
+            return
+        for ref in refs:
+            index = ref.partition(":")[0]
+            if index.isdigit() and int(index) < len(self.limits):
+                self.telemetry.count_ratelimit_tokens(self.limits[int(index)].label, tokens)
+
+
+def _settlement(raw: str) -> tuple[int, str, dict[str, list[str]]] | None:
+    """The admission's record as the routing stream wrote it (bounded, well-formed)."""
+    if not raw or raw == "-" or len(raw) > MAX_SETTLEMENT_CHARS:
+        return None
+    try:
+        doc: Any = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    estimate, admitted, refs = doc.get("e"), doc.get("a"), doc.get("b")
+    if not isinstance(estimate, int) or isinstance(estimate, bool) or estimate < 0:
+        return None
+    if not isinstance(admitted, str) or not isinstance(refs, dict):
+        return None
+    clean = {
+        m: [r for r in v if isinstance(r, str)]
+        for m, v in refs.items()
+        if isinstance(m, str) and isinstance(v, list)
+    }
+    return estimate, admitted, clean
