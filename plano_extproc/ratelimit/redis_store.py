@@ -47,6 +47,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from plano_extproc.affinity.redis_cache import _is_outage, _scripting_forbidden, mask_url
@@ -285,8 +286,7 @@ class RedisBudgets:
         if self._healthy:
             try:
                 keys, args = self._take_args(groups, cost)
-                async with asyncio.timeout(self._call_timeout):
-                    reply = await self._take_script(keys=keys, args=args)
+                reply = await self._run(self._take_script, keys, args)
                 return self._verdict(reply, len(groups))
             except Exception as exc:
                 self._fail(exc, "take")
@@ -301,14 +301,24 @@ class RedisBudgets:
                 keys = [self._prefix + b.key for b in buckets]
                 args: list[str | int] = [_num(delta), _TTL_MARGIN_MS]
                 args += [_num(b.rate) for b in buckets]
-                async with asyncio.timeout(self._call_timeout):
-                    await self._adjust_script(keys=keys, args=args)
+                await self._run(self._adjust_script, keys, args)
                 return
             except Exception as exc:
                 self._fail(exc, "adjust")
         # Most likely the charge being corrected was taken from the fallback too.
         self._adjust_fallbacks += 1
         await self._fallback.adjust(buckets, delta)
+
+    async def _run(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
+        """One script call. A pooled socket from before a Redis restart fails on first use
+        although Redis is back: drop the idle sockets and try once more on a fresh one, so a
+        replica that saw no traffic during an outage does not trip its breaker after it."""
+        async with asyncio.timeout(self._call_timeout):
+            try:
+                return await script(keys=keys, args=args)
+            except RedisConnectionError:
+                await self._pool.disconnect(inuse_connections=False)
+                return await script(keys=keys, args=args)
 
     def _take_args(
         self, groups: Sequence[Sequence[Bucket]], cost: float
