@@ -406,3 +406,41 @@ async def test_gateway_routed_request_over_budget_is_served_by_the_next_model(
     assert second.failover is None and second.route == "code"
     third = await proxy(limited, "/v1/chat/completions", body, **h)
     assert isinstance(third, Immediate) and third.status == 429
+
+
+async def test_plano_selector_header_limits_as_in_plano_and_cannot_opt_out(
+    unrouted: Gateway,
+) -> None:
+    """A Plano client names the header to key on with x-arch-ratelimit-selector: it is limited
+    as in Plano; a client that leaves it out is limited all the same (Plano would not)."""
+    chat = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "w" * 160}]}
+    plano = {"x-arch-ratelimit-selector": "x-tenant", "x-tenant": "p1"}
+    assert isinstance(await proxy(unrouted, "/v1/chat/completions", chat, **plano), Upstream)
+    imm = await proxy(unrouted, "/v1/chat/completions", chat, **plano)
+    assert isinstance(imm, Immediate) and imm.status == 429
+    imm = await proxy(unrouted, "/v1/chat/completions", chat, **{"x-tenant": "p1"})
+    assert isinstance(imm, Immediate) and imm.status == 429
+    # Naming another header does not escape the limit on x-tenant either.
+    other = {"x-arch-ratelimit-selector": "x-other", "x-other": "z", "x-tenant": "p1"}
+    imm = await proxy(unrouted, "/v1/chat/completions", chat, **other)
+    assert isinstance(imm, Immediate) and imm.status == 429
+
+
+async def test_pinned_session_over_budget_is_served_by_the_next_model(clock: Clock) -> None:
+    from plano_extproc.affinity.memory import MemorySessionCache
+
+    c = cfg(LIMITS)
+    cache = MemorySessionCache()
+    await cache.start()
+    gw = Gateway(c, FixedRouter(), cache, limiter=limiter_for(c, clock))
+    body = {"messages": [{"role": "user", "content": "w" * 160}]}
+    h = {"x-tenant": "t1", "x-model-affinity": "session-1"}
+    first = await proxy(gw, "/v1/chat/completions", body, **h)
+    assert isinstance(first, Upstream) and first.provider.name == "openai/gpt-4o"
+    assert first.pinned is False
+    second = await proxy(gw, "/v1/chat/completions", body, **h)
+    assert isinstance(second, Upstream) and second.pinned is True
+    assert second.provider.name.startswith("anthropic/")
+    pin = await cache.get("session-1")
+    assert pin is not None and pin.model == "openai/gpt-4o"  # the pin stays
+    await cache.close()
