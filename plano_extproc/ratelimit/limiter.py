@@ -199,7 +199,11 @@ class RateLimiter:
         """The usage record of an admitted request: correct the budgets (see the module
         docstring). ``used``: input + output tokens the provider reported, None if unknown."""
         adjustments = self.corrections(settlement, served, status, used)
+        now = getattr(self.store, "adjust_now", None)  # the shared table: no task needed
         for buckets, delta in adjustments:
+            if now is not None:
+                now(buckets, delta)
+                continue
             if len(self._pending) >= MAX_PENDING:
                 self.dropped += 1
                 continue

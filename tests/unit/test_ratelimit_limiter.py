@@ -444,3 +444,15 @@ async def test_pinned_session_over_budget_is_served_by_the_next_model(clock: Clo
     pin = await cache.get("session-1")
     assert pin is not None and pin.model == "openai/gpt-4o"  # the pin stays
     await cache.close()
+
+
+async def test_settle_applies_the_correction_to_the_store(clock: Clock) -> None:
+    c = cfg("  - {model: gpt-4o, selector: {key: x-t}, limit: {tokens: 1000, unit: minute}}\n")
+    lim = limiter_for(c, clock)
+    adm = await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 100)
+    assert isinstance(adm, Admitted) and adm.settlement is not None
+    lim.settle(adm.settlement, "openai/gpt-4o", 200, 1000)  # the provider reported 1000
+    refused = await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 1)
+    assert isinstance(refused, Refused)
+    lim.settle(adm.settlement, "openai/gpt-4o", 500, None)  # as if it had failed: refund 100
+    assert isinstance(await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 100), Admitted)
