@@ -46,7 +46,7 @@ from plano_extproc.identifiers import header_safe, traceparent
 from plano_extproc.model_metrics import ModelMetrics
 from plano_extproc.names import MAX_SLOTS, ROUTE_HEADER
 from plano_extproc.providers import ClientApi
-from plano_extproc.ratelimit.estimate import prompt_tokens
+from plano_extproc.ratelimit.estimate import estimate
 from plano_extproc.ratelimit.limiter import RateLimiter, Refused
 from plano_extproc.rewrite import HeaderPlan
 from plano_extproc.routing.base import RoutePreference, Router, RouterResult
@@ -320,7 +320,7 @@ class Gateway:
         served = self._candidates(decision, inline, info.api, body.values)
         settlement = None
         if self.limiter is not None:
-            within = await self._within_budget(info, decision, inline, body.values, served)
+            within = await self._within_budget(info, decision, inline, raw, body.values, served)
             if isinstance(within, Immediate):
                 await body.release()
                 return within
@@ -373,6 +373,7 @@ class Gateway:
         info: RequestInfo,
         decision: Decision,
         inline: tuple[RoutePreference, ...] | None,
+        raw: bytes,
         values: dict[str, Any],
         served: list[tuple[Provider, PairTranslator | None]],
     ) -> tuple[list[tuple[Provider, PairTranslator | None]], str | None] | Immediate:
@@ -393,7 +394,7 @@ class Gateway:
         names = [p.name for p, _ in options]
         if not any(map(limiter.applies_to, names)):
             return served, None
-        result = await limiter.admit(names, info.headers, prompt_tokens(values))
+        result = await limiter.admit(names, info.headers, estimate(raw, values))
         if isinstance(result, Refused):
             log.info(
                 "request_id=%s rate limited (%s): %s",

@@ -185,10 +185,12 @@ class Metrics:
         )
         self.ratelimit_store_healthy = Gauge(
             "plano_ratelimit_store_healthy",
-            "1 while the shared budget store (Redis) answers (the lowest of all workers).",
+            "0 while a worker cannot use the Redis that holds the shared token budgets (the "
+            "lowest of all workers; 1 otherwise, also without Redis).",
             registry=reg,
             multiprocess_mode="livemin",
         )
+        self.ratelimit_store_healthy.set(1)
         self._healthy: bool | None = None
 
     # ------------------------------------------------------------------ recording

@@ -47,6 +47,8 @@ log = logging.getLogger("plano_extproc.ratelimit")
 
 MAX_PENDING = 10000  # settlements in flight (Redis); beyond it they are dropped and counted
 MAX_SETTLEMENT_CHARS = 16384
+MAX_SEEN = 4096  # cached (limit, selector value) buckets; cleared when full
+MAX_SEEN_CHARS = 256  # longer selector values are digested every time
 
 
 def _digest(text: str) -> str:
@@ -96,6 +98,13 @@ class RateLimiter:
                 self._by_model.setdefault(name, []).append(i)
         self._pending: set[asyncio.Task[None]] = set()
         self.dropped = 0
+        # (limit, selector value) -> its bucket and settlement reference: the same tenants
+        # recur, and a digest per request and limit is most of the lookup's cost. Bounded.
+        self._seen: dict[tuple[int, str], tuple[Bucket, str]] = {}
+        # Settlement tails written (by candidates and references) and read (by text): the
+        # same few recur, JSON costs more than the rest of a check. Bounded.
+        self._tails: dict[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], str] = {}
+        self._parsed: dict[str, tuple[str, dict[str, tuple[list[Bucket], list[str]]]]] = {}
 
     @property
     def active(self) -> bool:
@@ -103,12 +112,10 @@ class RateLimiter:
 
     def health(self) -> dict[str, Any]:
         """For the worker's /ready: the limits, the store's state, dropped settlements."""
-        store = self.store
-        health = getattr(store, "health", None)
-        entries = getattr(store, "entries", None)
+        health = getattr(self.store, "health", None)
+        # Not the shared table's entry count: the supervisor asks every second, and counting
+        # would read the whole table.
         state = health() if health is not None else {"backend": "memory"}
-        if health is None and entries is not None:
-            state["entries"] = entries()
         return {
             "limits": [lim.label for lim in self.limits],
             "store": state,
@@ -133,8 +140,15 @@ class RateLimiter:
             value = headers.get(lim.header)
             if value is None or (lim.value is not None and value != lim.value):
                 continue
-            digest = _digest(value)[:16] if lim.value is None else ""
-            found.append((i, self._bucket(i, digest), f"{i}:{digest}"))
+            seen = self._seen.get((i, value))
+            if seen is None:
+                digest = _digest(value)[:16] if lim.value is None else ""
+                seen = (self._bucket(i, digest), f"{i}:{digest}")
+                if len(value) <= MAX_SEEN_CHARS:  # memory stays small whatever clients send
+                    if len(self._seen) >= MAX_SEEN:
+                        self._seen.clear()
+                    self._seen[(i, value)] = seen
+            found.append((i, *seen))
         return found
 
     async def admit(
@@ -150,17 +164,31 @@ class RateLimiter:
             return self._refusal(models, chosen, verdict.waits, estimate)
         k = verdict.taken
         keep = tuple(i == k or (i > k and w == 0.0) for i, w in enumerate(verdict.waits))
-        refs = {
-            m: [ref for _, _, ref in group]
-            for m, group, kept in zip(models, chosen, keep, strict=True)
-            if group and kept
-        }
-        doc = {"e": estimate, "a": models[k], "b": refs}
-        settlement = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
-        if len(settlement) > MAX_SETTLEMENT_CHARS:  # a config with hundreds of limits
-            doc["b"] = {models[k]: refs.get(models[k], [])}
-            settlement = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
-        return Admitted(k, keep, settlement)
+        key = (
+            models[k],
+            tuple(
+                (m, tuple(ref for _, _, ref in group))
+                for m, group, kept in zip(models, chosen, keep, strict=True)
+                if group and kept
+            ),
+        )
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = self._tail(*key)
+            if len(self._tails) >= MAX_SEEN:
+                self._tails.clear()
+            self._tails[key] = tail
+        return Admitted(k, keep, f"{estimate} {tail}")
+
+    def _tail(self, admitted: str, refs: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+        """The settlement after the estimate: the admitted model and each candidate's budget
+        references, as JSON (the same few recur: cached by the caller)."""
+        doc = {"a": admitted, "b": {m: list(r) for m, r in refs}}
+        tail = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+        if len(tail) > MAX_SETTLEMENT_CHARS - 32:  # a config with hundreds of limits
+            doc["b"] = {m: list(r) for m, r in refs if m == admitted}
+            tail = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+        return tail
 
     def _refusal(
         self,
@@ -221,72 +249,77 @@ class RateLimiter:
         self, settlement: str, served: str, status: int, used: int | None
     ) -> list[tuple[list[Bucket], float]]:
         """The (buckets, tokens) charges that settle one request; pure, for tests."""
-        doc = _settlement(settlement)
-        if doc is None:
+        if not settlement or len(settlement) > MAX_SETTLEMENT_CHARS:
             return []
-        estimate, admitted, refs = doc
+        head, _, tail = settlement.partition(" ")
+        if not head.isdigit() or len(head) > 15:
+            return []
+        estimate = int(head)
+        parsed = self._parsed.get(tail)
+        if parsed is None:
+            parsed = self._parse(tail)
+            if parsed is None:
+                return []
+            if len(self._parsed) >= MAX_SEEN:
+                self._parsed.clear()
+            self._parsed[tail] = parsed
+        admitted, refs = parsed
         ok = 200 <= status < 300
         actual = used if used is not None else (estimate if ok else 0)
         out: list[tuple[list[Bucket], float]] = []
+        mine = refs.get(admitted)
         if served == admitted or served not in refs:
             # The admitted model served, or failover moved it to a model without budgets
             # here: either way the admitted model's budgets carry the difference or refund.
             delta = (actual - estimate) if served == admitted else -estimate
-            buckets = self._resolve(refs.get(admitted, ()))
-            if buckets and delta:
-                out.append((buckets, float(delta)))
-            if served == admitted:
-                self._count_tokens(refs.get(admitted, ()), actual)
+            if mine is not None and mine[0] and delta:
+                out.append((mine[0], float(delta)))
+            if served == admitted and mine is not None:
+                self._count_tokens(mine[1], actual)
             return out
-        back = self._resolve(refs.get(admitted, ()))
-        if back and estimate:
-            out.append((back, float(-estimate)))
-        charged = self._resolve(refs[served])
+        if mine is not None and mine[0] and estimate:
+            out.append((mine[0], float(-estimate)))
+        charged, labels = refs[served]
         if charged and actual:
             out.append((charged, float(actual)))
-        self._count_tokens(refs[served], actual)
+        self._count_tokens(labels, actual)
         return out
 
-    def _resolve(self, refs: Sequence[str]) -> list[Bucket]:
-        """Settlement references back to buckets (ones from another config are skipped)."""
-        out: list[Bucket] = []
-        for ref in refs:
-            index, _, digest = ref.partition(":")
-            if not index.isdigit() or int(index) >= len(self.limits):
+    def _parse(self, tail: str) -> tuple[str, dict[str, tuple[list[Bucket], list[str]]]] | None:
+        """A settlement's tail (``_tail``) back to the admitted model and, per model, its
+        buckets and limit labels; None when malformed (references from another config are
+        skipped)."""
+        try:
+            doc: Any = json.loads(tail)
+        except ValueError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        admitted, refs = doc.get("a"), doc.get("b")
+        if not isinstance(admitted, str) or not isinstance(refs, dict):
+            return None
+        out: dict[str, tuple[list[Bucket], list[str]]] = {}
+        for model, items in refs.items():
+            if not isinstance(model, str) or not isinstance(items, list):
                 continue
-            i = int(index)
-            if (self.limits[i].value is None) != bool(digest) or len(digest) > 16:
-                continue
-            out.append(self._bucket(i, digest))
-        return out
+            buckets: list[Bucket] = []
+            labels: list[str] = []
+            for ref in items:
+                if not isinstance(ref, str):
+                    continue
+                index, _, digest = ref.partition(":")
+                if not index.isdigit() or len(index) > 6 or int(index) >= len(self.limits):
+                    continue
+                i = int(index)
+                if (self.limits[i].value is None) != bool(digest) or len(digest) > 16:
+                    continue
+                buckets.append(self._bucket(i, digest))
+                labels.append(self.limits[i].label)
+            out[model] = (buckets, labels)
+        return admitted, out
 
-    def _count_tokens(self, refs: Sequence[str], tokens: int) -> None:
+    def _count_tokens(self, labels: Sequence[str], tokens: int) -> None:
         if self.telemetry is None or not tokens:
             return
-        for ref in refs:
-            index = ref.partition(":")[0]
-            if index.isdigit() and int(index) < len(self.limits):
-                self.telemetry.count_ratelimit_tokens(self.limits[int(index)].label, tokens)
-
-
-def _settlement(raw: str) -> tuple[int, str, dict[str, list[str]]] | None:
-    """The admission's record as the routing stream wrote it (bounded, well-formed)."""
-    if not raw or raw == "-" or len(raw) > MAX_SETTLEMENT_CHARS:
-        return None
-    try:
-        doc: Any = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    estimate, admitted, refs = doc.get("e"), doc.get("a"), doc.get("b")
-    if not isinstance(estimate, int) or isinstance(estimate, bool) or estimate < 0:
-        return None
-    if not isinstance(admitted, str) or not isinstance(refs, dict):
-        return None
-    clean = {
-        m: [r for r in v if isinstance(r, str)]
-        for m, v in refs.items()
-        if isinstance(m, str) and isinstance(v, list)
-    }
-    return estimate, admitted, clean
+        for label in labels:
+            self.telemetry.count_ratelimit_tokens(label, tokens)

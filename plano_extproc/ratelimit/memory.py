@@ -22,15 +22,15 @@ entries alive than the table holds can make short-lived ones be forgotten).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
+import functools
 import hashlib
 import math
 import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from plano_extproc.ratelimit.budget import Bucket, Verdict, drained, take, ttl
 
@@ -40,6 +40,7 @@ _KEY = struct.Struct("<Q")  # a slot's first field alone: read while probing
 PROBE = 16  # slots a key may live in, from its hash on
 
 
+@functools.lru_cache(maxsize=16384)  # the same few keys recur on every request
 def key_hash(key: str) -> int:
     """The slot key of a bucket key: never 0, which marks an empty slot."""
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
@@ -97,7 +98,8 @@ class SharedBudgets:
         """``take`` without awaiting (other stores fall back to it when theirs is down)."""
         if not cost >= 0.0:  # also refuses NaN, which would poison the table
             raise ValueError(f"cost must be a number >= 0, not {cost!r}")
-        with self._locked():
+        fd = self._lock()
+        try:
             now = self.clock()
             state: dict[str, float] = {}
             where: dict[str, tuple[int, int]] = {}
@@ -111,12 +113,16 @@ class SharedBudgets:
                 charged = {b.key: b for b in groups[verdict.taken]}.values()
                 self._write(charged, where, state, now)
             return verdict
+        finally:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def adjust_now(self, buckets: Sequence[Bucket], delta: float) -> None:
         """``adjust`` without awaiting: drain, add ``delta``, floor at 0, write."""
         if not math.isfinite(delta):
             return  # a usage report that is not a number changes nothing
-        with self._locked():
+        fd = self._lock()
+        try:
             now = self.clock()
             state: dict[str, float] = {}
             where: dict[str, tuple[int, int]] = {}
@@ -126,11 +132,18 @@ class SharedBudgets:
                     state[b.key] = self._used(found[1], b.rate, now)
                 state[b.key] = max(0.0, state[b.key] + delta)  # a bucket listed twice: twice
             self._write({b.key: b for b in buckets}.values(), where, state, now)
+        finally:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def entries(self) -> int:
         """Entries not yet drained (for health): how full the table is."""
-        with self._locked():
+        fd = self._lock()
+        try:
             snapshot = bytes(self._table)
+        finally:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         now = self.clock()
         return sum(
             1
@@ -147,13 +160,12 @@ class SharedBudgets:
 
     # ------------------------------------------------------------------ table
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive over every process mapping the file; nothing for in-process memory
-        (one asyncio thread)."""
+    def _lock(self) -> int:
+        """Take the lock that is exclusive over every process mapping the file; the
+        descriptor to unlock (-1: in-process memory, one asyncio thread, no lock). Plain
+        calls, not a context manager: this runs twice per limited request."""
         if self.path is None:
-            yield
-            return
+            return -1
         if os.getpid() != self._pid:
             # A forked child shares the parent's open file, hence its flock: reopen so the
             # two exclude each other.
@@ -161,10 +173,7 @@ class SharedBudgets:
             self._fd = os.open(self.path, os.O_RDWR)
             self._pid = os.getpid()
         fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return self._fd
 
     def _locate(self, key: str) -> tuple[int, int]:
         """The key's hash and its slot (-1: not in the table, a full bucket)."""

@@ -44,6 +44,13 @@ CODE = "write a binary search in go"
 REASON = "explain the trade-offs of b-trees"
 OTHER = "hello there"
 USAGE = Usage(prompt=40, completion=12, cached=8)
+# Token budgets: every request's tenant is charged; the "tiny" tier refuses what it is sent.
+RATELIMITS = """
+ratelimits:
+  - {model: fast-model, selector: {key: x-tenant, value: "*"}, limit: {tokens: 1000000, unit: hour}}
+  - {model: fast-model, selector: {key: x-tier, value: tiny}, limit: {tokens: 1, unit: hour}}
+"""
+TENANT = {"x-tenant": "dash"}
 # Panel titles (or "title/refId") the load run does not feed: they must evaluate, nothing more.
 MAY_BE_EMPTY = {"Router errors (share of decisions)"}
 
@@ -212,6 +219,9 @@ def test_dashboard_is_grafana_json_with_a_datasource_variable() -> None:
         "plano_router_duration_seconds_bucket",
         "plano_session_cache_requests_total",
         "plano_session_cache_healthy",
+        "plano_ratelimit_rejections_total",
+        "plano_ratelimit_tokens_total",
+        "plano_ratelimit_store_healthy",
         "envoy_cluster_upstream_rq_total",
         "envoy_cluster_upstream_rq_time_bucket",
     ):
@@ -240,16 +250,24 @@ def gw(fakes: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Itera
     cfg = orchestrated_seed_config(
         fakes["openai"].base_url, fakes["anthropic"].base_url, fakes["orch"].base_url
     )
-    with GatewayProcess(cfg, tmp_path_factory.mktemp("dash"), workers=2) as g:
+    with GatewayProcess(cfg + RATELIMITS, tmp_path_factory.mktemp("dash"), workers=2) as g:
         yield g
 
 
 def oai(gw: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="client-key", max_retries=0, timeout=30)
+    return openai.OpenAI(
+        base_url=gw.url + "/v1",
+        api_key="client-key",
+        max_retries=0,
+        timeout=30,
+        default_headers=TENANT,
+    )
 
 
 def ant(gw: GatewayProcess) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gw.url, api_key="client-key", max_retries=0, timeout=30)
+    return anthropic.Anthropic(
+        base_url=gw.url, api_key="client-key", max_retries=0, timeout=30, default_headers=TENANT
+    )
 
 
 def one(gw: GatewayProcess, api: str, stream: bool, prompt: str, session: str | None) -> None:
@@ -296,6 +314,13 @@ def run_load(gw: GatewayProcess, fakes: dict[str, Any], half: int) -> int:
     fakes["openai"].queue(Script(status=status))  # OTHER goes to fast-model (openai)
     with pytest.raises(error):
         one(gw, "chat", False, OTHER, None)
+    sent += 1
+    with pytest.raises(openai.RateLimitError):  # the tiny tier's budget refuses it
+        oai(gw).chat.completions.create(
+            model="fast-model",
+            messages=[{"role": "user", "content": OTHER}],
+            extra_headers={"x-tier": "tiny"},
+        )
     sent += 1
     for prompt in (CODE, OTHER):
         resp = httpx.post(

@@ -4,6 +4,7 @@ real shared-budget store (injected clock), and the gateway's 429 in each client 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,12 @@ from plano_extproc.errors import RateLimitError
 from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.metrics import Metrics
 from plano_extproc.ratelimit.budget import Bucket
-from plano_extproc.ratelimit.estimate import MEDIA_TOKENS, TOKENS_PER_MESSAGE, prompt_tokens
+from plano_extproc.ratelimit.estimate import (
+    MEDIA_TOKENS,
+    TOKENS_PER_MESSAGE,
+    estimate,
+    prompt_tokens,
+)
 from plano_extproc.ratelimit.limiter import Admitted, RateLimiter, Refused, limit_id
 from plano_extproc.ratelimit.memory import SharedBudgets
 from plano_extproc.routing.base import NullRouter, RouterResult
@@ -250,7 +256,10 @@ async def test_settlement_charges_reported_usage_and_refunds_failures(clock: Clo
     h = {"x-t": "a"}
     adm = await lim.admit(["openai/gpt-4o"], h, 100)
     assert isinstance(adm, Admitted) and adm.settlement is not None
-    assert "a" not in json.loads(adm.settlement)["b"]["openai/gpt-4o"][0].split(":")[0]
+    estimate, _, tail = adm.settlement.partition(" ")
+    assert estimate == "100" and json.loads(tail)["a"] == "openai/gpt-4o"
+    (ref,) = json.loads(tail)["b"]["openai/gpt-4o"]
+    assert ref.startswith("0:") and len(ref) == 18  # the limit and a digest of the value
     # The provider reported 100 in + 850 out: 850 more than the estimate.
     ((buckets, delta),) = lim.corrections(adm.settlement, "openai/gpt-4o", 200, 950)
     assert delta == 850.0 and buckets[0].capacity == 1000.0
@@ -291,11 +300,15 @@ async def test_settlement_after_failover_moves_the_charge(clock: Clock) -> None:
         "",
         "-",
         "not json",
-        "[]",
-        '{"e": -1, "a": "m", "b": {}}',
-        '{"e": true, "a": "m", "b": {}}',
-        '{"e": 1, "a": "m", "b": {"m": ["99:abc", "x", "0:' + "f" * 40 + '"]}}',
-        "{" * 20000,
+        "1 []",
+        "-1 {}",
+        "x {}",
+        "1 {",
+        '1 {"a": 3, "b": {}}',
+        '99999999999999999 {"a": "m", "b": {}}',
+        '1 {"a": "m", "b": []}',
+        '1 {"a": "m", "b": {"m": ["99:abc", "x", "0:' + "f" * 40 + '", 7, "1234567:"]}}',
+        "1 " + "{" * 20000,
     ],
 )
 def test_settlement_ignores_malformed_records(raw: str, clock: Clock) -> None:
@@ -332,8 +345,8 @@ class FixedRouter(NullRouter):
 
 
 LIMITS = """
-  - {model: gpt-4o, selector: {key: x-tenant}, limit: {tokens: 50, unit: minute}}
-  - {model: claude, selector: {key: x-tenant, value: t1}, limit: {tokens: 50, unit: minute}}
+  - {model: gpt-4o, selector: {key: x-tenant}, limit: {tokens: 120, unit: minute}}
+  - {model: claude, selector: {key: x-tenant, value: t1}, limit: {tokens: 120, unit: minute}}
 """
 
 
@@ -361,14 +374,15 @@ async def proxy(
 
 async def test_gateway_429_in_each_client_format(unrouted: Gateway) -> None:
     limited = unrouted
-    big = "w" * 160  # about 40 tokens + 4 + 1
+    big = "w" * 240  # the body is plain JSON: estimated at its size / 4, about 70 tokens
     chat = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": big}]}
     up = await proxy(limited, "/v1/chat/completions", chat, **{"x-tenant": "t2"})
     assert isinstance(up, Upstream) and up.provider.name == "openai/gpt-4o" and up.ratelimit
     imm = await proxy(limited, "/v1/chat/completions", chat, **{"x-tenant": "t2"})
     assert isinstance(imm, Immediate) and imm.status == 429
-    # 45 tokens of 50 spent, 45 more needed: 40 short at 50/60 per second.
-    assert ("retry-after", "48") in imm.headers
+    # e tokens of 120 spent, e more needed: 2e - 120 short at 120/60 = 2 per second.
+    e = estimate(json.dumps(chat).encode(), chat)
+    assert 60 < e <= 120 and ("retry-after", str(math.ceil((2 * e - 120) / 2))) in imm.headers
     err = json.loads(imm.body)["error"]
     assert err["type"] == "tokens" and err["code"] == "rate_limit_exceeded"
     assert "t2" not in err["message"]
@@ -395,7 +409,7 @@ async def test_gateway_429_in_each_client_format(unrouted: Gateway) -> None:
 async def test_gateway_routed_request_over_budget_is_served_by_the_next_model(
     limited: Gateway,
 ) -> None:
-    body = {"messages": [{"role": "user", "content": "w" * 160}]}
+    body = {"messages": [{"role": "user", "content": "w" * 240}]}
     h = {"x-tenant": "t1"}
     first = await proxy(limited, "/v1/chat/completions", body, **h)
     assert isinstance(first, Upstream) and first.failover is not None
@@ -413,7 +427,7 @@ async def test_plano_selector_header_limits_as_in_plano_and_cannot_opt_out(
 ) -> None:
     """A Plano client names the header to key on with x-arch-ratelimit-selector: it is limited
     as in Plano; a client that leaves it out is limited all the same (Plano would not)."""
-    chat = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "w" * 160}]}
+    chat = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "w" * 240}]}
     plano = {"x-arch-ratelimit-selector": "x-tenant", "x-tenant": "p1"}
     assert isinstance(await proxy(unrouted, "/v1/chat/completions", chat, **plano), Upstream)
     imm = await proxy(unrouted, "/v1/chat/completions", chat, **plano)
@@ -433,7 +447,7 @@ async def test_pinned_session_over_budget_is_served_by_the_next_model(clock: Clo
     cache = MemorySessionCache()
     await cache.start()
     gw = Gateway(c, FixedRouter(), cache, limiter=limiter_for(c, clock))
-    body = {"messages": [{"role": "user", "content": "w" * 160}]}
+    body = {"messages": [{"role": "user", "content": "w" * 240}]}
     h = {"x-tenant": "t1", "x-model-affinity": "session-1"}
     first = await proxy(gw, "/v1/chat/completions", body, **h)
     assert isinstance(first, Upstream) and first.provider.name == "openai/gpt-4o"
@@ -456,3 +470,18 @@ async def test_settle_applies_the_correction_to_the_store(clock: Clock) -> None:
     assert isinstance(refused, Refused)
     lim.settle(adm.settlement, "openai/gpt-4o", 500, None)  # as if it had failed: refund 100
     assert isinstance(await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 100), Admitted)
+
+
+def test_estimate_from_raw_size_only_for_plain_bodies() -> None:
+    plain = {"model": "m", "messages": [{"role": "user", "content": "a" * 400}]}
+    raw = json.dumps(plain).encode()
+    assert estimate(raw, plain) == -(-len(raw) // 4)  # size / 4, no walk
+    # Inline media, escaped non-ASCII and our own inline routes are walked instead.
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url",
+             "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]}]}  # fmt: skip
+    assert estimate(json.dumps(image).encode(), image) == prompt_tokens(image) < 2000
+    cjk = {"messages": [{"role": "user", "content": "字" * 300}]}
+    escaped = json.dumps(cjk).encode()  # \u5b57 each: 6 bytes a character
+    assert estimate(escaped, cjk) == prompt_tokens(cjk) < len(escaped) // 4
+    routed = {**plain, "routing_preferences": [{"name": "x", "description": "y" * 4000}]}
+    assert estimate(json.dumps(routed).encode(), routed) == prompt_tokens(routed)
