@@ -56,6 +56,11 @@ class BudgetStore(Protocol):
         """Charge ``delta`` more (negative: give back), without any check."""
         ...
 
+    async def adjust_many(self, items: Sequence[tuple[Bucket, float]]) -> None:
+        """``adjust`` for several buckets, each by its own delta, in one store operation
+        (the settlements of one batch of usage records)."""
+        ...
+
 
 def drained(used: float, stamp: float, rate: float, now: float) -> float:
     """``used`` at ``now``: what refilled since ``stamp`` given back (never below zero)."""

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("plano_extproc.ratelimit")
 
-MAX_PENDING = 10000  # settlements in flight (Redis); beyond it they are dropped and counted
+MAX_PENDING = 1000  # settlement batches in flight (Redis); beyond it dropped and counted
+MAX_OWED = 4096  # buckets owing a correction before a flush is forced
 MAX_SETTLEMENT_CHARS = 16384
 MAX_SEEN = 4096  # cached (limit, selector value) buckets; cleared when full
 MAX_SEEN_CHARS = 256  # longer selector values are digested every time
@@ -97,6 +98,7 @@ class RateLimiter:
             for name in lim.models:
                 self._by_model.setdefault(name, []).append(i)
         self._pending: set[asyncio.Task[None]] = set()
+        self._owed: dict[str, tuple[Bucket, float]] = {}
         self.dropped = 0
         # (limit, selector value) -> its bucket and settlement reference: the same tenants
         # recur, and a digest per request and limit is most of the lookup's cost. Bounded.
@@ -224,24 +226,38 @@ class RateLimiter:
     # ------------------------------------------------------------------ after the reply
 
     def settle(self, settlement: str, served: str, status: int, used: int | None) -> None:
-        """The usage record of an admitted request: correct the budgets (see the module
-        docstring). ``used``: input + output tokens the provider reported, None if unknown."""
-        adjustments = self.corrections(settlement, served, status, used)
-        now = getattr(self.store, "adjust_now", None)  # the shared table: no task needed
-        for buckets, delta in adjustments:
-            if now is not None:
-                now(buckets, delta)
-                continue
-            if len(self._pending) >= MAX_PENDING:
-                self.dropped += 1
-                continue
-            task = asyncio.get_running_loop().create_task(self._adjust(buckets, delta))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+        """The usage record of an admitted request: what its budgets owe (see the module
+        docstring), applied by ``flush``. ``used``: input + output tokens the provider
+        reported, None if unknown."""
+        owed = self._owed
+        for buckets, delta in self.corrections(settlement, served, status, used):
+            for b in buckets:
+                before = owed.get(b.key)
+                owed[b.key] = (b, delta + before[1] if before is not None else delta)
+        if len(owed) >= MAX_OWED:
+            self.flush()
 
-    async def _adjust(self, buckets: list[Bucket], delta: float) -> None:
+    def flush(self) -> None:
+        """Apply what ``settle`` collected: one store operation per batch of usage records
+        (Envoy sends them in batches) instead of one per request."""
+        if not self._owed:
+            return
+        items = [item for item in self._owed.values() if item[1]]
+        self._owed = {}
+        now = getattr(self.store, "adjust_many_now", None)  # the shared table: no task needed
+        if now is not None:
+            now(items)
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += len(items)
+            return
+        task = asyncio.get_running_loop().create_task(self._adjust(items))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _adjust(self, items: list[tuple[Bucket, float]]) -> None:
         try:
-            await self.store.adjust(buckets, delta)
+            await self.store.adjust_many(items)
         except Exception:  # a store never raises by contract; never let a task die loud
             log.exception("rate limits: a budget correction failed")
 

@@ -89,6 +89,9 @@ class SharedBudgets:
     async def take(self, groups: Sequence[Sequence[Bucket]], cost: float) -> Verdict:
         return self.take_now(groups, cost)
 
+    async def adjust_many(self, items: Sequence[tuple[Bucket, float]]) -> None:
+        self.adjust_many_now(items)
+
     async def adjust(self, buckets: Sequence[Bucket], delta: float) -> None:
         self.adjust_now(buckets, delta)
 
@@ -119,19 +122,25 @@ class SharedBudgets:
 
     def adjust_now(self, buckets: Sequence[Bucket], delta: float) -> None:
         """``adjust`` without awaiting: drain, add ``delta``, floor at 0, write."""
-        if not math.isfinite(delta):
-            return  # a usage report that is not a number changes nothing
+        self.adjust_many_now([(b, delta) for b in buckets])
+
+    def adjust_many_now(self, items: Sequence[tuple[Bucket, float]]) -> None:
+        """``adjust_many`` without awaiting: each bucket by its own delta, under one lock."""
+        # A usage report that is not a number changes nothing.
+        items = [(b, d) for b, d in items if math.isfinite(d)]
+        if not items:
+            return
         fd = self._lock()
         try:
             now = self.clock()
             state: dict[str, float] = {}
             where: dict[str, tuple[int, int]] = {}
-            for b in buckets:
+            for b, delta in items:
                 if b.key not in where:
                     where[b.key] = found = self._locate(b.key)
                     state[b.key] = self._used(found[1], b.rate, now)
                 state[b.key] = max(0.0, state[b.key] + delta)  # a bucket listed twice: twice
-            self._write({b.key: b for b in buckets}.values(), where, state, now)
+            self._write({b.key: b for b, _ in items}.values(), where, state, now)
         finally:
             if fd >= 0:
                 fcntl.flock(fd, fcntl.LOCK_UN)

@@ -38,20 +38,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from plano_extproc.affinity.redis_cache import _is_outage, _scripting_forbidden, mask_url
 from plano_extproc.ratelimit.budget import Bucket, BudgetStore, Verdict
+
+
+class _Script:
+    """A Lua script called by its SHA1 (loaded again after a Redis restart forgot it)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text.encode()
+        self.sha = hashlib.sha1(self.text, usedforsecurity=False).hexdigest().encode()
+
+
+def _pack(*parts: bytes) -> bytes:
+    """One command in RESP framing: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
 
 log = logging.getLogger("plano_extproc.ratelimit")
 
@@ -149,22 +167,21 @@ return out
 )
 
 # adjust: KEYS: one per bucket (in order, repeats allowed: each counts, as in ``take``).
-# ARGV: delta, expiry margin (ms), then one rate per key. Reply: the number of buckets.
+# ARGV: expiry margin (ms), then per key its delta and its rate. Reply: the number of buckets.
 _ADJUST_LUA = (
     _LUA_COMMON
     + """
-local delta = tonumber(ARGV[1])
-local margin = tonumber(ARGV[2])
+local margin = tonumber(ARGV[1])
 local used, rate, seen = {}, {}, {}
 for k = 1, #KEYS do
   local key = KEYS[k]
   if seen[key] == nil then
     seen[key] = k
-    rate[k] = tonumber(ARGV[2 + k])
+    rate[k] = tonumber(ARGV[1 + 2 * k])
     used[k] = load(key, rate[k], now)
   end
   local i = seen[key]
-  used[i] = used[i] + delta
+  used[i] = used[i] + tonumber(ARGV[2 * k])
   if used[i] < 0 then used[i] = 0 end
 end
 for k = 1, #KEYS do
@@ -214,24 +231,28 @@ class RedisBudgets:
         self._call_timeout = connect_timeout + 3 * op_timeout
         self._retry_interval = retry_interval
         self._prefix = key_prefix
-        tls: dict[str, Any] = {}
-        if url.startswith("rediss://") and ca_file and "ssl_ca_certs=" not in url:
-            tls["ssl_ca_certs"] = ca_file
+        # redis-py's Connection (connect, AUTH, SELECT, TLS, the reply parser), without its
+        # client and pool layers: a budget check runs on every limited request, and those
+        # layers cost about twice the rest of the call (docs/benchmarks.md, "Rate limits").
+        kwargs: dict[str, Any] = dict(parse_url(url))
+        self._connection_class = kwargs.pop("connection_class", Connection)
+        if url.startswith("rediss://") and ca_file and "ssl_ca_certs" not in kwargs:
+            # overrides.upstream_tls_ca_path: one CA setting for every TLS peer.
+            kwargs["ssl_ca_certs"] = ca_file
         # No client-side retries: the breaker handles failures (redis-py's default retries
         # with backoff would add seconds to a request).
-        self._pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=op_timeout,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=op_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            **tls,
-        )
-        self._client = Redis(connection_pool=self._pool)
-        self._take_script = self._client.register_script(_TAKE_LUA)
-        self._adjust_script = self._client.register_script(_ADJUST_LUA)
+        self._connection_kwargs = {
+            **kwargs,
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": op_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        self._connection_class(**self._connection_kwargs)  # a bad URL option fails here
+        self._idle: list[Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self._take_script = _Script(_TAKE_LUA)
+        self._adjust_script = _Script(_ADJUST_LUA)
         self._healthy = False
         self._closed = False
         self._probe_task: asyncio.Task[None] | None = None
@@ -271,10 +292,7 @@ class RedisBudgets:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(Exception):
-            await self._client.aclose()
-        with contextlib.suppress(Exception):
-            await self._pool.disconnect()
+        await self._drop_idle()
 
     # -- BudgetStore -------------------------------------------------------------------
 
@@ -294,31 +312,73 @@ class RedisBudgets:
         return await self._fallback.take(groups, cost)
 
     async def adjust(self, buckets: Sequence[Bucket], delta: float) -> None:
-        if not buckets or delta == 0 or not math.isfinite(delta):
+        await self.adjust_many([(b, delta) for b in buckets])
+
+    async def adjust_many(self, items: Sequence[tuple[Bucket, float]]) -> None:
+        """Several buckets, each by its own delta, in one script call."""
+        items = [(b, d) for b, d in items if d != 0 and math.isfinite(d)]
+        if not items:
             return  # a usage report that is not a number changes nothing
         if self._healthy:
             try:
-                keys = [self._prefix + b.key for b in buckets]
-                args: list[str | int] = [_num(delta), _TTL_MARGIN_MS]
-                args += [_num(b.rate) for b in buckets]
+                keys = [self._prefix + b.key for b, _ in items]
+                args: list[str | int] = [_TTL_MARGIN_MS]
+                for b, d in items:
+                    args += [_num(d), _num(b.rate)]
                 await self._run(self._adjust_script, keys, args)
                 return
             except Exception as exc:
                 self._fail(exc, "adjust")
         # Most likely the charge being corrected was taken from the fallback too.
         self._adjust_fallbacks += 1
-        await self._fallback.adjust(buckets, delta)
+        await self._fallback.adjust_many(items)
 
-    async def _run(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
+    async def _run(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
         """One script call. A pooled socket from before a Redis restart fails on first use
         although Redis is back: drop the idle sockets and try once more on a fresh one, so a
         replica that saw no traffic during an outage does not trip its breaker after it."""
+        parts = [str(len(keys)).encode(), *(k.encode() for k in keys)]
+        parts += [a.encode() if isinstance(a, str) else str(a).encode() for a in args]
         async with asyncio.timeout(self._call_timeout):
             try:
-                return await script(keys=keys, args=args)
+                return await self._call(script, parts)
             except RedisConnectionError:
-                await self._pool.disconnect(inuse_connections=False)
-                return await script(keys=keys, args=args)
+                await self._drop_idle()
+                return await self._call(script, parts)
+
+    async def _call(self, script: _Script, parts: list[bytes]) -> Any:
+        """EVALSHA on a connection of our own (at most ``max_connections`` at once); a
+        connection that failed or timed out (it may still owe a reply) is closed, not reused."""
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self._connection_class(**self._connection_kwargs)
+            done = False
+            try:
+                if not conn.is_connected:
+                    await conn.connect()
+                await conn.send_packed_command(_pack(b"EVALSHA", script.sha, *parts), False)
+                try:
+                    reply = await conn.read_response()
+                except NoScriptError:  # a restarted (or flushed) Redis forgot the script
+                    await conn.send_packed_command(_pack(b"SCRIPT", b"LOAD", script.text), False)
+                    await conn.read_response()
+                    await conn.send_packed_command(_pack(b"EVALSHA", script.sha, *parts), False)
+                    reply = await conn.read_response()
+                done = True
+                return reply
+            finally:
+                if done:
+                    self._idle.append(conn)
+                else:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect()
+
+    async def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
 
     def _take_args(
         self, groups: Sequence[Sequence[Bucket]], cost: float
@@ -349,8 +409,7 @@ class RedisBudgets:
 
     async def _ping(self) -> None:
         """The take script with no buckets: Redis answers and lets this client script."""
-        async with asyncio.timeout(self._call_timeout):
-            await self._take_script(keys=[], args=["0", _TTL_MARGIN_MS, 0])
+        await self._run(self._take_script, [], ["0", _TTL_MARGIN_MS, 0])
 
     # -- failure handling --------------------------------------------------------------
 
@@ -394,8 +453,7 @@ class RedisBudgets:
         while not self._closed:
             await asyncio.sleep(self._retry_interval)
             # Drop sockets from before the outage so the calls after it use fresh ones.
-            with contextlib.suppress(Exception):
-                await self._pool.disconnect(inuse_connections=False)
+            await self._drop_idle()
             try:
                 await self._ping()
             except Exception as exc:

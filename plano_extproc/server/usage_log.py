@@ -58,6 +58,8 @@ class UsageLog:
             for group in getattr(resource, _GROUP_FIELD):
                 for rec in group.logs:
                     self._record(rec)
+        if self.limiter is not None:  # the batch's budget corrections, in one store call
+            self.limiter.flush()
         return _EMPTY_RESPONSE
 
     def _record(self, rec: Any) -> None:

@@ -100,3 +100,32 @@ async def test_rediss_server_that_cannot_be_verified_fails_open(
             assert await cache.put_if_absent("x", A) == A  # served without affinity
         finally:
             await cache.close()
+
+
+async def test_rate_limit_budgets_over_rediss_with_the_configured_ca(
+    tmp_path: Path, redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    """The budget store opens its own connections (not the session cache's client): they
+    verify the same CA, and an unverifiable server leaves budgets per gateway, not failing."""
+    from plano_extproc.ratelimit.budget import Bucket
+    from plano_extproc.ratelimit.memory import SharedBudgets
+    from plano_extproc.ratelimit.redis_store import RedisBudgets
+
+    ca = CertificateAuthority.create(tmp_path)
+    bucket = Bucket("tls-tenant", capacity=5, rate=0.001)
+    async with tls_terminator(ca, tmp_path, redis_server.port) as port:
+        url = f"rediss://localhost:{port}/0"
+        store = RedisBudgets(url, SharedBudgets(), op_timeout=2, ca_file=str(ca.pem_path))
+        unverified = RedisBudgets(url, SharedBudgets(), op_timeout=2)  # system CAs only
+        await store.start()
+        await unverified.start()
+        try:
+            assert store.healthy and (await store.take([[bucket]], 5)).taken == 0
+            assert (await store.take([[bucket]], 1)).taken is None
+            assert unverified.healthy is False
+            assert "certificate" in str(unverified.health()["last_error"]).lower()
+            assert (await unverified.take([[bucket]], 5)).taken == 0  # its own budget
+        finally:
+            await store.close()
+            await unverified.close()
+    assert redis_admin.exists("plano:budget:tls-tenant") == 1  # went through TLS

@@ -190,6 +190,23 @@ async def test_adjust_charges_and_refunds(
     assert a.errors == b.errors == 0
 
 
+async def test_adjust_many_applies_each_delta_in_one_call(
+    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+) -> None:
+    a, _ = pair
+    x, y = Bucket("many-x", capacity=10, rate=SLOW), Bucket("many-y", capacity=10, rate=SLOW)
+    assert (await take(a, [[x, y]], 4)).taken == 0
+    warm = Bucket("many-warm", capacity=10, rate=SLOW)  # the script loaded (NOSCRIPT once)
+    await asyncio.wait_for(a.adjust_many([(warm, 1.0)]), CALL_LIMIT)
+    before = int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    await asyncio.wait_for(a.adjust_many([(x, 3.0), (y, -4.0), (x, 1.0)]), CALL_LIMIT)
+    after = int(admin.info("commandstats")["cmdstat_evalsha"]["calls"])
+    assert after - before == 1
+    assert float(admin.hget(PREFIX + "many-x", "u") or 0) == pytest.approx(8, abs=0.01)
+    assert admin.exists(PREFIX + "many-y") == 0  # refunded to full: gone
+    assert a.errors == 0
+
+
 async def test_keys_expire_when_drained(
     pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
 ) -> None:

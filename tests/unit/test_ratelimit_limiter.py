@@ -466,10 +466,17 @@ async def test_settle_applies_the_correction_to_the_store(clock: Clock) -> None:
     adm = await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 100)
     assert isinstance(adm, Admitted) and adm.settlement is not None
     lim.settle(adm.settlement, "openai/gpt-4o", 200, 1000)  # the provider reported 1000
+    assert isinstance(await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 1), Admitted)
+    lim.flush()  # the batch's corrections reach the store together
     refused = await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 1)
     assert isinstance(refused, Refused)
-    lim.settle(adm.settlement, "openai/gpt-4o", 500, None)  # as if it had failed: refund 100
+    # Two records of one batch on one bucket, both failed: their estimates (100 and 1) come
+    # back together. 1000 + 1 spent (the admit above) - 101 = 900.
+    lim.settle(adm.settlement, "openai/gpt-4o", 500, None)
+    lim.settle("1 " + adm.settlement.partition(" ")[2], "openai/gpt-4o", 500, None)
+    lim.flush()
     assert isinstance(await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 100), Admitted)
+    assert isinstance(await lim.admit(["openai/gpt-4o"], {"x-t": "a"}, 1), Refused)
 
 
 def test_estimate_from_raw_size_only_for_plain_bodies() -> None:
