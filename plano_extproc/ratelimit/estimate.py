@@ -64,15 +64,18 @@ def _strings(value: Any, key: str | None, depth: int) -> tuple[int, int]:
 # A body without any of these is plain text in JSON: its size is a fair estimate by itself
 # (the JSON syntax around each message stands in for the chat template's tokens), found by a
 # few byte scans instead of a walk over every value. Inline media, escaped non-ASCII text and
-# our own inline routes take the walk.
-_WALK_MARKERS = (b'"data:', b'"data"', b'"file_data"', b"\\u", b'"routing_')
+# our own inline routes take the walk (``"data`` covers ``"data:`` URLs and ``"data"`` keys).
 FAST_MAX_BYTES = 1 << 20
 
 
 def estimate(raw: bytes, body: dict[str, Any]) -> int:
     """Estimated input tokens of a request: from its raw JSON when that is plain text, else
     from ``prompt_tokens``. Both count about 4 bytes per token."""
-    if len(raw) <= FAST_MAX_BYTES and not any(m in raw for m in _WALK_MARKERS):
+    # Separate substring searches: 2.4 us for a 300-byte body, where one regex over the
+    # alternatives took 4.3 (and 4x longer on large bodies).
+    if len(raw) <= FAST_MAX_BYTES and not (
+        b'"data' in raw or b"file_data" in raw or b"\\u" in raw or b'"routing_' in raw
+    ):
         return -(-len(raw) // BYTES_PER_TOKEN)
     return prompt_tokens(body)
 

@@ -32,7 +32,7 @@ import struct
 import time
 from collections.abc import Callable, Collection, Sequence
 
-from plano_extproc.ratelimit.budget import Bucket, Verdict, drained, take, ttl
+from plano_extproc.ratelimit.budget import Bucket, Verdict, drained, take, ttl, wait
 
 BUDGET_FILE_ENV = "PLANO_EXTPROC_BUDGET_FILE"
 _SLOT = struct.Struct("<Qddd")  # key hash, used, stamp (monotonic seconds), rate
@@ -104,6 +104,15 @@ class SharedBudgets:
         fd = self._lock()
         try:
             now = self.clock()
+            if len(groups) == 1 and len(groups[0]) == 1:  # one model, one limit: most requests
+                b = groups[0][0]
+                h, i = self._locate(b.key)
+                used = self._used(i, b.rate, now)
+                w = wait(used, b, cost)
+                if w > 0.0:
+                    return Verdict(None, (w,))
+                self._write((b,), {b.key: (h, i)}, {b.key: used + cost}, now)
+                return Verdict(0, (0.0,))
             state: dict[str, float] = {}
             where: dict[str, tuple[int, int]] = {}
             for group in groups:

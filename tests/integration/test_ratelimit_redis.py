@@ -359,3 +359,34 @@ def test_health_masks_password() -> None:
     h = store.health()
     assert "hunter2" not in repr(h)
     assert h["backend"] == "redis" and h["healthy"] is False
+
+
+async def test_connections_are_capped_and_shared_under_concurrency(
+    redis_server: RedisServer, admin: redis.Redis
+) -> None:
+    """More concurrent checks than ``max_connections``: they wait for a connection instead of
+    opening more, none fails over to the fallback, and checks cancelled while waiting (a
+    request's timeout) leave no connection behind."""
+    store = RedisBudgets(redis_server.url, SharedBudgets(), max_connections=2, op_timeout=1.0)
+    await store.start()
+    try:
+        base = int(admin.info("clients")["connected_clients"])
+        bucket = Bucket("capped", capacity=1000, rate=SLOW)
+        verdicts = await asyncio.wait_for(
+            asyncio.gather(*(store.take([[bucket]], 1) for _ in range(40))), 10
+        )
+        assert all(v.taken == 0 for v in verdicts)
+        assert int(admin.info("clients")["connected_clients"]) <= base + 2
+        tasks = [asyncio.create_task(store.take([[bucket]], 1)) for _ in range(20)]
+        await asyncio.sleep(0)
+        for t in tasks[::2]:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        again = await asyncio.wait_for(
+            asyncio.gather(*(store.take([[bucket]], 1) for _ in range(10))), 10
+        )
+        assert all(v.taken == 0 for v in again)
+        assert store.fallbacks == 0 and store.errors == 0
+        assert int(admin.info("clients")["connected_clients"]) <= base + 2
+    finally:
+        await store.close()

@@ -492,3 +492,9 @@ def test_estimate_from_raw_size_only_for_plain_bodies() -> None:
     assert estimate(escaped, cjk) == prompt_tokens(cjk) < len(escaped) // 4
     routed = {**plain, "routing_preferences": [{"name": "x", "description": "y" * 4000}]}
     assert estimate(json.dumps(routed).encode(), routed) == prompt_tokens(routed)
+
+
+def test_estimate_walks_inline_files() -> None:
+    doc = {"input": [{"role": "user", "content": [{"type": "input_file", "filename": "a.pdf",
+           "file_data": "JVBERi0xLjQK" * 50_000}]}]}  # fmt: skip
+    assert estimate(json.dumps(doc).encode(), doc) == prompt_tokens(doc) < 2000
