@@ -9,6 +9,7 @@ one gateway (memory) and by two gateways sharing Redis, which may die and come b
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -42,6 +43,9 @@ ratelimits:
   - model: {GPT4}
     selector: {{key: x-team}}
     limit: {{tokens: 150, unit: second}}
+  - model: {GPT}
+    selector: {{key: x-probe}}
+    limit: {{tokens: 1, unit: hour}}
 """
 
 
@@ -207,31 +211,23 @@ def test_reported_usage_of_streams_is_charged_and_budgets_are_per_value(
         assert chat(gw, **{"x-tenant": f"t-{i}"}) == GPT
 
 
-def chat_estimate(gw: GatewayProcess, tenant: str) -> float:
-    """What the gateway estimates one ``chat`` request at: the tokens a request charges when
-    the provider reports no usage (the caller scripts that), read from the gateway's metrics."""
-    label = f"{GPT} x-tenant=*"
-    # Earlier requests' usage records may still be on their way (Envoy sends them every
-    # 0.5 s): wait until the counter holds still, bounded.
-    before = metric(gw, "plano_ratelimit_tokens_total", limit=label)
-    for _ in range(20):
-        time.sleep(0.7)
-        now = metric(gw, "plano_ratelimit_tokens_total", limit=label)
-        if now == before:
-            break
-        before = now
-    chat(gw, **{"x-tenant": tenant})
-    settled(gw, label, before + 1)
-    return metric(gw, "plano_ratelimit_tokens_total", limit=label) - before
+def chat_estimate(gw: GatewayProcess) -> int:
+    """What the gateway estimates one ``chat`` request at: a budget of one token refuses it
+    and says how many it needs."""
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(gw, **{"x-probe": "p"})
+    found = re.search(r"needs about (\d+) tokens", e.value.message)
+    assert found, e.value.message
+    return int(found[1])
 
 
 def test_two_workers_share_one_budget(gw: GatewayProcess, fakes: dict[str, FakeProvider]) -> None:
     """Twelve sequential requests, spread over both workers by Envoy: the budget of 1000
     tokens admits exactly as many estimates as fit, whichever worker checks."""
     fakes["openai"].script = Script(usage=None)  # no usage reported: the estimate stays
-    e = chat_estimate(gw, "probe-workers")
+    e = chat_estimate(gw)
     fit = int(1000 // e)
-    assert 5 <= fit < 12
+    assert 5 <= fit < 12, e
     fakes["openai"].clear()
     fakes["openai"].script = Script(usage=None)
     served = refused = 0
@@ -294,7 +290,7 @@ def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
     cfg = cfg.replace("routing:\n", "routing:\n" + extra)
     fakes["openai"].script = Script(usage=None)
     with GatewayProcess(cfg, tmp_path) as g1, GatewayProcess(cfg, tmp_path) as g2:
-        fit = int(1000 // chat_estimate(g1, "probe-redis"))
+        fit = int(1000 // chat_estimate(g1))
         assert 5 <= fit < 12
         served = refused = 0
         for i in range(12):  # alternating replicas: one budget of 1000 for both
