@@ -498,3 +498,12 @@ def test_estimate_walks_inline_files() -> None:
     doc = {"input": [{"role": "user", "content": [{"type": "input_file", "filename": "a.pdf",
            "file_data": "JVBERi0xLjQK" * 50_000}]}]}  # fmt: skip
     assert estimate(json.dumps(doc).encode(), doc) == prompt_tokens(doc) < 2000
+
+
+async def test_gateway_never_fitting_request_tells_sdks_not_to_retry(unrouted: Gateway) -> None:
+    huge = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "w" * 4000}]}
+    imm = await proxy(unrouted, "/v1/chat/completions", huge, **{"x-tenant": "big"})
+    assert isinstance(imm, Immediate) and imm.status == 429
+    assert ("x-should-retry", "false") in imm.headers
+    assert not any(k == "retry-after" for k, _ in imm.headers)
+    assert "cannot be served under this limit" in json.loads(imm.body)["error"]["message"]
