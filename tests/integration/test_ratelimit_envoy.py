@@ -46,6 +46,9 @@ ratelimits:
   - model: {GPT}
     selector: {{key: x-probe}}
     limit: {{tokens: 1, unit: hour}}
+  - model: {GPT4}
+    selector: {{key: x-squad}}
+    limit: {{tokens: 150, unit: hour}}
 """
 
 
@@ -263,6 +266,29 @@ def test_routed_request_over_budget_moves_to_the_next_model_and_the_budget_refil
     time.sleep(1.2)  # 150 tokens a second: the window refills
     assert chat(gw, model=GPT4, **h) == GPT4
     assert routed_model() == GPT  # gpt-4o is over budget again: the route's next model
+
+
+def test_failover_moves_the_charge_to_the_model_that_served(
+    gw: GatewayProcess, fakes: dict[str, FakeProvider]
+) -> None:
+    """gpt-4o allows squad red 150 tokens an hour: a routed request is admitted there (about
+    115 charged), gpt-4o answers 500 and gpt-4o-mini serves it. The usage record gives
+    gpt-4o its estimate back, so a request that only fits an unspent budget passes again."""
+    h = {"x-squad": "red"}
+    fakes["openai"].queue(Script(status=500))  # the first attempt (gpt-4o) fails
+    client = oa(gw, **h)
+    raw = client.chat.completions.with_raw_response.create(
+        model=GPT4, messages=[{"role": "user", "content": ROUTED}]
+    )
+    assert raw.headers["x-plano-model"] == GPT and raw.headers["x-plano-attempts"] == "2"
+    deadline = time.monotonic() + 15
+    while True:  # without the refund gpt-4o would be over budget for about an hour
+        try:
+            assert chat(gw, model=GPT4, **h) == GPT4
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "gpt-4o never got its estimate back"
+            time.sleep(0.2)
 
 
 def test_ready_shows_the_limits(gw: GatewayProcess) -> None:
