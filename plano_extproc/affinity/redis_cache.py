@@ -24,12 +24,11 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from plano_extproc.affinity.base import PinnedDecision
 from plano_extproc.affinity.keys import REDIS_PREFIX
+from plano_extproc.redis_health import RedisBreaker, is_outage, scripting_forbidden
 
 log = logging.getLogger("plano_extproc.affinity")
 
@@ -94,20 +93,6 @@ def decode_decision(raw: bytes | str) -> PinnedDecision | None:
     return PinnedDecision(model=model, route=route)
 
 
-def _is_outage(exc: BaseException) -> bool:
-    """Errors meaning "Redis is not usable right now" (trip the breaker), as opposed to a
-    per-command error such as WRONGTYPE on one key."""
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError))
-
-
-def _scripting_forbidden(exc: ResponseError) -> bool:
-    """True when the server refuses EVAL/EVALSHA itself (ACL or a proxy without scripting)."""
-    if isinstance(exc, NoPermissionError):  # redis-py strips the NOPERM prefix
-        return True
-    text = str(exc).lower()
-    return "noperm" in text or "unknown command" in text or "not supported" in text
-
-
 class RedisSessionCache:
     """Session cache in Redis under ``plano:affinity:{key}``; see the module docstring.
 
@@ -143,7 +128,6 @@ class RedisSessionCache:
         self._op_timeout = op_timeout
         # Whole-operation bound: a connect plus the command (and at most a script load).
         self._call_timeout = connect_timeout + 2 * op_timeout
-        self._retry_interval = retry_interval
         self._prefix = key_prefix
         tls: dict[str, Any] = {}
         if url.startswith("rediss://") and ca_file and "ssl_ca_certs=" not in url:
@@ -164,14 +148,11 @@ class RedisSessionCache:
         self._client = Redis(connection_pool=self._pool)
         self._script = self._client.register_script(_PUT_IF_ABSENT_LUA)
         self._use_script = True
-        self._healthy = False
-        self._closed = False
-        self._probe_task: asyncio.Task[None] | None = None
-        self._errors = 0
+        self._breaker = RedisBreaker(
+            "session cache", self._masked_url, retry_interval, self._probe, log
+        )
         self._malformed = 0
         self._skipped = 0
-        self._last_error: str | None = None
-        self._last_error_at: float | None = None
         self._near_seconds = max(0.0, near_cache_seconds)
         self._near_entries = max(1, near_cache_entries)
         self._near: OrderedDict[str, tuple[PinnedDecision, float]] = OrderedDict()
@@ -202,30 +183,24 @@ class RedisSessionCache:
 
     async def start(self) -> None:
         """Check Redis once; if it does not answer, log and keep probing in the background."""
-        self._closed = False
         try:
             async with asyncio.timeout(self._call_timeout):
                 await self._client.ping()
         except Exception as exc:
-            self._record_error(exc)
+            self._breaker.record(exc)
             log.warning(
                 "session cache: Redis at %s unavailable at start (%s); serving without "
                 "affinity until it answers",
                 self._masked_url,
-                self._last_error,
+                self._breaker.last_error,
             )
             self._trip()
             return
-        self._healthy = True
+        self._breaker.opened()
         log.info("session cache: connected to Redis at %s", self._masked_url)
 
     async def close(self) -> None:
-        self._closed = True
-        task, self._probe_task = self._probe_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._breaker.close()
         with contextlib.suppress(Exception):
             await self._client.aclose()
         with contextlib.suppress(Exception):
@@ -239,7 +214,7 @@ class RedisSessionCache:
             local = self._near_get(rkey)
             if local is not None:
                 return local
-        if not self._healthy:
+        if not self._breaker.healthy:
             self._skipped += 1
             return None
         try:
@@ -265,7 +240,7 @@ class RedisSessionCache:
         return decision
 
     async def put_if_absent(self, key: str, value: PinnedDecision) -> PinnedDecision:
-        if not self._healthy:
+        if not self._breaker.healthy:
             self._skipped += 1
             return value
         rkey = self._prefix + key
@@ -276,7 +251,7 @@ class RedisSessionCache:
                     try:
                         existing = await self._script(keys=[rkey], args=[payload, self._ttl])
                     except ResponseError as exc:
-                        if not _scripting_forbidden(exc):
+                        if not scripting_forbidden(exc):
                             raise
                         self._use_script = False
                         log.warning(
@@ -300,7 +275,7 @@ class RedisSessionCache:
         return winner
 
     async def put(self, key: str, value: PinnedDecision) -> None:
-        if not self._healthy:
+        if not self._breaker.healthy:
             self._skipped += 1
             return
         rkey = self._prefix + key
@@ -321,73 +296,53 @@ class RedisSessionCache:
 
     # -- failure handling --------------------------------------------------------------
 
-    def _record_error(self, exc: BaseException) -> None:
-        self._errors += 1
-        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        self._last_error_at = time.time()
-
     def _fail(self, exc: BaseException, op: str) -> None:
-        self._record_error(exc)
-        if _is_outage(exc):
-            if self._healthy:
+        breaker = self._breaker
+        breaker.record(exc)
+        if is_outage(exc):
+            if breaker.healthy:
                 log.warning(
                     "session cache: Redis %s failed (%s); skipping Redis, retrying every %.1fs",
                     op,
-                    self._last_error,
-                    self._retry_interval,
+                    breaker.last_error,
+                    breaker.retry_interval,
                 )
             self._trip()
         else:
-            log.warning("session cache: Redis %s error: %s", op, self._last_error)
+            log.warning("session cache: Redis %s error: %s", op, breaker.last_error)
 
     def _trip(self) -> None:
         """Open the breaker: requests skip Redis until the background probe succeeds."""
-        self._healthy = False
         # Redis may come back empty (no persistence) and other replicas may then pin anew:
         # forget local copies so this replica follows Redis again instead of old pins.
         self._near.clear()
-        if self._closed:
-            return
-        if self._probe_task is None or self._probe_task.done():
-            self._probe_task = asyncio.create_task(self._probe_loop(), name="affinity-redis-probe")
+        self._breaker.trip()
 
-    async def _probe_loop(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self._retry_interval)
-            # Drop idle sockets from before the outage so the probe and the first requests
-            # after it use fresh connections.
-            with contextlib.suppress(Exception):
-                await self._pool.disconnect(inuse_connections=False)
-            try:
-                async with asyncio.timeout(self._call_timeout):
-                    await self._client.ping()
-            except Exception as exc:
-                # Not counted in ``errors`` (that counts failed requests); keep the reason.
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                self._last_error_at = time.time()
-                log.debug("session cache: Redis probe failed: %s", self._last_error)
-                continue
-            self._healthy = True
-            log.warning("session cache: Redis at %s reachable again", self._masked_url)
-            return
+    async def _probe(self) -> None:
+        """Redis answers a PING, on a fresh connection (idle sockets from before the outage
+        are dropped, so the first requests after it use fresh ones too)."""
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect(inuse_connections=False)
+        async with asyncio.timeout(self._call_timeout):
+            await self._client.ping()
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        return self._breaker.healthy
 
     @property
     def failures(self) -> int:
-        return self._errors + self._skipped
+        return self._breaker.errors + self._skipped
 
     def health(self) -> dict[str, Any]:
         return {
             "backend": "redis",
-            "healthy": self._healthy,
-            "errors": self._errors,
+            "healthy": self._breaker.healthy,
+            "errors": self._breaker.errors,
             "malformed": self._malformed,
             "skipped": self._skipped,
-            "last_error": self._last_error,
-            "last_error_at": self._last_error_at,
+            "last_error": self._breaker.last_error,
+            "last_error_at": self._breaker.last_error_at,
             "url": self._masked_url,
             "ttl_seconds": self._ttl,
             "atomic_put": "lua" if self._use_script else "set-nx+get",

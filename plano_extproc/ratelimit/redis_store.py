@@ -52,8 +52,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from plano_extproc.affinity.redis_cache import _is_outage, _scripting_forbidden, mask_url
+from plano_extproc.affinity.redis_cache import mask_url
 from plano_extproc.ratelimit.budget import Bucket, BudgetStore, Verdict
+from plano_extproc.redis_health import RedisBreaker, is_outage, scripting_forbidden
 
 
 class _Script:
@@ -262,14 +263,11 @@ class RedisBudgets:
         self._take_script = _Script(_TAKE_LUA)
         self._frames: dict[tuple[tuple[str, ...], ...], tuple[bytes, bytes, int]] = {}
         self._adjust_script = _Script(_ADJUST_LUA)
-        self._healthy = False
-        self._closed = False
-        self._probe_task: asyncio.Task[None] | None = None
-        self._errors = 0
+        self._breaker = RedisBreaker(
+            "rate limits", self._masked_url, retry_interval, self._probe, log
+        )
         self._fallbacks = 0
         self._adjust_fallbacks = 0
-        self._last_error: str | None = None
-        self._last_error_at: float | None = None
         self._last_logged_error = 0.0
         self._scripting_refused = False
 
@@ -277,30 +275,24 @@ class RedisBudgets:
 
     async def start(self) -> None:
         """Check Redis once; if it does not answer, log and keep probing in the background."""
-        self._closed = False
         try:
             await self._ping()
         except Exception as exc:
-            self._record_error(exc)
-            self._scripting_refused = isinstance(exc, ResponseError) and _scripting_forbidden(exc)
+            self._breaker.record(exc)
+            self._scripting_refused = isinstance(exc, ResponseError) and scripting_forbidden(exc)
             log.warning(
                 "rate limits: Redis at %s unusable at start (%s); budgets are per gateway "
                 "until it answers",
                 self._masked_url,
-                self._last_error,
+                self._breaker.last_error,
             )
-            self._trip()
+            self._breaker.trip()
             return
-        self._healthy = True
+        self._breaker.opened()
         log.info("rate limits: budgets in Redis at %s", self._masked_url)
 
     async def close(self) -> None:
-        self._closed = True
-        task, self._probe_task = self._probe_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._breaker.close()
         await self._drop_idle()
 
     # -- BudgetStore -------------------------------------------------------------------
@@ -310,7 +302,7 @@ class RedisBudgets:
             raise ValueError(f"cost must be a number >= 0, not {cost!r}")
         if not groups:
             return Verdict(None, ())
-        if self._healthy:
+        if self._breaker.healthy:
             try:
                 head, tail, count = self._take_frame(groups)
                 command = _evalsha(self._take_script, head, _num(cost).encode(), tail, count)
@@ -329,7 +321,7 @@ class RedisBudgets:
         items = [(b, d) for b, d in items if d != 0 and math.isfinite(d)]
         if not items:
             return  # a usage report that is not a number changes nothing
-        if self._healthy:
+        if self._breaker.healthy:
             try:
                 parts = [str(len(items)).encode()]
                 parts += [(self._prefix + b.key).encode() for b, _ in items]
@@ -482,67 +474,42 @@ class RedisBudgets:
 
     # -- failure handling --------------------------------------------------------------
 
-    def _record_error(self, exc: BaseException) -> None:
-        self._errors += 1
-        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        self._last_error_at = time.time()
-
     def _fail(self, exc: BaseException, op: str) -> None:
         """Count ``exc``; trip the breaker if Redis as a whole is unusable."""
-        self._record_error(exc)
-        forbidden = isinstance(exc, ResponseError) and _scripting_forbidden(exc)
-        if forbidden or _is_outage(exc):
+        breaker = self._breaker
+        breaker.record(exc)
+        forbidden = isinstance(exc, ResponseError) and scripting_forbidden(exc)
+        if forbidden or is_outage(exc):
             self._scripting_refused = forbidden
-            if self._healthy:  # once per outage
+            if breaker.healthy:  # once per outage
                 log.warning(
                     "rate limits: Redis %s failed (%s); budgets are per gateway, retrying "
                     "Redis every %.1fs",
                     op,
-                    self._last_error,
-                    self._retry_interval,
+                    breaker.last_error,
+                    breaker.retry_interval,
                 )
-            self._trip()
+            breaker.trip()
             return
         # One call's error (a foreign value under a budget key, a bad number): serve this
         # call from the fallback and keep using Redis.
         now = time.monotonic()
         if now - self._last_logged_error >= _ERROR_LOG_INTERVAL:
             self._last_logged_error = now
-            log.warning("rate limits: Redis %s error: %s", op, self._last_error)
+            log.warning("rate limits: Redis %s error: %s", op, breaker.last_error)
 
-    def _trip(self) -> None:
-        """Open the breaker: calls use the fallback until the background probe succeeds."""
-        self._healthy = False
-        if self._closed:
-            return
-        if self._probe_task is None or self._probe_task.done():
-            self._probe_task = asyncio.create_task(self._probe_loop(), name="ratelimit-redis-probe")
-
-    async def _probe_loop(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self._retry_interval)
-            # Drop sockets from before the outage so the calls after it use fresh ones.
-            await self._drop_idle()
-            try:
-                await self._ping()
-            except Exception as exc:
-                # Not counted in ``errors`` (that counts failed calls); keep the reason.
-                self._last_error = (
-                    f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                )
-                self._last_error_at = time.time()
-                log.debug("rate limits: Redis probe failed: %s", self._last_error)
-                continue
-            self._healthy = True
-            self._scripting_refused = False
-            log.warning("rate limits: Redis at %s usable again; budgets shared", self._masked_url)
-            return
+    async def _probe(self) -> None:
+        """The take script runs (so a server that forbids scripting stays skipped), on a
+        fresh connection: sockets from before the outage are dropped."""
+        await self._drop_idle()
+        await self._ping()
+        self._scripting_refused = False
 
     # -- observability -----------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        return self._breaker.healthy
 
     @property
     def fallbacks(self) -> int:
@@ -552,18 +519,18 @@ class RedisBudgets:
     @property
     def errors(self) -> int:
         """Calls to Redis that failed (the probe's failures are not counted)."""
-        return self._errors
+        return self._breaker.errors
 
     def health(self) -> dict[str, Any]:
         return {
             "backend": "redis",
-            "healthy": self._healthy,
-            "errors": self._errors,
+            "healthy": self._breaker.healthy,
+            "errors": self._breaker.errors,
             "fallbacks": self._fallbacks,
             "adjust_fallbacks": self._adjust_fallbacks,
             "scripting_refused": self._scripting_refused,
-            "last_error": self._last_error,
-            "last_error_at": self._last_error_at,
+            "last_error": self._breaker.last_error,
+            "last_error_at": self._breaker.last_error_at,
             "url": self._masked_url,
             "key_prefix": self._prefix,
         }

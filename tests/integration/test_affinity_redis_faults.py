@@ -139,9 +139,9 @@ async def test_paused_redis_is_bounded_by_timeouts(redis_server: RedisServer) ->
 async def test_close_stops_probe_task() -> None:
     cache = RedisSessionCache(f"redis://127.0.0.1:{free_port()}/0", retry_interval=0.05)
     await cache.start()
-    assert cache._probe_task is not None
+    assert cache._breaker.probing
     await cache.close()
-    assert cache._probe_task is None
+    assert not cache._breaker.probing
 
 
 async def test_near_cache_serves_known_pins_and_is_dropped_when_redis_fails(

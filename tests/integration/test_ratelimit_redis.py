@@ -11,7 +11,7 @@ import asyncio
 import math
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -19,39 +19,14 @@ import redis
 from plano_extproc.ratelimit.budget import Bucket, Verdict
 from plano_extproc.ratelimit.memory import SharedBudgets
 from plano_extproc.ratelimit.redis_store import RedisBudgets
-from tests.redis_server import RedisServer, RedisServerError, find_redis_server, free_port
+from tests.integration.conftest_affinity import *  # noqa: F403  (pytest fixtures)
+from tests.redis_server import RedisServer, find_redis_server, free_port
 
 pytestmark = pytest.mark.integration
 
 CALL_LIMIT = 5.0  # far above the ~1 s worst case of one call; only catches hangs
 PREFIX = "plano:budget:"
 SLOW = 0.001  # tokens per second: no visible refill during a test
-
-
-def _binary() -> str:
-    try:
-        return find_redis_server()
-    except RedisServerError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(binary=_binary())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def admin(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _store(url: str, **kw: float) -> RedisBudgets:
@@ -160,18 +135,18 @@ async def test_budget_refills_on_redis_clock(pair: tuple[RedisBudgets, RedisBudg
 
 
 async def test_partial_refill_is_credited(
-    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+    pair: tuple[RedisBudgets, RedisBudgets], redis_admin: redis.Redis
 ) -> None:
     a, b = pair
     bucket = Bucket("partial", capacity=10, rate=10)  # the key lives 1.1 s after this take
     assert (await take(a, [[bucket]], 10)).taken == 0
     await asyncio.sleep(0.3)  # at least 3 tokens back, long before the key expires
     assert (await take(b, [[bucket]], 1)).taken == 0
-    assert float(admin.hget(PREFIX + "partial", "u") or 0) < 10
+    assert float(redis_admin.hget(PREFIX + "partial", "u") or 0) < 10
 
 
 async def test_adjust_charges_and_refunds(
-    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+    pair: tuple[RedisBudgets, RedisBudgets], redis_admin: redis.Redis
 ) -> None:
     a, b = pair
     bucket = Bucket("adj", capacity=10, rate=SLOW)
@@ -179,55 +154,55 @@ async def test_adjust_charges_and_refunds(
     await asyncio.wait_for(b.adjust([bucket], 10), CALL_LIMIT)  # the reply was larger: debt
     v = await take(a, [[bucket]], 1)
     assert v.taken is None and v.waits[0] > 0.0
-    assert float(admin.hget(PREFIX + "adj", "u") or 0) == pytest.approx(15, abs=0.01)
+    assert float(redis_admin.hget(PREFIX + "adj", "u") or 0) == pytest.approx(15, abs=0.01)
     await asyncio.wait_for(a.adjust([bucket], -12), CALL_LIMIT)
     assert (await take(b, [[bucket]], 7)).taken == 0
     assert (await take(b, [[bucket]], 1)).taken is None
     await asyncio.wait_for(a.adjust([bucket], -100), CALL_LIMIT)  # floored at 0, key gone
-    assert admin.exists(PREFIX + "adj") == 0
+    assert redis_admin.exists(PREFIX + "adj") == 0
     assert (await take(a, [[bucket]], 10)).taken == 0
     assert (await take(a, [[bucket]], 1)).taken is None
     assert a.errors == b.errors == 0
 
 
 async def test_adjust_many_applies_each_delta_in_one_call(
-    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+    pair: tuple[RedisBudgets, RedisBudgets], redis_admin: redis.Redis
 ) -> None:
     a, _ = pair
     x, y = Bucket("many-x", capacity=10, rate=SLOW), Bucket("many-y", capacity=10, rate=SLOW)
     assert (await take(a, [[x, y]], 4)).taken == 0
     warm = Bucket("many-warm", capacity=10, rate=SLOW)  # the script loaded (NOSCRIPT once)
     await asyncio.wait_for(a.adjust_many([(warm, 1.0)]), CALL_LIMIT)
-    before = int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    before = int(redis_admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
     await asyncio.wait_for(a.adjust_many([(x, 3.0), (y, -4.0), (x, 1.0)]), CALL_LIMIT)
-    after = int(admin.info("commandstats")["cmdstat_evalsha"]["calls"])
+    after = int(redis_admin.info("commandstats")["cmdstat_evalsha"]["calls"])
     assert after - before == 1
-    assert float(admin.hget(PREFIX + "many-x", "u") or 0) == pytest.approx(8, abs=0.01)
-    assert admin.exists(PREFIX + "many-y") == 0  # refunded to full: gone
+    assert float(redis_admin.hget(PREFIX + "many-x", "u") or 0) == pytest.approx(8, abs=0.01)
+    assert redis_admin.exists(PREFIX + "many-y") == 0  # refunded to full: gone
     assert a.errors == 0
 
 
 async def test_keys_expire_when_drained(
-    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+    pair: tuple[RedisBudgets, RedisBudgets], redis_admin: redis.Redis
 ) -> None:
     a, _ = pair
     slow = Bucket("slow", capacity=100, rate=SLOW)
     fast = Bucket("fast", capacity=4, rate=8)  # full again in 0.5 s
     assert (await take(a, [[slow, fast]], 4)).taken == 0
-    assert set(admin.hkeys(PREFIX + "fast")) == {b"u", b"t"}
-    assert 0 < admin.pttl(PREFIX + "fast") <= 500 + 100
+    assert set(redis_admin.hkeys(PREFIX + "fast")) == {b"u", b"t"}
+    assert 0 < redis_admin.pttl(PREFIX + "fast") <= 500 + 100
     # 4 tokens at 0.001/s: 4000 s.
-    assert 3_900_000 < admin.pttl(PREFIX + "slow") <= 4_000_000 + 100
+    assert 3_900_000 < redis_admin.pttl(PREFIX + "slow") <= 4_000_000 + 100
     for _ in range(100):
-        if admin.exists(PREFIX + "fast") == 0:
+        if redis_admin.exists(PREFIX + "fast") == 0:
             break
         await asyncio.sleep(0.05)
-    assert admin.exists(PREFIX + "fast") == 0
-    assert admin.exists(PREFIX + "slow") == 1
+    assert redis_admin.exists(PREFIX + "fast") == 0
+    assert redis_admin.exists(PREFIX + "slow") == 1
 
 
 async def test_hostile_key_is_just_a_key(
-    pair: tuple[RedisBudgets, RedisBudgets], admin: redis.Redis
+    pair: tuple[RedisBudgets, RedisBudgets], redis_admin: redis.Redis
 ) -> None:
     a, b = pair
     key = "x" * 20000 + "\r\n*3\r\n$3\r\nDEL\r\n{tag}}{" + "é🦀\x00 ' \" -- ]]" + "\n"
@@ -235,8 +210,8 @@ async def test_hostile_key_is_just_a_key(
     assert (await take(a, [[bucket]], 2)).taken == 0
     assert (await take(b, [[bucket]], 2)).taken is None
     assert (await take(b, [[bucket]], 1)).taken == 0
-    assert admin.exists((PREFIX + key).encode()) == 1
-    assert admin.dbsize() == 1
+    assert redis_admin.exists((PREFIX + key).encode()) == 1
+    assert redis_admin.dbsize() == 1
     assert a.errors == b.errors == 0
 
 
@@ -280,7 +255,7 @@ async def test_redis_killed_mid_run_falls_back_then_heals(redis_server: RedisSer
 
 
 async def test_down_at_start_then_heals() -> None:
-    server = RedisServer(binary=_binary(), port=free_port())
+    server = RedisServer(binary=find_redis_server(), port=free_port())
     store = _store(server.url)
     try:
         await asyncio.wait_for(store.start(), CALL_LIMIT)  # must not raise
@@ -327,7 +302,7 @@ async def test_paused_redis_is_bounded_by_timeouts(redis_server: RedisServer) ->
 
 async def test_scripting_forbidden_uses_fallback_and_stays_off_redis() -> None:
     acl = "plano on >s3cret ~* &* +@all -@scripting".split()
-    server = RedisServer(binary=_binary(), extra_args=["--user", *acl])
+    server = RedisServer(binary=find_redis_server(), extra_args=["--user", *acl])
     server.start()
     url = f"redis://plano:s3cret@127.0.0.1:{server.port}/0"
     store = _store(url)
@@ -349,9 +324,9 @@ async def test_scripting_forbidden_uses_fallback_and_stays_off_redis() -> None:
 async def test_close_stops_probe_task() -> None:
     store = _store(f"redis://127.0.0.1:{free_port()}/0", retry_interval=0.05)
     await store.start()
-    assert store._probe_task is not None
+    assert store._breaker.probing
     await store.close()
-    assert store._probe_task is None
+    assert not store._breaker.probing
 
 
 def test_health_masks_password() -> None:
@@ -362,7 +337,7 @@ def test_health_masks_password() -> None:
 
 
 async def test_connections_are_capped_and_shared_under_concurrency(
-    redis_server: RedisServer, admin: redis.Redis
+    redis_server: RedisServer, redis_admin: redis.Redis
 ) -> None:
     """More concurrent checks than ``max_connections``: they wait for a connection instead of
     opening more, none fails over to the fallback, and checks cancelled while waiting (a
@@ -370,13 +345,13 @@ async def test_connections_are_capped_and_shared_under_concurrency(
     store = RedisBudgets(redis_server.url, SharedBudgets(), max_connections=2, op_timeout=1.0)
     await store.start()
     try:
-        base = int(admin.info("clients")["connected_clients"])
+        base = int(redis_admin.info("clients")["connected_clients"])
         bucket = Bucket("capped", capacity=1000, rate=SLOW)
         verdicts = await asyncio.wait_for(
             asyncio.gather(*(store.take([[bucket]], 1) for _ in range(40))), 10
         )
         assert all(v.taken == 0 for v in verdicts)
-        assert int(admin.info("clients")["connected_clients"]) <= base + 2
+        assert int(redis_admin.info("clients")["connected_clients"]) <= base + 2
         tasks = [asyncio.create_task(store.take([[bucket]], 1)) for _ in range(20)]
         await asyncio.sleep(0)
         for t in tasks[::2]:
@@ -387,6 +362,6 @@ async def test_connections_are_capped_and_shared_under_concurrency(
         )
         assert all(v.taken == 0 for v in again)
         assert store.fallbacks == 0 and store.errors == 0
-        assert int(admin.info("clients")["connected_clients"]) <= base + 2
+        assert int(redis_admin.info("clients")["connected_clients"]) <= base + 2
     finally:
         await store.close()
