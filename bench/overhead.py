@@ -551,11 +551,13 @@ def envoy_counter(admin_port: int, suffix: str) -> int:
     return sum(int(v) for k, _, v in (x.partition(": ") for x in text.splitlines()) if v)
 
 
-def post(url: str, body: str) -> tuple[int, dict[str, str], bytes]:
+def post(
+    url: str, body: str, extra: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    headers = {"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"}
     req = urllib.request.Request(
-        url, data=body.encode(), method="POST",
-        headers={"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"},
-    )  # fmt: skip
+        url, data=body.encode(), method="POST", headers=headers | (extra or {})
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()

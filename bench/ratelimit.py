@@ -152,24 +152,11 @@ def wait_tokens(metrics_url: str, at_least: float, within: float = 20.0) -> floa
     return seen
 
 
-def post(url: str, body: str) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(
-        url, data=body.encode(), method="POST",
-        headers={"content-type": "application/json",
-                 "authorization": f"Bearer {ov.CLIENT_KEY}", "x-tenant": TENANT},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-
-
 def preflight(row: Row, body: str, redis_port: int | None) -> None:
     url = f"http://127.0.0.1:{row.gw.port}/v1/chat/completions"
     scripts0 = redis_script_calls(redis_port) if redis_port else 0
     before = tokens_counted(row.metrics_url)
-    status, headers, payload = post(url, body)
+    status, headers, payload = ov.post(url, body, {"x-tenant": TENANT})
     ov.check(status == 200, f"{row.name}: HTTP 200", (status, payload[:300]))
     auth = headers.get("x-echo-authorization")
     ov.check(auth == f"Bearer {ov.OPENAI_KEY}", f"{row.name}: provider key set", headers)

@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeOrchestrator, FakeProvider, Script, Usage, keyword_router
 from tests.gateway_proc import GatewayProcess
-from tests.redis_server import RedisServer, find_redis_server
+from tests.integration.conftest_affinity import *  # noqa: F403  (pytest fixtures)
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -300,18 +301,10 @@ def test_ready_shows_the_limits(gw: GatewayProcess) -> None:
 # --------------------------------------------------------------------------- Redis
 
 
-@pytest.fixture
-def redis_srv() -> Iterator[RedisServer]:
-    server = RedisServer(binary=find_redis_server())
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
-    tmp_path: Path, redis_srv: RedisServer, fakes: dict[str, FakeProvider]
+    tmp_path: Path, redis_server: RedisServer, fakes: dict[str, FakeProvider]
 ) -> None:
-    extra = f"  session_cache: {{type: redis, url: '{redis_srv.url}'}}\n"
+    extra = f"  session_cache: {{type: redis, url: '{redis_server.url}'}}\n"
     cfg = config(fakes["openai"].base_url, fakes["anthropic"].base_url, fakes["orch"].base_url)
     cfg = cfg.replace("routing:\n", "routing:\n" + extra)
     fakes["openai"].script = Script(usage=None)
@@ -326,7 +319,7 @@ def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
             except openai.RateLimitError:
                 refused += 1
         assert (served, refused) == (fit, 12 - fit)
-        redis_srv.kill()
+        redis_server.kill()
         # Redis down: fail open, every request served (counted locally), none failed.
         statuses = []
         for i in range(6):
@@ -336,7 +329,7 @@ def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
         assert ready["healthy"] is False and ready["fallbacks"] >= 1
         eventually(g1, "plano_ratelimit_fail_open_total", 1)
         assert metric(g1, "plano_ratelimit_store_healthy") == 0
-        redis_srv.restart()  # same port, empty: budgets start full again
+        redis_server.restart()  # same port, empty: budgets start full again
         deadline = time.monotonic() + 20
         while not httpx.get(g1.worker_admin[0] + "/ready").json()["ratelimits"]["store"]["healthy"]:
             assert time.monotonic() < deadline, "the budget store never healed"
