@@ -73,11 +73,17 @@ class Admitted:
     settlement: str | None
 
 
+_KEEP_ONE = (True,)
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     error: GatewayError
     retry_after: int | None  # whole seconds; None: the request can never fit the limit
     limits: tuple[str, ...]  # the labels of the limits that refused it
+
+
+_ONE = Admitted(0, _KEEP_ONE, None)  # one candidate, no budget involved
 
 
 class RateLimiter:
@@ -157,6 +163,8 @@ class RateLimiter:
         self, models: Sequence[str], headers: Mapping[str, str], estimate: int
     ) -> Admitted | Refused:
         """Charge ``estimate`` to the first of ``models`` whose budgets all hold it."""
+        if len(models) == 1:  # most requests: one model (no route, or failover off)
+            return await self._admit_one(models[0], headers, estimate)
         chosen = [self.buckets(m, headers) for m in models]
         if not any(chosen):
             return Admitted(0, (True,) * len(models), None)
@@ -181,6 +189,25 @@ class RateLimiter:
                 self._tails.clear()
             self._tails[key] = tail
         return Admitted(k, keep, f"{estimate} {tail}")
+
+    async def _admit_one(
+        self, model: str, headers: Mapping[str, str], estimate: int
+    ) -> Admitted | Refused:
+        """``admit`` for one candidate, with less bookkeeping (it runs on every request)."""
+        group = self.buckets(model, headers)
+        if not group:
+            return _ONE
+        verdict = await self.store.take(([b for _, b, _ in group],), float(estimate))
+        if verdict.taken is None:
+            return self._refusal((model,), (group,), verdict.waits, estimate)
+        key = (model, ((model, tuple(ref for _, _, ref in group)),))
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = self._tail(*key)
+            if len(self._tails) >= MAX_SEEN:
+                self._tails.clear()
+            self._tails[key] = tail
+        return Admitted(0, _KEEP_ONE, f"{estimate} {tail}")
 
     def _tail(self, admitted: str, refs: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
         """The settlement after the estimate: the admitted model and each candidate's budget
