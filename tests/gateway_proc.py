@@ -46,6 +46,21 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 90.0) -> GatewayProcess:
+        """Start ``up``. Ports are picked free when this object is made, and another gateway
+        starting meanwhile may take one (its workers pick theirs at run time): a start that
+        fails with a port in use is retried on fresh ports, at most three times."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                if attempt == 2 or not any("already in use" in line for line in self.lines):
+                    raise
+                self.port, self.admin_port = free_port(), free_port()
+                self.metrics_port = free_port()
+                self.lines, self.worker_admin = [], []
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> GatewayProcess:
         argv = [
             sys.executable,
             "-m",
