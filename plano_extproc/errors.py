@@ -54,7 +54,3 @@ class RateLimitError(GatewayError):
             "code": "rate_limit_exceeded",
         }
         return json.dumps({"error": error}).encode()
-
-
-def rate_limited(message: str) -> RateLimitError:
-    return RateLimitError(message)

@@ -145,6 +145,7 @@ class Upstream:
         translation: Translation | None = None,
         failover: FailoverPlan | None = None,
         hide_usage: bool = False,
+        ratelimit: str | None = None,
     ) -> Upstream:
         return cls(
             provider=provider,
@@ -158,6 +159,7 @@ class Upstream:
             failover=failover,
             api=info.api,
             hide_usage=hide_usage,
+            ratelimit=ratelimit,
         )
 
 
@@ -332,9 +334,7 @@ class Gateway:
             if len(fo.metadata) <= MAX_PLAN_CHARS:
                 if self.cooldowns is not None:
                     self.cooldowns.attempted(candidates[0].name)
-                up = await self._failover(info, body, decision, fo)
-                up.ratelimit = settlement
-                return up
+                return await self._failover(info, body, decision, fo, settlement)
             # A huge query string or credential: served, without failover, not refused.
             log.warning(
                 "request_id=%s failover plan of %d characters exceeds %d: one attempt only",
@@ -362,11 +362,16 @@ class Gateway:
             decision.route,
             translation.pair if translation is not None else None,
         )
-        up = Upstream.of(
-            decision, info, provider, plan, new_body, translation=translation, hide_usage=hide_usage
+        return Upstream.of(
+            decision,
+            info,
+            provider,
+            plan,
+            new_body,
+            translation=translation,
+            hide_usage=hide_usage,
+            ratelimit=settlement,
         )
-        up.ratelimit = settlement
-        return up
 
     async def _within_budget(
         self,
@@ -422,7 +427,12 @@ class Gateway:
         return served, result.settlement
 
     async def _failover(
-        self, info: RequestInfo, body: JsonBody, decision: Decision, fo: FailoverPlan
+        self,
+        info: RequestInfo,
+        body: JsonBody,
+        decision: Decision,
+        fo: FailoverPlan,
+        settlement: str | None = None,
     ) -> Upstream:
         """Several models to try. A native first model's request is built here, as for a
         single model (its attempt opens no ext_proc stream); later attempts' streams rebuild
@@ -462,7 +472,14 @@ class Gateway:
             decision.route,
         )
         return Upstream.of(
-            decision, info, candidates[0], hp, new_body, failover=fo, hide_usage=hide
+            decision,
+            info,
+            candidates[0],
+            hp,
+            new_body,
+            failover=fo,
+            hide_usage=hide,
+            ratelimit=settlement,
         )
 
     def _candidates(

@@ -1,4 +1,5 @@
-"""The circuit breaker both Redis users share (session cache, token budgets).
+"""What both Redis users share (session cache, token budgets): the circuit breaker, the error
+classification, and the URL with its password masked for logs and health.
 
 Redis being down must never fail or slow a request: after an outage the owner stops calling
 Redis (``healthy`` is False) and a background probe calls it every ``retry_interval`` seconds
@@ -15,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, ResponseError
@@ -33,6 +35,23 @@ def scripting_forbidden(exc: ResponseError) -> bool:
         return True
     text = str(exc).lower()
     return "noperm" in text or "unknown command" in text or "not supported" in text
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe for logs and health)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparseable redis url>"
 
 
 def describe(exc: BaseException) -> str:

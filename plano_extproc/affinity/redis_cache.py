@@ -19,7 +19,6 @@ import logging
 import time
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -28,7 +27,7 @@ from redis.exceptions import ResponseError
 
 from plano_extproc.affinity.base import PinnedDecision
 from plano_extproc.affinity.keys import REDIS_PREFIX
-from plano_extproc.redis_health import RedisBreaker, is_outage, scripting_forbidden
+from plano_extproc.redis_health import RedisBreaker, is_outage, mask_url, scripting_forbidden
 
 log = logging.getLogger("plano_extproc.affinity")
 
@@ -52,23 +51,6 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
 """
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe for logs and health)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:
-        return "<unparseable redis url>"
 
 
 def encode_decision(value: PinnedDecision) -> str:

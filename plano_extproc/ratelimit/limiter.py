@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plano_extproc.config import RateLimitConfig
-from plano_extproc.errors import GatewayError, rate_limited
+from plano_extproc.errors import GatewayError, RateLimitError
 from plano_extproc.ratelimit.budget import NEVER, Bucket, BudgetStore
 
 if TYPE_CHECKING:
@@ -174,21 +174,12 @@ class RateLimiter:
             return self._refusal(models, chosen, verdict.waits, estimate)
         k = verdict.taken
         keep = tuple(i == k or (i > k and w == 0.0) for i, w in enumerate(verdict.waits))
-        key = (
-            models[k],
-            tuple(
-                (m, tuple(ref for _, _, ref in group))
-                for m, group, kept in zip(models, chosen, keep, strict=True)
-                if group and kept
-            ),
+        refs = tuple(
+            (m, tuple(ref for _, _, ref in group))
+            for m, group, kept in zip(models, chosen, keep, strict=True)
+            if group and kept
         )
-        tail = self._tails.get(key)
-        if tail is None:
-            tail = self._tail(*key)
-            if len(self._tails) >= MAX_SEEN:
-                self._tails.clear()
-            self._tails[key] = tail
-        return Admitted(k, keep, f"{estimate} {tail}")
+        return Admitted(k, keep, self._settlement(estimate, models[k], refs))
 
     async def _admit_one(
         self, model: str, headers: Mapping[str, str], estimate: int
@@ -200,18 +191,25 @@ class RateLimiter:
         verdict = await self.store.take(([b for _, b, _ in group],), float(estimate))
         if verdict.taken is None:
             return self._refusal((model,), (group,), verdict.waits, estimate)
-        key = (model, ((model, tuple(ref for _, _, ref in group)),))
+        refs = ((model, tuple(ref for _, _, ref in group)),)
+        return Admitted(0, _KEEP_ONE, self._settlement(estimate, model, refs))
+
+    def _settlement(
+        self, estimate: int, admitted: str, refs: tuple[tuple[str, tuple[str, ...]], ...]
+    ) -> str:
+        """What the usage record brings back to ``settle``: the estimate, then the admitted
+        model and each candidate's budget references as JSON (that tail recurs: cached)."""
+        key = (admitted, refs)
         tail = self._tails.get(key)
         if tail is None:
-            tail = self._tail(*key)
+            tail = self._tail(admitted, refs)
             if len(self._tails) >= MAX_SEEN:
                 self._tails.clear()
             self._tails[key] = tail
-        return Admitted(0, _KEEP_ONE, f"{estimate} {tail}")
+        return f"{estimate} {tail}"
 
-    def _tail(self, admitted: str, refs: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
-        """The settlement after the estimate: the admitted model and each candidate's budget
-        references, as JSON (the same few recur: cached by the caller)."""
+    @staticmethod
+    def _tail(admitted: str, refs: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
         doc = {"a": admitted, "b": {m: list(r) for m, r in refs}}
         tail = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
         if len(tail) > MAX_SETTLEMENT_CHARS - 32:  # a config with hundreds of limits
@@ -240,7 +238,7 @@ class RateLimiter:
                 f"Rate limit {labels[0]!s}: this request needs about {estimate} tokens, more "
                 f"than the limit allows in total ({rule}); it cannot be served under this limit."
             )
-            return Refused(rate_limited(message), None, labels)
+            return Refused(RateLimitError(message), None, labels)
         seconds = max(1, math.ceil(soonest))
         message = (
             f"Rate limit {labels[0]!s} reached ({rule}; this request needs about {estimate} "
@@ -248,7 +246,7 @@ class RateLimiter:
         )
         if len(models) > 1:
             message += f" Every model that can serve it is over its budget ({len(models)} tried)."
-        return Refused(rate_limited(message), seconds, labels)
+        return Refused(RateLimitError(message), seconds, labels)
 
     # ------------------------------------------------------------------ after the reply
 

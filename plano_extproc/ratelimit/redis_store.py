@@ -52,9 +52,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from plano_extproc.affinity.redis_cache import mask_url
 from plano_extproc.ratelimit.budget import Bucket, BudgetStore, Verdict
-from plano_extproc.redis_health import RedisBreaker, is_outage, scripting_forbidden
+from plano_extproc.redis_health import RedisBreaker, is_outage, mask_url, scripting_forbidden
 
 
 class _Script:
@@ -233,10 +232,9 @@ class RedisBudgets:
         """Build the client; raises ``ValueError`` for an unusable URL (a config error)."""
         self._fallback = fallback
         self._masked_url = mask_url(url)
-        # Whole-call bound: a connect, then EVALSHA, and after a Redis restart NOSCRIPT
-        # followed by SCRIPT LOAD and EVALSHA again.
+        # How long a call may wait for a connection (a queue behind a hung Redis): as long
+        # as the longest call, a connect then EVALSHA, NOSCRIPT, SCRIPT LOAD and EVALSHA.
         self._call_timeout = connect_timeout + 3 * op_timeout
-        self._retry_interval = retry_interval
         self._prefix = key_prefix
         # redis-py's Connection (connect, AUTH, SELECT, TLS, the reply parser), without its
         # client and pool layers: a budget check runs on every limited request, and those

@@ -301,6 +301,18 @@ def test_ready_shows_the_limits(gw: GatewayProcess) -> None:
 # --------------------------------------------------------------------------- Redis
 
 
+def served_alternately(g1: GatewayProcess, g2: GatewayProcess, tenant: str) -> tuple[int, int]:
+    """Twelve requests of one tenant, alternating between two gateways: (served, refused)."""
+    served = refused = 0
+    for i in range(12):
+        try:
+            chat(g1 if i % 2 else g2, **{"x-tenant": tenant})
+            served += 1
+        except openai.RateLimitError:
+            refused += 1
+    return served, refused
+
+
 def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
     tmp_path: Path, redis_server: RedisServer, fakes: dict[str, FakeProvider]
 ) -> None:
@@ -311,14 +323,8 @@ def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
     with GatewayProcess(cfg, tmp_path) as g1, GatewayProcess(cfg, tmp_path) as g2:
         fit = int(1000 // chat_estimate(g1))
         assert 5 <= fit < 12
-        served = refused = 0
-        for i in range(12):  # alternating replicas: one budget of 1000 for both
-            try:
-                chat(g1 if i % 2 else g2, **{"x-tenant": "redis-shared"})
-                served += 1
-            except openai.RateLimitError:
-                refused += 1
-        assert (served, refused) == (fit, 12 - fit)
+        # Alternating replicas: one budget of 1000 for both.
+        assert served_alternately(g1, g2, "redis-shared") == (fit, 12 - fit)
         redis_server.kill()
         # Redis down: fail open, every request served (counted locally), none failed.
         statuses = []
@@ -331,17 +337,11 @@ def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
         assert metric(g1, "plano_ratelimit_store_healthy") == 0
         redis_server.restart()  # same port, empty: budgets start full again
         deadline = time.monotonic() + 20
-        while not httpx.get(g1.worker_admin[0] + "/ready").json()["ratelimits"]["store"]["healthy"]:
-            assert time.monotonic() < deadline, "the budget store never healed"
-            time.sleep(0.2)
-        while not httpx.get(g2.worker_admin[0] + "/ready").json()["ratelimits"]["store"]["healthy"]:
-            assert time.monotonic() < deadline, "the budget store never healed"
-            time.sleep(0.2)
-        served = refused = 0
-        for i in range(12):  # enforcement is back, shared again
-            try:
-                chat(g1 if i % 2 else g2, **{"x-tenant": "after"})
-                served += 1
-            except openai.RateLimitError:
-                refused += 1
-        assert (served, refused) == (fit, 12 - fit)
+        for g in (g1, g2):
+            while not httpx.get(g.worker_admin[0] + "/ready").json()["ratelimits"]["store"][
+                "healthy"
+            ]:
+                assert time.monotonic() < deadline, "the budget store never healed"
+                time.sleep(0.2)
+        # Enforcement is back, shared again.
+        assert served_alternately(g1, g2, "after") == (fit, 12 - fit)

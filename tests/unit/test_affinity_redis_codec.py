@@ -12,8 +12,8 @@ from plano_extproc.affinity.redis_cache import (
     RedisSessionCache,
     decode_decision,
     encode_decision,
-    mask_url,
 )
+from plano_extproc.redis_health import mask_url
 
 
 def test_encode_is_plano_classic_format() -> None:
