@@ -37,11 +37,19 @@ from typing import Any
 from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
 from plano_extproc.routing.embedding import DATA_DIR, MODEL_SHA256, Encoder, EncoderError
 
-#: Defaults calibrated on the dev split of tests/data/routing_eval.jsonl (docs/embedded-router.md).
-DEFAULT_THRESHOLD = -0.26
-DEFAULT_MARGIN = -0.13
+#: Defaults calibrated on the development sets (docs/embedded-router.md: tests/data/routing_eval.jsonl
+#: dev split and tests/data/router_sets/dev).
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_MARGIN = -0.26
 #: Weight of the latest user turn, then of each earlier one (newest first); others are ignored.
 TURN_WEIGHTS: tuple[float, ...] = (1.0, 0.35, 0.15)
+#: A latest turn this short ("now in Rust", "make it shorter") is a follow-up: earlier user turns
+#: then weigh FOLLOWUP_WEIGHTS, so it inherits the conversation's task...
+FOLLOWUP_WORDS = 10
+FOLLOWUP_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 0.5)
+#: ...unless it is chit-chat by itself (its best no-match anchor at least this similar): "thanks!"
+#: after a code request is no match whatever came before.
+CHITCHAT = 0.6
 #: Prompts up to this many words are embedded whole; longer ones by windows.
 FULL_TEXT_WORDS = 64
 #: Words in the head and tail windows of a long prompt.
@@ -74,7 +82,19 @@ BUILD_CHUNK = 8
 CLASSIFIER_CHECK_EVERY = 20
 #: Inline route-set builds admitted at once (one runs, the rest wait); more fail open at once.
 MAX_PENDING_BUILDS = 4
-ANCHORS_PATH = DATA_DIR / "no_match_anchors.txt"
+BANK_PATH = DATA_DIR / "intent_bank.yaml"
+#: A bank category whose description is at least this similar to a route's description (or
+#: one of its phrases) lends that route its example requests; a no-match category also stops
+#: being a no-match anchor then, so a configured "small talk" or "trivia" route wins its requests.
+BANK_MATCH = 0.5
+#: Examples of the bank's task categories no route claimed stand for "another task": a prompt
+#: closest to one of them (a cover letter when the routes are code and cooking) is no match.
+#: Their cosine counts this much less than a no-match anchor's.
+OTHER_PENALTY = 0.1
+#: A no-match category yields to a route at this similarity (BANK_MATCH for task categories).
+NO_MATCH_YIELD = 0.45
+#: Weight of the lent examples' mean in a route's centroid (its own texts' mean has weight 1).
+BANK_WEIGHT = 1.0
 _ROUTED_ROLES = frozenset({"user"})
 
 _PHRASE_SPLIT = re.compile(
@@ -277,10 +297,36 @@ def user_turns(messages: Sequence[ChatMessage], max_turns: int = len(TURN_WEIGHT
     return turns
 
 
-def load_anchors(path: Path = ANCHORS_PATH) -> list[str]:
-    """Built-in no-match utterances, one per line."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+@dataclass(frozen=True)
+class BankCategory:
+    """One category of the built-in intent bank: a generic task ("translation") or, with
+    ``no_match``, chit-chat that keeps the requested model ("greetings")."""
+
+    name: str
+    description: str
+    no_match: bool
+    examples: tuple[str, ...]
+
+
+def load_bank(path: Path = BANK_PATH) -> list[BankCategory]:
+    """The built-in intent bank (data/intent_bank.yaml)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [
+        BankCategory(
+            name=str(c["name"]),
+            description=str(c["description"]),
+            no_match=bool(c.get("no_match", False)),
+            examples=tuple(str(e) for e in c["examples"]),
+        )
+        for c in data["categories"]
+    ]
+
+
+def load_anchors(path: Path = BANK_PATH) -> list[str]:
+    """Built-in no-match utterances: the examples of the bank's no-match categories."""
+    return [e for c in load_bank(path) if c.no_match for e in c.examples]
 
 
 def decide(
@@ -387,6 +433,7 @@ class RouteIndex:
     idf: dict[str, float] = field(default_factory=dict)
     heads: tuple[frozenset[str], ...] = ()
     head_counts: dict[str, int] = field(default_factory=dict)
+    others: Any = None  # (examples, dim): unclaimed bank task categories' examples
 
 
 @dataclass
@@ -416,10 +463,8 @@ class EmbeddedRouter:
         margin: float | None = None,
         max_concurrency: int = 2,
         cache_size: int = 4096,  # ~6 MB; holds a timed-out inline set's texts for the retry
-        model_path: Path | None = None,
+        model_dir: Path | None = None,
         model_sha256: str = MODEL_SHA256,
-        threads: int = 2,
-        int8_matmul: bool = True,
         turn_weights: Sequence[float] = TURN_WEIGHTS,
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
     ) -> None:
@@ -429,15 +474,15 @@ class EmbeddedRouter:
         self.turn_weights = tuple(turn_weights)
         self._max_concurrency = max(1, max_concurrency)
         self._encoder = Encoder(
-            model_path=model_path,
-            model_sha256=model_sha256,
-            threads=threads,
-            cache_size=cache_size,
-            int8_matmul=int8_matmul,
+            model_dir=model_dir, model_sha256=model_sha256, cache_size=cache_size
         )
         self._indexes = LRU(MAX_ROUTE_SETS)
         self._prepared: dict[tuple[Any, ...], RouteIndex] = {}  # configured sets: never evicted
         self._anchor_vectors: Any = None
+        self._bank_names: tuple[str, ...] = ()
+        self._bank_no_match: tuple[bool, ...] = ()
+        self._bank_descs: Any = None
+        self._bank_examples: list[Any] = []
         self._executor: ThreadPoolExecutor | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._build_executor: ThreadPoolExecutor | None = None
@@ -474,6 +519,11 @@ class EmbeddedRouter:
             import numpy
 
             self._np = numpy
+            bank = load_bank()
+            self._bank_names = tuple(c.name for c in bank)
+            self._bank_no_match = tuple(c.no_match for c in bank)
+            self._bank_descs = self._encoder.encode_many([c.description for c in bank])
+            self._bank_examples = [self._encoder.encode_many(list(c.examples)) for c in bank]
             self._anchor_vectors = self._encoder.encode_many(load_anchors())
             self._encoder.encode("warm up the session " * 12)
         except EncoderError as exc:
@@ -522,13 +572,30 @@ class EmbeddedRouter:
             for h in bag:
                 head_counts[h] = head_counts.get(h, 0) + 1
         dim = self._anchor_vectors.shape[1]
+        lent = self._lend(preferences)
+        means = np.stack(
+            [
+                rows[r].mean(axis=0)
+                + (
+                    BANK_WEIGHT * np.concatenate([self._bank_examples[c] for c in lent[r]]).mean(0)
+                    if lent[r]
+                    else 0.0
+                )
+                for r in range(len(rows))
+            ]
+        )
+        centroids = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+        rows = [
+            np.concatenate([rows[r], *(self._bank_examples[c] for c in lent[r])])
+            for r in range(len(rows))
+        ]
         vectors = np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float32)
-        anchors = self._anchor_vectors
+        claimed = {c for cs in lent for c in cs}
+        anchors = self._anchors_except(claimed)
+        others = self._others_except(claimed)
         if len(vectors) and len(anchors):
             keep = (anchors @ vectors.T).max(axis=1) < ANCHOR_CONFLICT
             anchors = anchors[keep]
-        means = np.stack([r.mean(axis=0) for r in rows])
-        centroids = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
         offsets = (
             HUB_WEIGHT * (anchors @ centroids.T).mean(axis=0)
             if len(anchors)
@@ -541,6 +608,7 @@ class EmbeddedRouter:
             centroids=centroids,
             offsets=offsets,
             anchors=anchors,
+            others=others,
             clf_weights=clf_w,
             clf_bias=clf_b,
             stems=tuple(bags),
@@ -550,6 +618,50 @@ class EmbeddedRouter:
         )
         self._indexes.put(_route_key(preferences), index)
         return index
+
+    def _lend(self, preferences: Sequence[RoutePreference]) -> list[list[int]]:
+        """Bank categories lent to each route: a category goes to the route whose description
+        (or one of its phrases) is most similar to the category's, if at least BANK_MATCH."""
+        np = self._np
+        lent: list[list[int]] = [[] for _ in preferences]
+        if self._bank_descs is None or not len(self._bank_descs) or not preferences:
+            return lent
+        sims = np.stack(
+            [
+                (self._encoder.encode_many(route_texts(p)[:1] + split_phrases(p.description))
+                 @ self._bank_descs.T).max(axis=0)
+                if p.description.strip()
+                else np.full(len(self._bank_descs), -1.0)
+                for p in preferences
+            ]
+        )  # (routes, categories)
+        for c in range(sims.shape[1]):
+            r = int(sims[:, c].argmax())
+            if sims[r, c] >= (NO_MATCH_YIELD if self._bank_no_match[c] else BANK_MATCH):
+                lent[r].append(c)
+        return lent
+
+    def _others_except(self, claimed: set[int]) -> Any:
+        """Examples of the bank's task categories no route claimed."""
+        kept = [
+            self._bank_examples[c]
+            for c, no_match in enumerate(self._bank_no_match)
+            if not no_match and c not in claimed
+        ]
+        return self._np.concatenate(kept) if kept else None
+
+    def _anchors_except(self, claimed: set[int]) -> Any:
+        """No-match anchors of the bank's no-match categories no route claimed."""
+        if not self._bank_examples:
+            return self._anchor_vectors
+        kept = [
+            self._bank_examples[c]
+            for c, no_match in enumerate(self._bank_no_match)
+            if no_match and c not in claimed
+        ]
+        if not kept:
+            return self._anchor_vectors[:0]
+        return self._np.concatenate(kept)
 
     def _require_np(self) -> Any:
         if self._np is None or not self._encoder.loaded:
@@ -589,6 +701,8 @@ class EmbeddedRouter:
                 if head is not None and head in index.heads[r]:
                     per_route[w, r] += HEAD_WEIGHT / index.head_counts[head]
         anchor = float((windows @ index.anchors.T).max()) if len(index.anchors) else -1.0
+        if index.others is not None and OTHER_PENALTY < 1:
+            anchor = max(anchor, float((windows @ index.others.T).max()) - OTHER_PENALTY)
         return per_route.max(axis=0), anchor, len(texts)
 
     def decide(
@@ -607,12 +721,16 @@ class EmbeddedRouter:
             return Decision(route=None)
         if index is None:
             index = self._index_for(prefs)
+        scored = [self._score_turn(text, index) for text in turns]
+        latest_anchor = scored[0][1]
+        weights = self.turn_weights
+        if len(turns) > 1 and len(turns[0].split()) <= FOLLOWUP_WORDS:
+            weights = FOLLOWUP_WEIGHTS
         total = np.zeros(len(prefs), dtype=np.float64)
         anchor_total = 0.0
         weight_sum = 0.0
         windows = 0
-        for weight, text in zip(self.turn_weights, turns, strict=False):
-            per_route, anchor, count = self._score_turn(text, index)
+        for weight, (per_route, anchor, count) in zip(weights, scored, strict=False):
             total += weight * per_route
             anchor_total += weight * anchor
             weight_sum += weight
@@ -621,7 +739,8 @@ class EmbeddedRouter:
             name: round(float(s / weight_sum), 4)
             for name, s in zip(index.names, total, strict=True)
         }
-        no_match = anchor_total / weight_sum
+        # A chit-chat turn is judged on its own; otherwise no-match is context-weighted too.
+        no_match = latest_anchor if latest_anchor >= CHITCHAT else anchor_total / weight_sum
         route = decide(scores, no_match, threshold=self.threshold, margin=self.margin)
         return Decision(route=route, scores=scores, no_match=round(no_match, 4), windows=windows)
 

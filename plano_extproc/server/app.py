@@ -90,7 +90,10 @@ def build_router(config: Config) -> Router:
             "(or none) in the config"
         ) from e
     return EmbeddedRouter(
-        threshold=rc.threshold, margin=rc.margin, threads=rc.threads, timeout_ms=rc.timeout_ms
+        threshold=rc.threshold,
+        margin=rc.margin,
+        max_concurrency=rc.threads,
+        timeout_ms=rc.timeout_ms,
     )
 
 
