@@ -83,8 +83,7 @@ def main() -> int:
     anthropic_fake = FakeProvider("anthropic").start()
     redis_srv = RedisServer().start()
     tmp = Path(tempfile.mkdtemp(prefix="plano-bench-"))
-    # One ONNX thread per gateway: two gateways share 2 cores here, and spinning pool threads
-    # of one would slow the other.
+    # One router decision at a time per gateway: two gateways share 2 cores here.
     base = seed_config(
         openai_fake.base_url,
         anthropic_fake.base_url,

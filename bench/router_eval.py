@@ -7,6 +7,10 @@ Usage:
   python bench/router_eval.py --explain             # per-prompt scores of the mistakes
   python bench/router_eval.py --server-rss --no-latency --mode examples
                                                     # + peak RSS of the whole ext_proc server
+  python bench/router_eval.py --sets dev            # route lists of tests/data/router_sets/dev:
+                                                    # accuracy per set, language and kind,
+                                                    # no-match precision/recall
+  python bench/router_eval.py --sets heldout        # the held-out lists (score once per method)
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from plano_extproc.routing.base import ChatMessage, RoutePreference  # noqa: E40
 from plano_extproc.routing.embedded import Decision, EmbeddedRouter, decide  # noqa: E402
 
 EVAL_PATH = ROOT / "tests" / "data" / "routing_eval.jsonl"
+SETS_DIR = ROOT / "tests" / "data" / "router_sets"
 ROUTES_PATH = ROOT / "tests" / "data" / "routing_eval_routes.yaml"
 NONE = "(none)"
 
@@ -51,6 +56,64 @@ def load_routes(with_examples: bool) -> list[RoutePreference]:
 def load_eval(split: str | None = None) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in EVAL_PATH.read_text(encoding="utf-8").splitlines() if line]
     return [r for r in rows if split in (None, "all") or r["split"] == split]
+
+
+def load_route_set(folder: Path) -> tuple[list[RoutePreference], list[dict[str, Any]]]:
+    """One route list of tests/data/router_sets (descriptions only) and its prompts."""
+    data = yaml.safe_load((folder / "routes.yaml").read_text(encoding="utf-8"))
+    prefs = [RoutePreference(name=r["name"], description=r["description"]) for r in data["routes"]]
+    text = (folder / "prompts.jsonl").read_text(encoding="utf-8")
+    return prefs, [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def no_match_pr(
+    rows: Sequence[dict[str, Any]], predicted: Sequence[str | None]
+) -> tuple[float, float]:
+    """Precision and recall of "no match" (gold route null)."""
+    tp = sum(r["route"] is None and p is None for r, p in zip(rows, predicted, strict=True))
+    said = sum(p is None for p in predicted)
+    gold = sum(r["route"] is None for r in rows)
+    return (tp / said if said else 0.0, tp / gold if gold else 0.0)
+
+
+def share(rows: Sequence[dict[str, Any]], predicted: Sequence[str | None], key: str) -> str:
+    groups: dict[str, list[bool]] = {}
+    for r, p in zip(rows, predicted, strict=True):
+        groups.setdefault(str(r.get(key)), []).append(r["route"] == p)
+    return " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(groups.items()))
+
+
+def eval_route_sets(router: EmbeddedRouter, split: str, explain: bool) -> None:
+    """Accuracy per route list, language and kind; no-match precision and recall."""
+    totals: list[float] = []
+    for folder in sorted(p for p in (SETS_DIR / split).iterdir() if p.is_dir()):
+        prefs, rows = load_route_set(folder)
+        decisions = score_rows(router, rows, prefs)
+        predicted = [d.route for d in decisions]
+        acc = sum(r["route"] == p for r, p in zip(rows, predicted, strict=True)) / len(rows)
+        en = [(r, p) for r, p in zip(rows, predicted, strict=True) if r["lang"] == "en"]
+        other = [(r, p) for r, p in zip(rows, predicted, strict=True) if r["lang"] != "en"]
+        prec, rec = no_match_pr(rows, predicted)
+        totals.append(acc)
+        print(
+            f"\n[{split}/{folder.name}] {len(prefs)} routes, n={len(rows)}: accuracy {acc:.3f} "
+            f"(English {sum(r['route'] == p for r, p in en) / max(1, len(en)):.3f}, "
+            f"other languages {sum(r['route'] == p for r, p in other) / max(1, len(other)):.3f}); "
+            f"no match precision {prec:.2f} recall {rec:.2f}"
+        )
+        print(f"    by language: {share(rows, predicted, 'lang')}")
+        print(f"    by kind: {share(rows, predicted, 'kind')}")
+        if explain:
+            for r, d in zip(rows, decisions, strict=True):
+                if r["route"] != d.route:
+                    top = sorted(d.scores.items(), key=lambda kv: -kv[1])[:2]
+                    last = r["messages"][-1]["content"]
+                    print(
+                        f"  {r['id']} {r['lang']} gold={r['route']} pred={d.route} "
+                        f"nomatch={d.no_match:.3f} top={top} :: {last[:80]!r}"
+                    )
+    if totals:
+        print(f"\nmean accuracy over {split} route lists: {sum(totals) / len(totals):.3f}")
 
 
 def to_messages(row: dict[str, Any]) -> list[ChatMessage]:
@@ -266,7 +329,11 @@ def main() -> None:
     ap.add_argument("--explain", action="store_true", help="print scores of misrouted prompts")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--n", type=int, default=300, help="calls per latency measurement")
-    ap.add_argument("--fp32", action="store_true", help="disable the int8 MatMul rewrite")
+    ap.add_argument(
+        "--sets",
+        choices=["dev", "heldout"],
+        help="evaluate the route lists of tests/data/router_sets/<split> instead",
+    )
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--margin", type=float)
     ap.add_argument(
@@ -276,10 +343,13 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    router = EmbeddedRouter(threshold=args.threshold, margin=args.margin, int8_matmul=not args.fp32)
+    router = EmbeddedRouter(threshold=args.threshold, margin=args.margin)
     t0 = time.perf_counter()
     router.start_sync()
     print(f"backend: {router.backend}; in-process start {time.perf_counter() - t0:.2f} s")
+    if args.sets:
+        eval_route_sets(router, args.sets, args.explain)
+        return
     modes = ["descriptions", "examples"] if args.mode == "both" else [args.mode]
 
     if args.calibrate:

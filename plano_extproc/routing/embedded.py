@@ -3,14 +3,17 @@
 Each route is represented by the centroid of its texts (the description, the description's
 phrases, each phrase reworded as a request, and any ``examples``), a tiny softmax classifier
 trained over those texts at ``prepare()`` time, and a lexical profile (content-word stems and
-"action" words: the leading word of its phrases and examples, and every gerund or action noun of
-its description). Built-in "no match" anchors (greetings, thanks, small talk, trivia) compete
-with the routes so chit-chat keeps the requested model. The latest user turn decides; earlier
-user turns only nudge. A short prompt of several sentences is also scored by its first and last
-sentence (the instruction usually sits there), pooled from the same forward pass; long prompts
-only by head/tail windows, because an embedding of a pasted document says what the document
-is, not what the user asked. Inference runs on a small bounded
-thread pool so a long prompt never blocks the event loop.
+"action" words). A built-in intent bank (``data/intent_bank.yaml``) of generic categories with
+example requests expands descriptions at load: a category whose description is close to a
+route's lends the route its examples; the bank's no-match categories (greetings, thanks, small
+talk, trivia, time and weather) are the "no match" anchors unless a route describes them; task
+categories no route claims stand for "another task" (no match). The encoder is multilingual,
+so a prompt in Spanish or Japanese scores against English descriptions. The latest user turn
+decides; earlier user turns nudge, and a short follow-up ("now in Rust") inherits them unless it
+is chit-chat itself. A short prompt of several sentences is also scored by its first and last
+sentence (the instruction usually sits there); long prompts only by head/tail windows, because
+an embedding of a pasted document says what the document is, not what the user asked. Inference
+runs on a small bounded thread pool so a long prompt never blocks the event loop.
 
 Inline route sets are client-controlled work (every phrase of every description is embedded),
 so a request has a deadline (``routing.router.timeout_ms``) after which it fails open with
@@ -37,8 +40,8 @@ from typing import Any
 from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
 from plano_extproc.routing.embedding import DATA_DIR, MODEL_SHA256, Encoder, EncoderError
 
-#: Defaults calibrated on the development sets (docs/embedded-router.md: tests/data/routing_eval.jsonl
-#: dev split and tests/data/router_sets/dev).
+#: Defaults calibrated on the development sets (docs/embedded-router.md): the dev split of
+#: tests/data/routing_eval.jsonl and tests/data/router_sets/dev.
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_MARGIN = -0.26
 #: Weight of the latest user turn, then of each earlier one (newest first); others are ignored.
@@ -66,6 +69,8 @@ HEAD_WEIGHT = 0.1
 #: Hubness correction: subtract this times the route centroid's mean cosine to the anchors, so a
 #: route whose texts are close to everything ("writing", "explanations") does not win by default.
 HUB_WEIGHT = 0.5
+HUB_BACKGROUND = "anchors"
+PHRASE_WEIGHT = 0.0
 #: Each description phrase is also embedded reworded as a request (prompts are requests).
 PHRASE_TEMPLATE = "I need help {}."
 #: Weight of the per-route-set softmax classifier's probability, its input scale, L2 and steps.
@@ -438,6 +443,8 @@ class RouteIndex:
     others: Any = None  # (examples, dim): unclaimed bank task categories' examples
     lent: Any = None  # (examples, dim): examples the routes borrowed from the bank
     lent_owner: Any = None  # (examples,): the route each borrowed example belongs to
+    own: Any = None  # (texts, dim): the routes' own texts (description, phrases, examples)
+    own_owner: Any = None  # (texts,): the route each own text belongs to
 
 
 @dataclass
@@ -458,7 +465,7 @@ def _route_key(preferences: Sequence[RoutePreference]) -> tuple[Any, ...]:
 
 
 class EmbeddedRouter:
-    """In-process router over a MiniLM sentence encoder (see module docstring)."""
+    """In-process router over a multilingual sentence encoder (see module docstring)."""
 
     def __init__(
         self,
@@ -470,12 +477,14 @@ class EmbeddedRouter:
         model_dir: Path | None = None,
         model_sha256: str = MODEL_SHA256,
         turn_weights: Sequence[float] = TURN_WEIGHTS,
+        followup_words: int = FOLLOWUP_WORDS,
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
     ) -> None:
         self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
         self.timeout = timeout_ms / 1000.0
         self.margin = DEFAULT_MARGIN if margin is None else margin
         self.turn_weights = tuple(turn_weights)
+        self.followup_words = followup_words
         self._max_concurrency = max(1, max_concurrency)
         self._encoder = Encoder(
             model_dir=model_dir, model_sha256=model_sha256, cache_size=cache_size
@@ -577,6 +586,7 @@ class EmbeddedRouter:
                 head_counts[h] = head_counts.get(h, 0) + 1
         dim = self._anchor_vectors.shape[1]
         lent = self._lend(preferences)
+        own_rows = list(rows)
         means = np.stack(
             [
                 rows[r].mean(axis=0)
@@ -598,15 +608,19 @@ class EmbeddedRouter:
         anchors = self._anchors_except(claimed)
         others = self._others_except(claimed)
         lent_rows = [self._bank_examples[c] for cs in lent for c in cs]
-        lent_owner = np.concatenate(
-            [np.full(len(self._bank_examples[c]), r) for r, cs in enumerate(lent) for c in cs]
-        ) if lent_rows else None
+        lent_owner = (
+            np.concatenate(
+                [np.full(len(self._bank_examples[c]), r) for r, cs in enumerate(lent) for c in cs]
+            )
+            if lent_rows
+            else None
+        )
         if len(vectors) and len(anchors):
             keep = (anchors @ vectors.T).max(axis=1) < ANCHOR_CONFLICT
             anchors = anchors[keep]
         offsets = (
-            HUB_WEIGHT * (anchors @ centroids.T).mean(axis=0)
-            if len(anchors)
+            HUB_WEIGHT * (background @ centroids.T).mean(axis=0)
+            if len(background := self._hub_background(anchors))
             else np.zeros(len(rows))
         )
         labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
@@ -619,6 +633,10 @@ class EmbeddedRouter:
             others=others,
             lent=np.concatenate(lent_rows) if lent_rows else None,
             lent_owner=lent_owner,
+            own=np.concatenate(own_rows) if own_rows else None,
+            own_owner=np.concatenate([np.full(len(r), i) for i, r in enumerate(own_rows)])
+            if own_rows
+            else None,
             clf_weights=clf_w,
             clf_bias=clf_b,
             stems=tuple(bags),
@@ -638,8 +656,10 @@ class EmbeddedRouter:
             return lent
         sims = np.stack(
             [
-                (self._encoder.encode_many(route_texts(p)[:1] + split_phrases(p.description))
-                 @ self._bank_descs.T).max(axis=0)
+                (
+                    self._encoder.encode_many(route_texts(p)[:1] + split_phrases(p.description))
+                    @ self._bank_descs.T
+                ).max(axis=0)
                 if p.description.strip()
                 else np.full(len(self._bank_descs), -1.0)
                 for p in preferences
@@ -650,6 +670,13 @@ class EmbeddedRouter:
             if sims[r, c] >= (NO_MATCH_YIELD if self._bank_no_match[c] else BANK_MATCH):
                 lent[r].append(c)
         return lent
+
+    def _hub_background(self, anchors: Any) -> Any:
+        """Texts a route's hubness is measured against: every bank example (a broad sample of
+        what users ask), or only the no-match anchors."""
+        if HUB_BACKGROUND == "bank" and self._bank_examples:
+            return self._np.concatenate(self._bank_examples)
+        return anchors
 
     def _others_except(self, claimed: set[int]) -> Any:
         """Examples of the bank's task categories no route claimed."""
@@ -684,7 +711,7 @@ class EmbeddedRouter:
         Route score per window = cosine to the route centroid - its hubness offset
         + CLASSIFIER_WEIGHT x the classifier's probability + a capped IDF-weighted overlap of
         stemmed words with the route's texts + a bonus when the window's leading action word
-        is one of the route's action words (``action_stems``). MiniLM is topic-heavy; the
+        is one of the route's action words (``action_stems``). Embeddings are topic-heavy; the
         lexical and head-word terms give the verbs that carry intent ("translate", "summarize",
         "fix") their weight back, the classifier separates routes along what tells them apart.
         """
@@ -698,6 +725,10 @@ class EmbeddedRouter:
             texts = text_windows(body)
             windows = self._encoder.encode_many(texts)
         per_route = (windows @ index.centroids.T - index.offsets).astype(np.float64)
+        if PHRASE_WEIGHT and index.own is not None:
+            near_own = windows @ index.own.T
+            for r in range(len(index.names)):
+                per_route[:, r] += PHRASE_WEIGHT * near_own[:, index.own_owner == r].max(axis=1)
         if index.lent is not None and KNN_OFFSET < 1:
             # Symmetric with the anchors' nearest-example score: a prompt that is close to one
             # of a route's borrowed examples scores at least that closeness, less KNN_OFFSET.
@@ -741,7 +772,7 @@ class EmbeddedRouter:
         scored = [self._score_turn(text, index) for text in turns]
         latest_anchor = scored[0][1]
         weights = self.turn_weights
-        if len(turns) > 1 and len(turns[0].split()) <= FOLLOWUP_WORDS:
+        if len(turns) > 1 and len(turns[0].split()) <= self.followup_words:
             weights = FOLLOWUP_WEIGHTS
         total = np.zeros(len(prefs), dtype=np.float64)
         anchor_total = 0.0

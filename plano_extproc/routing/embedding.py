@@ -118,7 +118,9 @@ class Encoder:
         try:
             self._backend = NumpyBackend(str(weights), UseTokenizer(str(spm)), threads=1)
         except (OSError, ValueError, KeyError) as exc:
-            raise EncoderError(f"model file {weights} is unreadable ({exc}); {REINSTALL_HINT}")
+            raise EncoderError(
+                f"model file {weights} is unreadable ({exc}); {REINSTALL_HINT}"
+            ) from exc
         self._np = numpy
         self.backend = "use-multilingual-v3"
 

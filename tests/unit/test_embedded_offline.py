@@ -114,7 +114,7 @@ async def test_wrong_sha256_tokenizer_fails_start_with_fix(tmp_path: Path) -> No
     folder = _copy_model(tmp_path)
     with (folder / "sp.model").open("ab") as fh:
         fh.write(b"x")
-    with pytest.raises(EmbeddedRouterError, match="tokenizer file .* sha256"):
+    with pytest.raises(EmbeddedRouterError, match=r"tokenizer file .* sha256"):
         await EmbeddedRouter(model_dir=folder).start()
 
 
@@ -223,8 +223,8 @@ def test_hostile_text_is_bounded_and_encodes(router: EmbeddedRouter) -> None:
     [
         ("Schreib mir eine Python-Funktion, die prüft, ob eine Zahl eine Primzahl ist.", "code"),
         ("¿Puedes escribir un poema corto sobre el otoño?", "writing"),
-        ("请帮我写一个 Python 函数，计算列表的平均值。", "code"),
-        ("Напиши короткое стихотворение о море.", "writing"),
+        ("请帮我写一个 Python 函数，计算列表的平均值。", "code"),  # noqa: RUF001
+        ("Напиши короткое стихотворение о море.", "writing"),  # noqa: RUF001
         ("秋についての短い詩を書いてください。", "writing"),
         ("Écris une fonction JavaScript qui inverse une chaîne.", "code"),
     ],

