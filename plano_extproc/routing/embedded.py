@@ -66,11 +66,13 @@ LEXICAL_CAP = 1.5
 #: Bonus when the text's leading action word ("translate", "summarize", "fix") is one of the
 #: route's action words (``action_stems``); split evenly between the routes that share it.
 HEAD_WEIGHT = 0.1
-#: Hubness correction: subtract this times the route centroid's mean cosine to the anchors, so a
-#: route whose texts are close to everything ("writing", "explanations") does not win by default.
-HUB_WEIGHT = 0.5
-HUB_BACKGROUND = "anchors"
-PHRASE_WEIGHT = 0.0
+#: Hubness correction: subtract this times the route centroid's mean cosine to every example of
+#: the intent bank (a broad sample of what users ask), so a route whose texts are close to
+#: everything ("how the hiring process works", "explanations") does not win by default.
+HUB_WEIGHT = 1.0
+#: Weight of the window's best cosine to one of the route's own texts (description, phrases,
+#: examples): a prompt about "W-4 withholding" matches the phrase "tax withholding" best.
+PHRASE_WEIGHT = 0.5
 #: Each description phrase is also embedded reworded as a request (prompts are requests).
 PHRASE_TEMPLATE = "I need help {}."
 #: Weight of the per-route-set softmax classifier's probability, its input scale, L2 and steps.
@@ -672,9 +674,9 @@ class EmbeddedRouter:
         return lent
 
     def _hub_background(self, anchors: Any) -> Any:
-        """Texts a route's hubness is measured against: every bank example (a broad sample of
-        what users ask), or only the no-match anchors."""
-        if HUB_BACKGROUND == "bank" and self._bank_examples:
+        """Texts a route's hubness is measured against: every bank example (the anchors when
+        there is no bank, as in unit tests with a fake encoder)."""
+        if self._bank_examples:
             return self._np.concatenate(self._bank_examples)
         return anchors
 
