@@ -237,18 +237,24 @@ def latency(router: EmbeddedRouter, prefs: Sequence[RoutePreference], words: int
         "summary table to a new spreadsheet with one sheet per region and a chart per sheet. "
     ).split()
     samples = []
+    cpu = 0.0
     for i in range(n + 20):
         # A different prompt each call so the text cache never hits.
         body = (base * (words // len(base) + 1))[: words - 2]
         text = " ".join([f"v{i}", *body, f"w{i}"])
         t0 = time.perf_counter()
+        c0 = time.process_time()  # all threads of the process: pool threads included
         router.route_sync([ChatMessage("user", text)], prefs)
         if i >= 20:
             samples.append((time.perf_counter() - t0) * 1000)
+            cpu += time.process_time() - c0
     samples.sort()
     p50 = samples[len(samples) // 2]
     p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    return f"{words}-word prompt: p50 {p50:.2f} ms, p99 {p99:.2f} ms (n={n})"
+    return (
+        f"{words}-word prompt: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+        f"CPU {cpu / n * 1000:.2f} ms per decision (n={n})"
+    )
 
 
 def cold_start() -> float:
@@ -331,7 +337,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="calls per latency measurement")
     ap.add_argument(
         "--sets",
-        choices=["dev", "heldout"],
+        choices=["dev", "heldout", "heldout2"],
         help="evaluate the route lists of tests/data/router_sets/<split> instead",
     )
     ap.add_argument("--threshold", type=float)
