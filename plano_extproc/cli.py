@@ -138,10 +138,12 @@ def cmd_route(args: argparse.Namespace) -> int:
         prepare = getattr(router, "prepare", None)
         if prepare is not None:
             prepare(cfg.preferences)
+        borrowed = getattr(router, "borrowed", None)
         try:
             result = await router.route(
                 [ChatMessage("user", args.text)], cfg.preferences, request_id="cli"
             )
+            lent = borrowed(cfg.preferences) if borrowed is not None and args.explain else None
         finally:
             await router.close()
         pref = next((p for p in cfg.preferences if p.name == result.route), None)
@@ -156,6 +158,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             if result.no_match is not None:
                 # The score a route must beat (by the margin) to be chosen over "no match".
                 out["no_match_score"] = round(result.no_match, 4)
+            if lent is not None:
+                # Which built-in intent-bank categories lent each route their examples.
+                out["borrowed"] = lent
         return out
 
     try:

@@ -673,6 +673,15 @@ class EmbeddedRouter:
                 lent[r].append(c)
         return lent
 
+    def borrowed(self, preferences: Sequence[RoutePreference]) -> dict[str, list[str]]:
+        """The intent-bank categories each route borrows examples from (for ``--explain``)."""
+        prefs = [p for p in preferences if p.name]
+        self._require_np()
+        lent = self._lend(prefs)
+        return {
+            p.name: [self._bank_names[c] for c in cs] for p, cs in zip(prefs, lent, strict=True)
+        }
+
     def _hub_background(self, anchors: Any) -> Any:
         """Texts a route's hubness is measured against: every bank example (the anchors when
         there is no bank, as in unit tests with a fake encoder)."""

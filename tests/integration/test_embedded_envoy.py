@@ -118,6 +118,9 @@ def test_route_cli_explain(tmp_path: Path) -> None:
     assert {"code_generation", "complex_reasoning"} <= set(out["scores"])
     # The score the winner had to beat is shown, so the output can be read.
     assert 0 <= out["no_match_score"] < out["scores"]["code_generation"]
+    # ... and which intent-bank categories each route borrowed examples from.
+    assert "code_generation" in out["borrowed"]["code_generation"]
+    assert set(out["borrowed"]) == set(out["scores"])
     # `up` still insists on the keys.
     up = subprocess.run(
         [sys.executable, "-m", "plano_extproc", "validate", str(cfg)],
