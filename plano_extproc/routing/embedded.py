@@ -89,7 +89,11 @@ BUILD_CHUNK = 8
 CLASSIFIER_CHECK_EVERY = 20
 #: Inline route-set builds admitted at once (one runs, the rest wait); more fail open at once.
 MAX_PENDING_BUILDS = 4
-BANK_PATH = DATA_DIR / "intent_bank.yaml"
+#: Generic tasks and the no-match categories; intents of customer-facing verticals.
+BANK_PATHS: tuple[Path, ...] = (
+    DATA_DIR / "intent_bank.yaml",
+    DATA_DIR / "intent_bank_domains.yaml",
+)
 #: A bank category whose description is at least this similar to a route's description (or
 #: one of its phrases) lends that route its example requests; a no-match category also stops
 #: being a no-match anchor then, so a configured "small talk" or "trivia" route wins its requests.
@@ -317,25 +321,28 @@ class BankCategory:
     examples: tuple[str, ...]
 
 
-def load_bank(path: Path = BANK_PATH) -> list[BankCategory]:
-    """The built-in intent bank (data/intent_bank.yaml)."""
+def load_bank(paths: Sequence[Path] = BANK_PATHS) -> list[BankCategory]:
+    """The built-in intent bank (data/intent_bank*.yaml)."""
     import yaml
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return [
-        BankCategory(
-            name=str(c["name"]),
-            description=str(c["description"]),
-            no_match=bool(c.get("no_match", False)),
-            examples=tuple(str(e) for e in c["examples"]),
-        )
-        for c in data["categories"]
-    ]
+    categories: list[BankCategory] = []
+    for path in paths:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        categories += [
+            BankCategory(
+                name=str(c["name"]),
+                description=str(c["description"]),
+                no_match=bool(c.get("no_match", False)),
+                examples=tuple(str(e) for e in c["examples"]),
+            )
+            for c in data["categories"]
+        ]
+    return categories
 
 
-def load_anchors(path: Path = BANK_PATH) -> list[str]:
+def load_anchors(paths: Sequence[Path] = BANK_PATHS) -> list[str]:
     """Built-in no-match utterances: the examples of the bank's no-match categories."""
-    return [e for c in load_bank(path) if c.no_match for e in c.examples]
+    return [e for c in load_bank(paths) if c.no_match for e in c.examples]
 
 
 def decide(
@@ -539,7 +546,9 @@ class EmbeddedRouter:
             self._bank_no_match = tuple(c.no_match for c in bank)
             self._bank_descs = self._encoder.encode_many([c.description for c in bank])
             self._bank_examples = [self._encoder.encode_many(list(c.examples)) for c in bank]
-            self._anchor_vectors = self._encoder.encode_many(load_anchors())
+            self._anchor_vectors = self._encoder.encode_many(
+                [e for c in bank if c.no_match for e in c.examples]
+            )
             self._encoder.encode("warm up the session " * 12)
         except EncoderError as exc:
             raise EmbeddedRouterError(str(exc)) from exc
