@@ -338,7 +338,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="calls per latency measurement")
     ap.add_argument(
         "--sets",
-        choices=["dev", "heldout", "heldout2", "heldout3"],
+        choices=["dev", "heldout", "heldout2", "heldout3", "heldout4"],
         help="evaluate the route lists of tests/data/router_sets/<split> instead",
     )
     ap.add_argument("--threshold", type=float)

@@ -26,6 +26,7 @@ Any exception fails open too, reported by class only (no request data in errors 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import re
 import threading
@@ -544,10 +545,17 @@ class EmbeddedRouter:
             bank = load_bank()
             self._bank_names = tuple(c.name for c in bank)
             self._bank_no_match = tuple(c.no_match for c in bank)
-            self._bank_descs = self._encoder.encode_many([c.description for c in bank])
-            self._bank_examples = [self._encoder.encode_many(list(c.examples)) for c in bank]
-            self._anchor_vectors = self._encoder.encode_many(
-                [e for c in bank if c.no_match for e in c.examples]
+            encode = self._encoder.encode_many
+            self._bank_descs = encode([c.description for c in bank], cache=False)
+            examples = encode([e for c in bank for e in c.examples], cache=False)
+            bounds = numpy.cumsum([0, *(len(c.examples) for c in bank)])
+            self._bank_examples = [examples[a:b] for a, b in itertools.pairwise(bounds)]
+            self._anchor_vectors = (
+                numpy.concatenate(
+                    [self._bank_examples[i] for i, c in enumerate(bank) if c.no_match]
+                )
+                if any(c.no_match for c in bank)
+                else examples[:0]
             )
             self._encoder.encode("warm up the session " * 12)
         except EncoderError as exc:

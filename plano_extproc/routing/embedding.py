@@ -175,8 +175,10 @@ class Encoder:
         self._store(key, vecs)
         return vecs
 
-    def encode_many(self, texts: list[str]) -> Vector:
-        """Stack of unit vectors, one row per text; uncached texts go through in one batch."""
+    def encode_many(self, texts: list[str], *, cache: bool = True) -> Vector:
+        """Stack of unit vectors, one row per text; uncached texts go through in one batch.
+        ``cache=False`` for texts the caller keeps itself (the intent bank), so they do not
+        take the LRU's room from prompts and route texts."""
         np = self._np
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
@@ -185,8 +187,9 @@ class Encoder:
         missing = sorted({k for k, row in zip(keys, rows, strict=True) if row is None})
         if missing:
             fresh = dict(zip(missing, self._run(missing), strict=True))
-            for k, v in fresh.items():
-                self._store(k, v)
+            if cache:
+                for k, v in fresh.items():
+                    self._store(k, v)
             rows = [fresh.get(k) if row is None else row for k, row in zip(keys, rows, strict=True)]
         return np.stack(rows)
 
