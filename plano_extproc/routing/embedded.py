@@ -341,11 +341,6 @@ def load_bank(paths: Sequence[Path] = BANK_PATHS) -> list[BankCategory]:
     return categories
 
 
-def load_anchors(paths: Sequence[Path] = BANK_PATHS) -> list[str]:
-    """Built-in no-match utterances: the examples of the bank's no-match categories."""
-    return [e for c in load_bank(paths) if c.no_match for e in c.examples]
-
-
 def decide(
     scores: dict[str, float], no_match: float, *, threshold: float, margin: float
 ) -> str | None:
@@ -436,6 +431,13 @@ def train_softmax(
     return (w * scale).astype(np.float32), b.astype(np.float32)
 
 
+def _starts(blocks: Sequence[Any]) -> Any:
+    """First row of each block once the blocks are stacked (for ``np.maximum.reduceat``)."""
+    import numpy as np
+
+    return np.cumsum([0, *(len(b) for b in blocks[:-1])]) if blocks else None
+
+
 @dataclass(frozen=True)
 class RouteIndex:
     """Everything scoring needs for one route set, built once per set by ``prepare``."""
@@ -451,10 +453,11 @@ class RouteIndex:
     heads: tuple[frozenset[str], ...] = ()
     head_counts: dict[str, int] = field(default_factory=dict)
     others: Any = None  # (examples, dim): unclaimed bank task categories' examples
-    lent: Any = None  # (examples, dim): examples the routes borrowed from the bank
-    lent_owner: Any = None  # (examples,): the route each borrowed example belongs to
+    lent: Any = None  # (examples, dim): examples the routes borrowed, route after route
+    lent_starts: Any = None  # first row in ``lent`` of each borrowing route's examples
+    lent_routes: Any = None  # the route each of those segments belongs to
     own: Any = None  # (texts, dim): the routes' own texts (description, phrases, examples)
-    own_owner: Any = None  # (texts,): the route each own text belongs to
+    own_starts: Any = None  # (routes,) first row in ``own`` of each route's texts
 
 
 @dataclass
@@ -506,6 +509,7 @@ class EmbeddedRouter:
         self._bank_no_match: tuple[bool, ...] = ()
         self._bank_descs: Any = None
         self._bank_examples: list[Any] = []
+        self._bank_all: Any = None  # every bank example, in one matrix
         self._executor: ThreadPoolExecutor | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._build_executor: ThreadPoolExecutor | None = None
@@ -550,13 +554,8 @@ class EmbeddedRouter:
             examples = encode([e for c in bank for e in c.examples], cache=False)
             bounds = numpy.cumsum([0, *(len(c.examples) for c in bank)])
             self._bank_examples = [examples[a:b] for a, b in itertools.pairwise(bounds)]
-            self._anchor_vectors = (
-                numpy.concatenate(
-                    [self._bank_examples[i] for i, c in enumerate(bank) if c.no_match]
-                )
-                if any(c.no_match for c in bank)
-                else examples[:0]
-            )
+            self._bank_all = examples
+            self._anchor_vectors = self._anchors_except(set())
             self._encoder.encode("warm up the session " * 12)
         except EncoderError as exc:
             raise EmbeddedRouterError(str(exc)) from exc
@@ -606,40 +605,31 @@ class EmbeddedRouter:
         dim = self._anchor_vectors.shape[1]
         lent = self._lend(preferences)
         own_rows = list(rows)
+        borrowed = [
+            np.concatenate([self._bank_examples[c] for c in cs]) if cs else None for cs in lent
+        ]
         means = np.stack(
             [
-                rows[r].mean(axis=0)
-                + (
-                    BANK_WEIGHT * np.concatenate([self._bank_examples[c] for c in lent[r]]).mean(0)
-                    if lent[r]
-                    else 0.0
-                )
-                for r in range(len(rows))
+                own.mean(axis=0) + (0.0 if more is None else BANK_WEIGHT * more.mean(axis=0))
+                for own, more in zip(own_rows, borrowed, strict=True)
             ]
         )
         centroids = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
         rows = [
-            np.concatenate([rows[r], *(self._bank_examples[c] for c in lent[r])])
-            for r in range(len(rows))
+            own if more is None else np.concatenate([own, more])
+            for own, more in zip(own_rows, borrowed, strict=True)
         ]
         vectors = np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float32)
         claimed = {c for cs in lent for c in cs}
         anchors = self._anchors_except(claimed)
-        others = self._others_except(claimed)
-        lent_rows = [self._bank_examples[c] for cs in lent for c in cs]
-        lent_owner = (
-            np.concatenate(
-                [np.full(len(self._bank_examples[c]), r) for r, cs in enumerate(lent) for c in cs]
-            )
-            if lent_rows
-            else None
-        )
+        others = self._bank_rows(claimed, no_match=False)
+        lenders = [r for r, more in enumerate(borrowed) if more is not None]
         if len(vectors) and len(anchors):
             keep = (anchors @ vectors.T).max(axis=1) < ANCHOR_CONFLICT
             anchors = anchors[keep]
         offsets = (
             HUB_WEIGHT * (background @ centroids.T).mean(axis=0)
-            if len(background := self._hub_background(anchors))
+            if len(background := self._bank_all if self._bank_all is not None else anchors)
             else np.zeros(len(rows))
         )
         labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
@@ -650,12 +640,11 @@ class EmbeddedRouter:
             offsets=offsets,
             anchors=anchors,
             others=others,
-            lent=np.concatenate(lent_rows) if lent_rows else None,
-            lent_owner=lent_owner,
+            lent=np.concatenate([borrowed[r] for r in lenders]) if lenders else None,
+            lent_starts=_starts([borrowed[r] for r in lenders]),
+            lent_routes=np.asarray(lenders),
             own=np.concatenate(own_rows) if own_rows else None,
-            own_owner=np.concatenate([np.full(len(r), i) for i, r in enumerate(own_rows)])
-            if own_rows
-            else None,
+            own_starts=_starts(own_rows),
             clf_weights=clf_w,
             clf_bias=clf_b,
             stems=tuple(bags),
@@ -699,34 +688,22 @@ class EmbeddedRouter:
             p.name: [self._bank_names[c] for c in cs] for p, cs in zip(prefs, lent, strict=True)
         }
 
-    def _hub_background(self, anchors: Any) -> Any:
-        """Texts a route's hubness is measured against: every bank example (the anchors when
-        there is no bank, as in unit tests with a fake encoder)."""
-        if self._bank_examples:
-            return self._np.concatenate(self._bank_examples)
-        return anchors
-
-    def _others_except(self, claimed: set[int]) -> Any:
-        """Examples of the bank's task categories no route claimed."""
+    def _bank_rows(self, claimed: set[int], *, no_match: bool) -> Any:
+        """Examples of the bank's no-match (or task) categories no route claimed; None if none."""
         kept = [
             self._bank_examples[c]
-            for c, no_match in enumerate(self._bank_no_match)
-            if not no_match and c not in claimed
+            for c, kind in enumerate(self._bank_no_match)
+            if kind == no_match and c not in claimed
         ]
         return self._np.concatenate(kept) if kept else None
 
     def _anchors_except(self, claimed: set[int]) -> Any:
-        """No-match anchors of the bank's no-match categories no route claimed."""
+        """No-match anchors: the bank's unclaimed no-match categories' examples (the fixed
+        anchors when there is no bank, as in unit tests with a fake encoder)."""
         if not self._bank_examples:
             return self._anchor_vectors
-        kept = [
-            self._bank_examples[c]
-            for c, no_match in enumerate(self._bank_no_match)
-            if no_match and c not in claimed
-        ]
-        if not kept:
-            return self._anchor_vectors[:0]
-        return self._np.concatenate(kept)
+        rows = self._bank_rows(claimed, no_match=True)
+        return rows if rows is not None else self._bank_all[:0]
 
     def _require_np(self) -> Any:
         if self._np is None or not self._encoder.loaded:
@@ -753,17 +730,16 @@ class EmbeddedRouter:
             texts = text_windows(body)
             windows = self._encoder.encode_many(texts)
         per_route = (windows @ index.centroids.T - index.offsets).astype(np.float64)
-        if PHRASE_WEIGHT and index.own is not None:
-            near_own = windows @ index.own.T
-            for r in range(len(index.names)):
-                per_route[:, r] += PHRASE_WEIGHT * near_own[:, index.own_owner == r].max(axis=1)
-        if index.lent is not None and KNN_OFFSET < 1:
+        if index.own is not None:
+            # Each route's best own text (rows are route after route).
+            near_own = np.maximum.reduceat(windows @ index.own.T, index.own_starts, axis=1)
+            per_route += PHRASE_WEIGHT * near_own
+        if index.lent is not None:
             # Symmetric with the anchors' nearest-example score: a prompt that is close to one
             # of a route's borrowed examples scores at least that closeness, less KNN_OFFSET.
-            near = windows @ index.lent.T
-            for r in set(index.lent_owner.tolist()):
-                best = near[:, index.lent_owner == r].max(axis=1) - KNN_OFFSET
-                per_route[:, r] = np.maximum(per_route[:, r], best)
+            near = np.maximum.reduceat(windows @ index.lent.T, index.lent_starts, axis=1)
+            r = index.lent_routes
+            per_route[:, r] = np.maximum(per_route[:, r], near - KNN_OFFSET)
         logits = windows @ index.clf_weights.T + index.clf_bias
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
@@ -777,7 +753,7 @@ class EmbeddedRouter:
                 if head is not None and head in index.heads[r]:
                     per_route[w, r] += HEAD_WEIGHT / index.head_counts[head]
         anchor = float((windows @ index.anchors.T).max()) if len(index.anchors) else -1.0
-        if index.others is not None and OTHER_PENALTY < 1:
+        if index.others is not None:
             anchor = max(anchor, float((windows @ index.others.T).max()) - OTHER_PENALTY)
         return per_route.max(axis=0), anchor, len(texts)
 
