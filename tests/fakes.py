@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -894,3 +895,16 @@ class FakeCollector:
 
     def spans_of(self, trace_id_hex: str) -> list[tuple[dict[str, str], Any]]:
         return [(r, s) for r, s in list(self.spans) if s.trace_id.hex() == trace_id_hex]
+
+
+@contextmanager
+def running_providers(*names: str) -> Iterator[dict[str, FakeProvider]]:
+    """One started FakeProvider per provider name, stopped on exit (a module's fixture)."""
+    made = {name: FakeProvider(name) for name in names}
+    for fake in made.values():
+        fake.start()
+    try:
+        yield made
+    finally:
+        for fake in made.values():
+            fake.stop()

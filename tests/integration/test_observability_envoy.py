@@ -22,7 +22,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes import FakeProvider, Script, Usage
+from tests.fakes import FakeProvider, Script, Usage, running_providers
 from tests.gateway_proc import GatewayProcess
 
 pytestmark = pytest.mark.integration
@@ -60,12 +60,8 @@ model_aliases:
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, FakeProvider]]:
-    made = {name: FakeProvider(name) for name in ("openai", "anthropic")}
-    for fake in made.values():
-        fake.start()
-    yield made
-    for fake in made.values():
-        fake.stop()
+    with running_providers("openai", "anthropic") as made:
+        yield made
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,14 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes import FakeOrchestrator, FakeProvider, Script, Usage, keyword_router
+from tests.fakes import (
+    FakeOrchestrator,
+    FakeProvider,
+    Script,
+    Usage,
+    keyword_router,
+    running_providers,
+)
 from tests.gateway_proc import GatewayProcess
 from tests.integration.conftest_affinity import *  # noqa: F403  (pytest fixtures)
 from tests.redis_server import RedisServer
@@ -84,14 +91,10 @@ routing:
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, FakeProvider]]:
-    made = {name: FakeProvider(name) for name in ("openai", "anthropic")}
-    for fake in made.values():
-        fake.start()
-    orch = FakeOrchestrator(decide=keyword_router({"binary search": "code"})).start()
-    made["orch"] = orch  # type: ignore[assignment]
-    yield made
-    for fake in made.values():
-        fake.stop()
+    with running_providers("openai", "anthropic") as made:
+        orch = FakeOrchestrator(decide=keyword_router({"binary search": "code"})).start()
+        made["orch"] = orch  # type: ignore[assignment]  # stopped with the providers
+        yield made
 
 
 @pytest.fixture(scope="module")

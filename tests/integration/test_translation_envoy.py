@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fakes import FakeProvider, Recorded, Script, ToolCall, Usage
+from tests.fakes import FakeProvider, Recorded, Script, ToolCall, Usage, running_providers
 from tests.gateway_proc import GatewayProcess
 
 pytestmark = pytest.mark.integration
@@ -130,12 +130,8 @@ model_aliases:
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, FakeProvider]]:
-    made = {name: FakeProvider(name) for name in ("openai", "anthropic", "ollama")}
-    for fake in made.values():
-        fake.start()
-    yield made
-    for fake in made.values():
-        fake.stop()
+    with running_providers("openai", "anthropic", "ollama") as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
