@@ -109,6 +109,17 @@ class RedisBreaker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def health(self) -> dict[str, Any]:
+        """The ``/ready`` fields every Redis-backed store shares."""
+        return {
+            "backend": "redis",
+            "healthy": self.healthy,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "url": self.masked_url,
+        }
+
     @property
     def probing(self) -> bool:
         return self._probe_task is not None and not self._probe_task.done()

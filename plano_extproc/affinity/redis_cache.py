@@ -318,14 +318,9 @@ class RedisSessionCache:
 
     def health(self) -> dict[str, Any]:
         return {
-            "backend": "redis",
-            "healthy": self._breaker.healthy,
-            "errors": self._breaker.errors,
+            **self._breaker.health(),
             "malformed": self._malformed,
             "skipped": self._skipped,
-            "last_error": self._breaker.last_error,
-            "last_error_at": self._breaker.last_error_at,
-            "url": self._masked_url,
             "ttl_seconds": self._ttl,
             "atomic_put": "lua" if self._use_script else "set-nx+get",
             "near_cache_entries": len(self._near),

@@ -521,14 +521,9 @@ class RedisBudgets:
 
     def health(self) -> dict[str, Any]:
         return {
-            "backend": "redis",
-            "healthy": self._breaker.healthy,
-            "errors": self._breaker.errors,
+            **self._breaker.health(),
             "fallbacks": self._fallbacks,
             "adjust_fallbacks": self._adjust_fallbacks,
             "scripting_refused": self._scripting_refused,
-            "last_error": self._breaker.last_error,
-            "last_error_at": self._breaker.last_error_at,
-            "url": self._masked_url,
             "key_prefix": self._prefix,
         }
