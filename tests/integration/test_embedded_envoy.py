@@ -79,6 +79,34 @@ def test_proxy_path_uses_embedded_router(
     assert openai_fake.last().json["model"] == "gpt-4o-mini"
 
 
+def test_proxy_path_routes_other_languages_and_follow_ups(
+    egw: GatewayProcess, openai_fake: FakeProvider, anthropic_fake: FakeProvider
+) -> None:
+    """Through Envoy: a German and a Japanese code request go to the code route's model like
+    the English one, and a short follow-up ("shorter please") stays on it (without the follow-up rule it went to
+    complex_reasoning)."""
+    client = openai.OpenAI(base_url=egw.url + "/v1", api_key="k", max_retries=0)
+    for prompt in (
+        "Schreib mir eine Python-Funktion, die eine binäre Suche implementiert.",
+        "二分探索を実装する Python の関数を書いてください。",
+    ):
+        anthropic_fake.clear()
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+        )
+        assert anthropic_fake.last().json["model"] == "claude-sonnet-4-20250514", prompt
+    anthropic_fake.clear()
+    client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[
+            {"role": "user", "content": "Write a Python function that implements binary search"},
+            {"role": "assistant", "content": "def search(xs, x): ..."},
+            {"role": "user", "content": "shorter please"},
+        ],
+    )
+    assert anthropic_fake.last().json["model"] == "claude-sonnet-4-20250514"
+
+
 def test_ready_reports_embedded_router(egw: GatewayProcess) -> None:
     ready = httpx.get(egw.worker_admin[0] + "/ready").json()
     assert ready["router"] == "embedded"
