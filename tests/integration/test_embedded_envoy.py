@@ -83,8 +83,8 @@ def test_proxy_path_routes_other_languages_and_follow_ups(
     egw: GatewayProcess, openai_fake: FakeProvider, anthropic_fake: FakeProvider
 ) -> None:
     """Through Envoy: a German and a Japanese code request go to the code route's model like
-    the English one, and a short follow-up ("shorter please") stays on it (without the follow-up rule it went to
-    complex_reasoning)."""
+    the English one, and a short follow-up ("shorter please") stays on it (without the
+    follow-up rule it went to complex_reasoning)."""
     client = openai.OpenAI(base_url=egw.url + "/v1", api_key="k", max_retries=0)
     for prompt in (
         "Schreib mir eine Python-Funktion, die eine binäre Suche implementiert.",
