@@ -74,6 +74,9 @@ def test_focus_spans_are_first_and_last_sentences() -> None:
     assert focus_spans("Write a haiku about rain.") == ()
     # Sentences under three words do not count.
     assert focus_spans("Hi. Write a haiku about rain.") == ()
+    # A sentence that is most of the text is not embedded apart from the whole text.
+    long = "Write a function that reads a CSV file and sums every column by month. Use Python 3."
+    assert [long[lo:hi] for lo, hi in focus_spans(long)] == ["Use Python 3."]
 
 
 def test_request_texts_reword_phrases_as_requests() -> None:
