@@ -56,6 +56,9 @@ FOLLOWUP_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 0.5)
 CHITCHAT = 0.6
 #: Prompts up to this many words are embedded whole; longer ones by windows.
 FULL_TEXT_WORDS = 64
+#: Decisions in flight per forward-pass lane (``threads``): under load their encodes share
+#: batches, about 30% less CPU per text from four texts a batch (docs/benchmarks.md).
+IN_FLIGHT_PER_LANE = 8
 #: Up to this many windows are scored against the route and bank matrices one by one
 #: (``EmbeddedRouter._sims``).
 FEW_WINDOWS = 8
@@ -511,9 +514,15 @@ class EmbeddedRouter:
         self.margin = DEFAULT_MARGIN if margin is None else margin
         self.turn_weights = tuple(turn_weights)
         self.followup_words = followup_words
+        # ``max_concurrency`` forward passes at once; up to IN_FLIGHT_PER_LANE times as many
+        # decisions in flight, whose encodes share those passes (routing/coalesce.py).
         self._max_concurrency = max(1, max_concurrency)
+        self._in_flight = self._max_concurrency * IN_FLIGHT_PER_LANE
         self._encoder = Encoder(
-            model_dir=model_dir, model_sha256=model_sha256, cache_size=cache_size
+            model_dir=model_dir,
+            model_sha256=model_sha256,
+            cache_size=cache_size,
+            lanes=self._max_concurrency,
         )
         self._indexes = LRU(MAX_ROUTE_SETS)
         self._prepared: dict[tuple[Any, ...], RouteIndex] = {}  # configured sets: never evicted
@@ -542,9 +551,9 @@ class EmbeddedRouter:
         """Load and verify the model off the loop, embed the anchors, warm up."""
         await asyncio.to_thread(self.start_sync)
         self._executor = ThreadPoolExecutor(
-            max_workers=self._max_concurrency, thread_name_prefix="embedded-router"
+            max_workers=self._in_flight, thread_name_prefix="embedded-router"
         )
-        self._semaphore = asyncio.Semaphore(self._max_concurrency)
+        self._semaphore = asyncio.Semaphore(self._in_flight)
         self._build_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="embedded-router-build"
         )

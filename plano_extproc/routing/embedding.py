@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plano_extproc.body import scrub_surrogates
+from plano_extproc.routing.coalesce import Coalescer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,7 +88,9 @@ class Encoder:
         model_dir: Path | None = None,
         model_sha256: str = MODEL_SHA256,
         cache_size: int = 1024,
+        lanes: int = 1,
     ) -> None:
+        """``lanes``: forward passes at once; concurrent encodes beyond them share batches."""
         self._model_dir = model_dir
         self._model_sha256 = model_sha256
         self.cache_size = cache_size
@@ -96,6 +99,7 @@ class Encoder:
         self._backend: Any = None
         self._np: Any = None
         self.backend = "unloaded"
+        self._batches = Coalescer(self._forward, lanes)
 
     def load(self) -> None:
         """Import the runtime, verify the weights and tokenizer files, load them."""
@@ -133,10 +137,18 @@ class Encoder:
         return self._backend is not None
 
     def _run(self, texts: list[str]) -> Vector:
-        """One flat batch through the encoder; rows are unit vectors."""
+        """Unit vectors for ``texts``, in a batch shared with concurrent callers."""
         # The tokenizer encodes UTF-8 and refuses lone surrogates.
-        clean = [scrub_surrogates(t[:MAX_CHARS]) for t in texts]
-        return self._backend.encode(clean).astype(self._np.float32, copy=False)
+        return self._batches([scrub_surrogates(t[:MAX_CHARS]) for t in texts])
+
+    def _forward(self, texts: list[str]) -> Vector:
+        """One flat batch through the encoder."""
+        return self._backend.encode(texts).astype(self._np.float32, copy=False)
+
+    @property
+    def batches(self) -> int:
+        """Forward passes run since start (concurrent encodes share them)."""
+        return self._batches.batches
 
     def _cached(self, key: str) -> Vector | None:
         with self._lock:

@@ -93,6 +93,39 @@ async def test_async_route_runs_concurrently_off_loop() -> None:
     await r.close()
 
 
+async def test_concurrent_decisions_share_passes_and_match_lone_ones() -> None:
+    """One lane, many decisions in flight: their encodes share forward passes, and every
+    decision is the one the same prompt gets alone."""
+    prompts = [
+        "Write a Python function that merges two sorted lists.",
+        "Translate this sentence into French: the meeting moved to Tuesday.",
+        "Summarize the plot of Hamlet in three lines.",
+        "Erkläre mir, wie man eine Rekursion in Java schreibt.",
+        "What's the capital of Australia?",
+        "Fix the bug in this SQL query: SELECT * FROM users WHERE id = .",
+        "Draft a polite email asking my landlord to repair the heater.",
+        "thanks, that was great!",
+    ] * 2
+    alone = EmbeddedRouter(max_concurrency=1, cache_size=0)
+    alone.start_sync()
+    expected = [alone.route_sync([ChatMessage("user", p)], SEED_ROUTES) for p in prompts]
+    shared = EmbeddedRouter(max_concurrency=1, cache_size=0)
+    await shared.start()
+    shared.prepare(SEED_ROUTES)
+    before = shared.encoder.batches
+    results = await asyncio.gather(
+        *(
+            shared.route([ChatMessage("user", p)], SEED_ROUTES, request_id=str(i))
+            for i, p in enumerate(prompts)
+        )
+    )
+    passes = shared.encoder.batches - before
+    await shared.close()
+    assert [r.route for r in results] == [e.route for e in expected]
+    assert all(r.error is None for r in results)
+    assert passes < len(prompts)  # some decisions shared a pass
+
+
 def _copy_model(tmp_path: Path) -> Path:
     folder = tmp_path / "resources"
     shutil.copytree(default_model_dir(), folder)
