@@ -38,6 +38,7 @@ BUDGET_FILE_ENV = "PLANO_EXTPROC_BUDGET_FILE"
 _SLOT = struct.Struct("<Qddd")  # key hash, used, stamp (monotonic seconds), rate
 _KEY = struct.Struct("<Q")  # a slot's first field alone: read while probing
 PROBE = 16  # slots a key may live in, from its hash on
+_TAKEN = Verdict(0, (0.0,))  # one group, charged
 
 
 @functools.lru_cache(maxsize=16384)  # the same few keys recur on every request
@@ -111,8 +112,11 @@ class SharedBudgets:
                 w = wait(used, b, cost)
                 if w > 0.0:
                     return Verdict(None, (w,))
-                self._write((b,), {b.key: (h, i)}, {b.key: used + cost}, now)
-                return Verdict(0, (0.0,))
+                if i >= 0 and used + cost > 0.0:  # its own slot: no victim to look for
+                    _SLOT.pack_into(self._table, i * _SLOT.size, h, used + cost, now, b.rate)
+                else:
+                    self._write((b,), {b.key: (h, i)}, {b.key: used + cost}, now)
+                return _TAKEN
             state: dict[str, float] = {}
             where: dict[str, tuple[int, int]] = {}
             for group in groups:
