@@ -4,15 +4,17 @@ budget lives in the workers' shared-memory table vs one whose budget lives in Re
 Issue target (docs/benchmarks.md): with one limit configured, the memory path adds <= 0.05 ms
 of CPU per request and the Redis path <= 0.3 ms to p50, both against no limit, A/B in one run.
 
-Three gateways from this tree, started once, on the fixed upstream of bench/overhead.py, all
+Four gateways from this tree, started once, on the fixed upstream of bench/overhead.py, all
 with ``router: {type: none}`` (overhead.py's proxy row) and the same wrk script, which sends
-``x-tenant: bench`` to all three so that only the config differs:
+``x-tenant: bench`` to all of them so that only the config differs:
 
 - ``none``: no ``ratelimits``;
 - ``memory``: one limit on the requested model selected by ``x-tenant``, a budget so large
   that nothing is refused; the budget in the table every worker maps;
 - ``redis``: the same limit with ``routing.session_cache`` on a throwaway redis-server
-  (tests/redis_server.py, free port): a Lua script per request, one more per settlement.
+  (tests/redis_server.py, free port): a Lua script per request, one more per settlement;
+- ``control``: a second gateway like ``none`` (A/A): its difference from ``none`` is what two
+  identical gateways differ by in the same run, the noise floor of the other rows' deltas.
 
 The fixed upstream's reply carries ``usage`` (41 tokens), so every request's usage record
 also settles its budget (the estimate differs from 41: one ``adjust`` per request), as in
@@ -58,6 +60,9 @@ ratelimits:
     selector: {{key: x-tenant, value: "*"}}
     limit: {{tokens: 100000000, unit: minute}}
 """
+# A second gateway without limits, measured like the others: its difference from ``none`` is
+# what two identical gateways differ by in one run (the A/A noise floor of the other deltas).
+CONTROL = "control"
 LABEL = f"{ov.MODEL} x-tenant=*"  # the limit's label in /ready and the metrics
 USAGE_TOKENS = 41  # the fixed upstream's usage.total_tokens (overhead.COMPLETION)
 
@@ -163,7 +168,7 @@ def preflight(row: Row, body: str, redis_port: int | None) -> None:
     usage = json.loads(payload).get("usage")
     ov.check(bool(usage) and usage.get("total_tokens") == USAGE_TOKENS, "reply usage", usage)
     row.requests += 1
-    if row.name == "none":
+    if row.name in ("none", CONTROL):
         ov.check(before == 0.0, "no limit: no tokens counted", before)
         return
     seen = wait_tokens(row.metrics_url, before + USAGE_TOKENS)
@@ -205,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             ov.upstream_bootstrap(up_port, up_admin), up_port, up_admin, work, "upstream"
         )
         cache = f"  session_cache: {{type: redis, url: {redis.url}}}\n"
-        for name in ("none", "memory", "redis"):
+        for name in ("none", "memory", "redis", CONTROL):
             text = ov.config_yaml(up_port, ov.free_port(), "none")
-            if name != "none":
+            if name not in ("none", CONTROL):
                 text += LIMIT
             if name == "redis":
                 text = text.replace("routing:\n", "routing:\n" + cache, 1)
@@ -219,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             with urllib.request.urlopen(admins[0] + "/ready", timeout=10) as resp:
                 ready = json.loads(resp.read())["ratelimits"]
-            if name == "none":
-                ov.check(ready is None, "none: no limits in /ready", ready)
+            if name in ("none", CONTROL):
+                ov.check(ready is None, f"{name}: no limits in /ready", ready)
             else:
                 ov.check(LABEL in ready["limits"], f"{name}: the limit in /ready", ready)
                 want = "redis" if name == "redis" else None
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
         # Every request of the limited rows charged and settled: tokens counted cover them
         # (the request counts come from wrk's rate: allow 2 % for rounding).
-        for row in rows[1:]:
+        for row in rows[1:3]:
             floor = 0.98 * row.requests * USAGE_TOKENS
             seen = wait_tokens(row.metrics_url, floor, within=30)
             ov.check(seen >= floor, f"{row.name}: tokens counted for every request",
