@@ -83,6 +83,13 @@ PROMPT = (
     "Explain the trade-offs between optimistic and pessimistic locking in a relational "
     "database, with one short example of each."
 )
+# The embedded row's prompt with ``--long-prompt``: 50 words in three sentences (issue #14's
+# "50-word prompt").
+LONG_PROMPT = (
+    PROMPT + " Keep it practical: cover deadlocks, retries and version columns, and how each "
+    "behaves under heavy write contention in PostgreSQL. Finish with a short recommendation "
+    "for a small hotel booking system, please."
+)
 COMPLETION = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -473,7 +480,7 @@ end
 """
 
 
-def lua_script(body: str, unique: bool) -> str:
+def lua_script(body: str, unique: bool, prompt: str = PROMPT) -> str:
     head = (
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
@@ -482,10 +489,12 @@ def lua_script(body: str, unique: bool) -> str:
     if not unique:
         return head + f"wrk.body = {lua_string(body)}\n" + LUA_DONE
     # A different prompt per request (the embedded router caches prompt embeddings).
-    template = body.replace("%", "%%").replace(PROMPT, PROMPT + " (case %d)")
+    template = body.replace("%", "%%").replace(prompt, prompt + " (case %d)")
     return (
         head
-        + f"local template = {lua_string(template)}\nlocal n = 0\n"
+        # Counted from the clock, so a later run never repeats an earlier run's prompts (the
+        # gateway's text cache outlives a run).
+        + f"local template = {lua_string(template)}\nlocal n = os.time() * 1000000\n"
         + "request = function()\n  n = n + 1\n"
         + "  return wrk.format(nil, nil, nil, string.format(template, n))\nend\n"
         + LUA_DONE
@@ -687,6 +696,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", default="1,16", help="wrk connection counts (default 1,16)")
     ap.add_argument("--no-embedded", action="store_true", help="skip the embedded-router row")
     ap.add_argument(
+        "--only-embedded", action="store_true", help="only the direct and embedded-router rows"
+    )
+    ap.add_argument(
+        "--long-prompt",
+        action="store_true",
+        help="the embedded row sends a 50-word prompt (three sentences) instead of 18 words",
+    )
+    ap.add_argument(
         "--transports",
         default="h2,grpcio",
         help="ext_proc transports to compare (default h2,grpcio; rows are labelled)",
@@ -745,7 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline is not None:
             trees.append((", baseline", args.baseline.resolve()))
         for transport, (label, tree) in (
-            (t, tr) for t in args.transports.split(",") for tr in trees
+            (t, tr)
+            for t in ([] if args.only_embedded else args.transports.split(","))
+            for tr in trees
         ):
             gw = Gateway.start(str(cfg_none), args.workers, args.envoy_concurrency, work,
                                f"gw-none-{transport}{label[2:]}", transport, tree)  # fmt: skip
@@ -813,7 +832,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg_emb = work / "embedded.yaml"
             cfg_emb.write_text(config_yaml(up_port, free_port(), "embedded"))
             uscript = work / "chat-unique.lua"
-            uscript.write_text(lua_script(body, unique=True))
+            eprompt = LONG_PROMPT if args.long_prompt else PROMPT
+            ebody = chat_body(eprompt)
+            uscript.write_text(lua_script(ebody, unique=True, prompt=eprompt))
             embs = []
             for label, tree in trees:
                 gwe = Gateway.start(str(cfg_emb), args.workers, args.envoy_concurrency, work,
@@ -822,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
                 emb = Scenario(f"proxy (embedded router, h2{label})", f"http://127.0.0.1:"
                                f"{gwe.port}/v1/chat/completions", uscript, gwe.worker_pids,
                                gwe.envoy_pids)  # fmt: skip
-                seen = preflight("proxy+embedded", emb.url, body)
+                seen = preflight("proxy+embedded", emb.url, ebody)
                 print(f"{emb.name}: pre-flight route {seen.get('x-plano-route')!r}, model "
                       f"{seen.get('x-plano-model')!r}, attempts {seen.get('x-plano-attempts')!r}",
                       file=sys.stderr)  # fmt: skip
