@@ -105,6 +105,8 @@ class RateLimiter:
                 self._by_model.setdefault(name, []).append(i)
         self._pending: set[asyncio.Task[None]] = set()
         self._owed: dict[str, tuple[Bucket, float]] = {}
+        self._counted: dict[str, int] = {}  # tokens per limit label, counted at flush
+        self._take_now = getattr(store, "take_now", None)
         self.dropped = 0
         # (limit, selector value) -> its bucket and settlement reference: the same tenants
         # recur, and a digest per request and limit is most of the lookup's cost. Bounded.
@@ -188,7 +190,12 @@ class RateLimiter:
         group = self.buckets(model, headers)
         if not group:
             return _ONE
-        verdict = await self.store.take(([b for _, b, _ in group],), float(estimate))
+        groups = ([b for _, b, _ in group],)
+        take_now = self._take_now
+        if take_now is not None:  # the shared table answers at once: no coroutine
+            verdict = take_now(groups, float(estimate))
+        else:
+            verdict = await self.store.take(groups, float(estimate))
         if verdict.taken is None:
             return self._refusal((model,), (group,), verdict.waits, estimate)
         refs = ((model, tuple(ref for _, _, ref in group)),)
@@ -264,7 +271,13 @@ class RateLimiter:
 
     def flush(self) -> None:
         """Apply what ``settle`` collected: one store operation per batch of usage records
-        (Envoy sends them in batches) instead of one per request."""
+        (Envoy sends them in batches) instead of one per request, and one counter update per
+        limit."""
+        if self._counted:
+            counted, self._counted = self._counted, {}
+            if self.telemetry is not None:
+                for label, tokens in counted.items():
+                    self.telemetry.count_ratelimit_tokens(label, tokens)
         if not self._owed:
             return
         items = [item for item in self._owed.values() if item[1]]
@@ -360,7 +373,9 @@ class RateLimiter:
         return admitted, out
 
     def _count_tokens(self, labels: Sequence[str], tokens: int) -> None:
+        """Tokens served under each limit, added to its counter at the next ``flush``."""
         if self.telemetry is None or not tokens:
             return
+        counted = self._counted
         for label in labels:
-            self.telemetry.count_ratelimit_tokens(label, tokens)
+            counted[label] = counted.get(label, 0) + tokens

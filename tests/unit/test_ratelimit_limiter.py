@@ -265,6 +265,8 @@ async def test_settlement_charges_reported_usage_and_refunds_failures(clock: Clo
     assert delta == 850.0 and buckets[0].capacity == 1000.0
     await lim.store.adjust(buckets, delta)
     assert isinstance(await lim.admit(["openai/gpt-4o"], h, 60), Refused)
+    assert samples(telemetry, "plano_ratelimit_tokens_total") == []  # counted per batch
+    lim.flush()
     assert samples(telemetry, "plano_ratelimit_tokens_total") == [
         ({"limit": "gpt-4o x-t=*"}, 950.0)
     ]
