@@ -1,12 +1,13 @@
-"""The embedded router under concurrent load: encodes in shared batches vs one pass per decision.
+"""The embedded router under concurrent load: queued decisions batched vs one at a time per lane.
 
-One process, two routers built the same way except for decisions in flight per forward-pass
-lane (``IN_FLIGHT_PER_LANE``): ``own pass`` = 1 (every decision runs its own forward pass, as
-before routing/coalesce.py), ``shared`` = the shipped value (decisions queued behind busy lanes
-share the next pass). Both have ``--lanes`` lanes (``routing.router.threads``). Each round
-sends ``--decisions`` decisions through ``EmbeddedRouter.route`` (the async path the gateway
-uses) with ``--concurrency`` of them in flight, a distinct 50-word prompt each so the text cache
-never answers, against the dev route list ``general8``; rows alternate per round.
+One process, two routers built the same way except for decisions in flight per lane
+(``IN_FLIGHT_PER_LANE``): ``own pass`` = 1 (every decision runs alone, with its own forward
+pass, as before routing/lanes.py), ``shared`` = the shipped value (decisions queued behind
+busy lanes are decided together, their texts in one pass). Both have ``--lanes`` lanes
+(``routing.router.threads``). Each round sends ``--decisions`` decisions through
+``EmbeddedRouter.route`` (the async path the gateway uses) with ``--concurrency`` of them in
+flight, a distinct 50-word prompt each so the text cache never answers, against the dev route
+list ``general8``; rows alternate per round.
 
 Reported per row: decisions/s, process CPU per decision (all threads), p50/p99 latency, and
 texts per forward pass. Medians over ``--rounds``.
@@ -75,11 +76,11 @@ async def one_round(
                 raise SystemExit(f"router error: {result.error}")
             texts += 1 + len(embedded.focus_spans(prompt(i)))
 
-    b0 = router.encoder.batches
+    b0 = router.encoder.passes
     c0, w0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    passes = max(1, router.encoder.batches - b0)
+    passes = max(1, router.encoder.passes - b0)
     return n / wall, cpu / n * 1000, latencies, texts / passes
 
 

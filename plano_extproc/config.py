@@ -144,7 +144,7 @@ class RawRouter(_Strict):
     timeout_ms: int = Field(default=3000, ge=10, le=120_000)
     threshold: float | None = Field(default=None, ge=-2.0, le=2.0)
     margin: float | None = Field(default=None, ge=-2.0, le=2.0)
-    threads: int = Field(default=2, ge=1, le=64)  # embedded: encoder passes at once per worker
+    threads: int = Field(default=2, ge=1, le=64)  # embedded: deciding threads per worker
 
 
 class RawSelector(_Strict):

@@ -40,6 +40,7 @@ from typing import Any
 
 from plano_extproc.routing.base import ChatMessage, RoutePreference, RouterResult
 from plano_extproc.routing.embedding import DATA_DIR, MODEL_SHA256, Encoder, EncoderError
+from plano_extproc.routing.lanes import Lanes
 
 #: Defaults calibrated on the development sets (docs/embedded-router.md): the dev split of
 #: tests/data/routing_eval.jsonl and tests/data/router_sets/dev.
@@ -56,8 +57,9 @@ FOLLOWUP_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 0.5)
 CHITCHAT = 0.6
 #: Prompts up to this many words are embedded whole; longer ones by windows.
 FULL_TEXT_WORDS = 64
-#: Decisions in flight per forward-pass lane (``threads``): under load their encodes share
-#: batches, about 30% less CPU per text from four texts a batch (docs/benchmarks.md).
+#: Decisions in flight per lane (``threads``): those queued behind busy lanes are decided
+#: together, their texts in one forward pass, about 30% less CPU per text from four texts a
+#: pass (routing/lanes.py, docs/benchmarks.md).
 IN_FLIGHT_PER_LANE = 8
 #: Up to this many windows are scored against the route and bank matrices one by one
 #: (``EmbeddedRouter._sims``).
@@ -489,6 +491,16 @@ class Decision:
         return RouterResult(route=self.route, scores=self.scores, no_match=self.no_match)
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One queued decision: what ``decide`` needs, and its deadline check."""
+
+    messages: list[ChatMessage]
+    prefs: list[RoutePreference]
+    index: RouteIndex | None
+    check: Check
+
+
 def _route_key(preferences: Sequence[RoutePreference]) -> tuple[Any, ...]:
     return tuple((p.name, p.description, p.examples) for p in preferences)
 
@@ -514,15 +526,12 @@ class EmbeddedRouter:
         self.margin = DEFAULT_MARGIN if margin is None else margin
         self.turn_weights = tuple(turn_weights)
         self.followup_words = followup_words
-        # ``max_concurrency`` forward passes at once; up to IN_FLIGHT_PER_LANE times as many
-        # decisions in flight, whose encodes share those passes (routing/coalesce.py).
+        # ``max_concurrency`` lanes (threads) decide at once, each a batch of the decisions
+        # queued (routing/lanes.py); up to IN_FLIGHT_PER_LANE per lane in flight.
         self._max_concurrency = max(1, max_concurrency)
         self._in_flight = self._max_concurrency * IN_FLIGHT_PER_LANE
         self._encoder = Encoder(
-            model_dir=model_dir,
-            model_sha256=model_sha256,
-            cache_size=cache_size,
-            lanes=self._max_concurrency,
+            model_dir=model_dir, model_sha256=model_sha256, cache_size=cache_size
         )
         self._indexes = LRU(MAX_ROUTE_SETS)
         self._prepared: dict[tuple[Any, ...], RouteIndex] = {}  # configured sets: never evicted
@@ -532,7 +541,7 @@ class EmbeddedRouter:
         self._bank_descs: Any = None
         self._bank_examples: list[Any] = []
         self._bank_all: Any = None  # every bank example, in one matrix
-        self._executor: ThreadPoolExecutor | None = None
+        self._lanes: Lanes | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._build_executor: ThreadPoolExecutor | None = None
         self._build_lock: asyncio.Lock | None = None
@@ -550,9 +559,7 @@ class EmbeddedRouter:
     async def start(self) -> None:
         """Load and verify the model off the loop, embed the anchors, warm up."""
         await asyncio.to_thread(self.start_sync)
-        self._executor = ThreadPoolExecutor(
-            max_workers=self._in_flight, thread_name_prefix="embedded-router"
-        )
+        self._lanes = Lanes(self._decide_batch, self._max_concurrency, name="embedded-router")
         self._semaphore = asyncio.Semaphore(self._in_flight)
         self._build_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="embedded-router-build"
@@ -758,7 +765,7 @@ class EmbeddedRouter:
             spans = focus_spans(body)
             windows = self._encoder.encode_spans(body, spans)
             texts = [" ".join(body[lo:hi].split()) for lo, hi in ((0, len(body)), *spans)]
-        else:
+        else:  # as _inputs expects
             texts = text_windows(body)
             windows = self._encoder.encode_many(texts)
         per_route = (sims(windows, index.centroids) - index.offsets).astype(np.float64)
@@ -828,6 +835,41 @@ class EmbeddedRouter:
         route = decide(scores, no_match, threshold=self.threshold, margin=self.margin)
         return Decision(route=route, scores=scores, no_match=round(no_match, 4), windows=windows)
 
+    def _inputs(self, job: _Job) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+        """The (text, focus spans) pairs ``decide`` will encode for ``job`` (as
+        ``_score_turn`` chooses them), so a batch of decisions is encoded in one pass first."""
+        items: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+        if not job.prefs:
+            return items
+        for text in user_turns(job.messages, len(self.turn_weights)):
+            body = text.strip()
+            if len(body.split()) <= FULL_TEXT_WORDS:
+                items.append((body, focus_spans(body)))
+            else:
+                items.extend((window, ()) for window in text_windows(body))
+        return items
+
+    def _decide_batch(self, jobs: list[_Job]) -> list[Decision | BaseException]:
+        """Decide a batch of queued requests (one lane, one thread): every text they need in
+        one forward pass first, then each decision from the cache. A request past its deadline
+        or abandoned gets its exception back instead, and so does one whose decision fails."""
+        live: list[_Job] = []
+        out: dict[int, Decision | BaseException] = {}
+        for job in jobs:
+            try:
+                job.check()
+                live.append(job)
+            except BaseException as exc:
+                out[id(job)] = exc
+        if len(live) > 1:
+            self._encoder.prefetch([item for job in live for item in self._inputs(job)])
+        for job in live:
+            try:
+                out[id(job)] = self.decide(job.messages, job.prefs, index=job.index)
+            except Exception as exc:
+                out[id(job)] = exc
+        return [out[id(job)] for job in jobs]
+
     def route_sync(
         self, messages: Sequence[ChatMessage], preferences: Sequence[RoutePreference]
     ) -> RouterResult:
@@ -843,7 +885,7 @@ class EmbeddedRouter:
     ) -> RouterResult:
         """Route within the deadline on the bounded pools; every failure (timeout, a full build
         queue, any exception) comes back as ``error`` so the request fails open."""
-        if self._executor is None or self._semaphore is None:
+        if self._lanes is None or self._semaphore is None:
             return RouterResult(route=None, error="embedded router not started")
         abandoned = threading.Event()
         check = deadline_check(time.monotonic() + self.timeout, abandoned)
@@ -867,17 +909,17 @@ class EmbeddedRouter:
     async def _route_within(
         self, messages: list[ChatMessage], preferences: list[RoutePreference], check: Check
     ) -> RouterResult:
-        assert self._executor is not None and self._semaphore is not None
-        loop = asyncio.get_running_loop()
+        assert self._lanes is not None and self._semaphore is not None
         prefs = [p for p in preferences if p.name]
         index = self.cached_index(prefs) if prefs else None
         if prefs and index is None and user_turns(messages, 1):
             index = await self._build(prefs, check)
+        job = _Job(messages, prefs, index, check)
         async with self._semaphore:
             check()
-            decision = await loop.run_in_executor(
-                self._executor, lambda: self.decide(messages, prefs, index=index)
-            )
+            decision = await self._lanes.submit(job)
+        if isinstance(decision, BaseException):
+            raise decision
         return decision.result()
 
     async def _build(self, prefs: list[RoutePreference], check: Check) -> RouteIndex:
@@ -897,8 +939,10 @@ class EmbeddedRouter:
             self._pending_builds -= 1
 
     async def close(self) -> None:
-        """Stop the pool; in-flight decisions finish first."""
-        for executor in (self._executor, self._build_executor):
-            if executor is not None:
-                await asyncio.to_thread(executor.shutdown, wait=True)
-        self._executor = self._build_executor = None
+        """Stop the lanes and the build pool; queued decisions finish first."""
+        if self._lanes is not None:
+            await asyncio.to_thread(self._lanes.close)
+        if self._build_executor is not None:
+            await asyncio.to_thread(self._build_executor.shutdown, wait=True)
+        self._lanes = None
+        self._build_executor = None

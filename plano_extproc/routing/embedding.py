@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plano_extproc.body import scrub_surrogates
-from plano_extproc.routing.coalesce import Coalescer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -88,9 +87,7 @@ class Encoder:
         model_dir: Path | None = None,
         model_sha256: str = MODEL_SHA256,
         cache_size: int = 1024,
-        lanes: int = 1,
     ) -> None:
-        """``lanes``: forward passes at once; concurrent encodes beyond them share batches."""
         self._model_dir = model_dir
         self._model_sha256 = model_sha256
         self.cache_size = cache_size
@@ -99,7 +96,7 @@ class Encoder:
         self._backend: Any = None
         self._np: Any = None
         self.backend = "unloaded"
-        self._batches = Coalescer(self._forward, lanes)
+        self._passes = 0
 
     def load(self) -> None:
         """Import the runtime, verify the weights and tokenizer files, load them."""
@@ -137,18 +134,16 @@ class Encoder:
         return self._backend is not None
 
     def _run(self, texts: list[str]) -> Vector:
-        """Unit vectors for ``texts``, in a batch shared with concurrent callers."""
+        """One flat batch through the encoder; rows are unit vectors."""
         # The tokenizer encodes UTF-8 and refuses lone surrogates.
-        return self._batches([scrub_surrogates(t[:MAX_CHARS]) for t in texts])
-
-    def _forward(self, texts: list[str]) -> Vector:
-        """One flat batch through the encoder."""
-        return self._backend.encode(texts).astype(self._np.float32, copy=False)
+        clean = [scrub_surrogates(t[:MAX_CHARS]) for t in texts]
+        self._passes += 1
+        return self._backend.encode(clean).astype(self._np.float32, copy=False)
 
     @property
-    def batches(self) -> int:
-        """Forward passes run since start (concurrent encodes share them)."""
-        return self._batches.batches
+    def passes(self) -> int:
+        """Forward passes run since start (a batch of decisions shares one)."""
+        return self._passes
 
     def _cached(self, key: str) -> Vector | None:
         with self._lock:
@@ -186,6 +181,30 @@ class Encoder:
         vecs = self._run([text, *(text[lo:hi] for lo, hi in spans)])
         self._store(key, vecs)
         return vecs
+
+    def prefetch(self, items: list[tuple[str, tuple[tuple[int, int], ...]]]) -> None:
+        """Encode, in one pass, every ``(text, spans)`` not cached yet and cache it as
+        ``encode_spans(text, spans)`` would (``encode(text)`` for no spans): several decisions'
+        texts in one flat batch cost about 30% less per text than one pass each."""
+        todo: list[tuple[str, int, bool]] = []
+        flat: list[str] = []
+        seen: set[str] = set()
+        for text, spans in items:
+            key = f"{text}\x00{spans!r}" if spans else text.strip()
+            if key in seen or self._cached(key) is not None:
+                continue
+            seen.add(key)
+            parts = [text, *(text[lo:hi] for lo, hi in spans)] if spans else [key]
+            todo.append((key, len(parts), bool(spans)))
+            flat += parts
+        if not flat:
+            return
+        out = self._run(flat)
+        start = 0
+        for key, n, several in todo:
+            # Copies: a cached row must not keep the whole batch alive.
+            self._store(key, out[start : start + n].copy() if several else out[start].copy())
+            start += n
 
     def encode_many(self, texts: list[str], *, cache: bool = True) -> Vector:
         """Stack of unit vectors, one row per text; uncached texts go through in one batch.

@@ -94,8 +94,8 @@ async def test_async_route_runs_concurrently_off_loop() -> None:
 
 
 async def test_concurrent_decisions_share_passes_and_match_lone_ones() -> None:
-    """One lane, many decisions in flight: their encodes share forward passes, and every
-    decision is the one the same prompt gets alone."""
+    """One lane, many decisions in flight: those queued are decided together, their texts in
+    one forward pass, and every decision is the one the same prompt gets alone."""
     prompts = [
         "Write a Python function that merges two sorted lists.",
         "Translate this sentence into French: the meeting moved to Tuesday.",
@@ -106,20 +106,20 @@ async def test_concurrent_decisions_share_passes_and_match_lone_ones() -> None:
         "Draft a polite email asking my landlord to repair the heater.",
         "thanks, that was great!",
     ] * 2
-    alone = EmbeddedRouter(max_concurrency=1, cache_size=0)
+    alone = EmbeddedRouter(max_concurrency=1)
     alone.start_sync()
     expected = [alone.route_sync([ChatMessage("user", p)], SEED_ROUTES) for p in prompts]
-    shared = EmbeddedRouter(max_concurrency=1, cache_size=0)
+    shared = EmbeddedRouter(max_concurrency=1)
     await shared.start()
     shared.prepare(SEED_ROUTES)
-    before = shared.encoder.batches
+    before = shared.encoder.passes
     results = await asyncio.gather(
         *(
             shared.route([ChatMessage("user", p)], SEED_ROUTES, request_id=str(i))
             for i, p in enumerate(prompts)
         )
     )
-    passes = shared.encoder.batches - before
+    passes = shared.encoder.passes - before
     await shared.close()
     assert [r.route for r in results] == [e.route for e in expected]
     assert all(r.error is None for r in results)
