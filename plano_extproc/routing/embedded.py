@@ -765,7 +765,7 @@ class EmbeddedRouter:
             spans = focus_spans(body)
             windows = self._encoder.encode_spans(body, spans)
             texts = [" ".join(body[lo:hi].split()) for lo, hi in ((0, len(body)), *spans)]
-        else:  # as _inputs expects
+        else:  # _inputs lists the same texts for a batch
             texts = text_windows(body)
             windows = self._encoder.encode_many(texts)
         per_route = (sims(windows, index.centroids) - index.offsets).astype(np.float64)
