@@ -318,6 +318,15 @@ def text_windows(
     return windows
 
 
+def turn_inputs(text: str) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+    """What one turn is encoded as, as (text, focus spans) pairs: a short turn whole, with the
+    spans of its first and last sentence; a long one by its windows, each whole."""
+    body = text.strip()
+    if len(body.split()) <= FULL_TEXT_WORDS:
+        return [(body, focus_spans(body))]
+    return [(window, ()) for window in text_windows(body)]
+
+
 def user_turns(messages: Sequence[ChatMessage], max_turns: int = len(TURN_WEIGHTS)) -> list[str]:
     """User turns with text, newest first; system/developer/tool/assistant turns never route."""
     turns: list[str] = []
@@ -760,13 +769,13 @@ class EmbeddedRouter:
         """
         np = self._np
         sims = self._sims
-        body = text.strip()
-        if len(body.split()) <= FULL_TEXT_WORDS:
-            spans = focus_spans(body)
+        inputs = turn_inputs(text)
+        if len(inputs) == 1:  # a short turn, with its focus spans
+            body, spans = inputs[0]
             windows = self._encoder.encode_spans(body, spans)
             texts = [" ".join(body[lo:hi].split()) for lo, hi in ((0, len(body)), *spans)]
-        else:  # _inputs lists the same texts for a batch
-            texts = text_windows(body)
+        else:
+            texts = [window for window, _ in inputs]
             windows = self._encoder.encode_many(texts)
         per_route = (sims(windows, index.centroids) - index.offsets).astype(np.float64)
         if index.own is not None:
@@ -836,18 +845,12 @@ class EmbeddedRouter:
         return Decision(route=route, scores=scores, no_match=round(no_match, 4), windows=windows)
 
     def _inputs(self, job: _Job) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
-        """The (text, focus spans) pairs ``decide`` will encode for ``job`` (as
-        ``_score_turn`` chooses them), so a batch of decisions is encoded in one pass first."""
-        items: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+        """What ``decide`` will encode for ``job``, so a batch of decisions is encoded in one
+        pass first."""
         if not job.prefs:
-            return items
-        for text in user_turns(job.messages, len(self.turn_weights)):
-            body = text.strip()
-            if len(body.split()) <= FULL_TEXT_WORDS:
-                items.append((body, focus_spans(body)))
-            else:
-                items.extend((window, ()) for window in text_windows(body))
-        return items
+            return []
+        turns = user_turns(job.messages, len(self.turn_weights))
+        return [item for text in turns for item in turn_inputs(text)]
 
     def _decide_batch(self, jobs: list[_Job]) -> list[Decision | BaseException]:
         """Decide a batch of queued requests (one lane, one thread): every text they need in

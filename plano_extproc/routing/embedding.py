@@ -75,6 +75,11 @@ def _checked(path: Path, expected: str, what: str) -> Path:
     return path
 
 
+def _key(text: str, spans: tuple[tuple[int, int], ...]) -> str:
+    """The cache key of a text alone (stripped) or of a text with its spans' rows."""
+    return f"{text}\x00{spans!r}" if spans else text.strip()
+
+
 class Encoder:
     """Text -> unit-length 512-d vector, with an LRU cache by text.
 
@@ -161,50 +166,53 @@ class Encoder:
 
     def encode(self, text: str) -> Vector:
         """Unit vector for ``text``; repeated texts (earlier turns, inline routes) hit the cache."""
-        key = text.strip()
-        hit = self._cached(key)
-        if hit is not None:
-            return hit
-        vec = self._run([key])[0]
-        self._store(key, vec)
-        return vec
+        return self._encode_items([(text, ())])[text.strip()]
 
     def encode_spans(self, text: str, spans: tuple[tuple[int, int], ...]) -> Vector:
         """Rows: the whole text's vector, then one per character span of ``text`` (its first and
         last sentence), all in one batch. Cached like ``encode``; ``text`` must be stripped."""
         if not spans:
             return self.encode(text)[None, :]
-        key = f"{text}\x00{spans!r}"
-        hit = self._cached(key)
-        if hit is not None:
-            return hit
-        vecs = self._run([text, *(text[lo:hi] for lo, hi in spans)])
-        self._store(key, vecs)
-        return vecs
+        return self._encode_items([(text, spans)])[_key(text, spans)]
 
     def prefetch(self, items: list[tuple[str, tuple[tuple[int, int], ...]]]) -> None:
         """Encode, in one pass, every ``(text, spans)`` not cached yet and cache it as
         ``encode_spans(text, spans)`` would (``encode(text)`` for no spans): several decisions'
         texts in one flat batch cost about 30% less per text than one pass each."""
+        self._encode_items(items)
+
+    def _encode_items(
+        self, items: list[tuple[str, tuple[tuple[int, int], ...]]]
+    ) -> dict[str, Vector]:
+        """Each ``(text, spans)``'s vectors by cache key: from the cache, else all the missing
+        ones in one pass (then cached). No spans: the text's vector; spans: the whole text's
+        row, then one per span."""
+        found: dict[str, Vector] = {}
         todo: list[tuple[str, int, bool]] = []
+        pending: set[str] = set()
         flat: list[str] = []
-        seen: set[str] = set()
         for text, spans in items:
-            key = f"{text}\x00{spans!r}" if spans else text.strip()
-            if key in seen or self._cached(key) is not None:
+            key = _key(text, spans)
+            if key in found or key in pending:
                 continue
-            seen.add(key)
+            hit = self._cached(key)
+            if hit is not None:
+                found[key] = hit
+                continue
             parts = [text, *(text[lo:hi] for lo, hi in spans)] if spans else [key]
+            pending.add(key)
             todo.append((key, len(parts), bool(spans)))
             flat += parts
-        if not flat:
-            return
-        out = self._run(flat)
-        start = 0
-        for key, n, several in todo:
-            # Copies: a cached row must not keep the whole batch alive.
-            self._store(key, out[start : start + n].copy() if several else out[start].copy())
-            start += n
+        if flat:
+            out = self._run(flat)
+            start = 0
+            for key, n, several in todo:
+                # Copies: a cached row must not keep a shared batch alive.
+                vec = out[start : start + n].copy() if several else out[start].copy()
+                self._store(key, vec)
+                found[key] = vec
+                start += n
+        return found
 
     def encode_many(self, texts: list[str], *, cache: bool = True) -> Vector:
         """Stack of unit vectors, one row per text; uncached texts go through in one batch.
