@@ -86,23 +86,20 @@ class Lanes:
             live = [entry for entry in batch if not entry[1].done()]
             if not live:
                 continue
+            error: BaseException | None = None
             try:
                 results = self._run([item for item, _, _ in live])
                 if len(results) != len(live):
                     raise RuntimeError(f"{len(results)} results for {len(live)} items")
             except BaseException as exc:  # every request of the batch gets it
-                self._count()
-                for _, future, loop in live:
-                    loop.call_soon_threadsafe(_fail, future, exc)
-            else:
-                self._count()
-                for (_, future, loop), result in zip(live, results, strict=True):
-                    loop.call_soon_threadsafe(_resolve, future, result)
-
-    def _count(self) -> None:
-        """One more batch run (before its results are out, so a caller sees it counted)."""
-        with self._cond:
-            self.batches += 1
+                error = exc
+            with self._cond:  # counted before the results are out, so a caller sees it
+                self.batches += 1
+            for i, (_, future, loop) in enumerate(live):
+                if error is not None:
+                    loop.call_soon_threadsafe(_fail, future, error)
+                else:
+                    loop.call_soon_threadsafe(_resolve, future, results[i])
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:
