@@ -431,17 +431,35 @@ class Gateway:
         stop_proc(self.proc)
 
 
-def children(pid: int) -> list[int]:
-    out = []
+def parents() -> dict[int, int]:
+    """pid -> parent pid of every process now (a process tree changes: read it each time)."""
+    out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
+            out[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def children(pid: int) -> list[int]:
+    return sorted(child for child, parent in parents().items() if parent == pid)
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and all its live descendants (one read of the process table)."""
+    kids: dict[int, list[int]] = {}
+    for pid, ppid in parents().items():
+        kids.setdefault(ppid, []).append(pid)
+    out: list[int] = []
+    todo = [root]
+    while todo and len(out) < 10_000:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, ()))
+    return out
 
 
 def stop_proc(proc: subprocess.Popen[bytes]) -> None:

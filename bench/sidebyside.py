@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -80,6 +81,7 @@ from bench.overhead import (
     chat_body,
     check,
     config_yaml,
+    descendants,
     direct_bootstrap,
     lua_script,
     machine,
@@ -89,7 +91,7 @@ from bench.overhead import (
     stop_proc,
     upstream_bootstrap,
 )
-from bench.translation_stream import PacedChatProvider, pct
+from bench.translation_stream import PacedChatProvider, pct, rss_kib
 from plano_extproc.supervisor import free_port, wait_http_ok
 
 # 1.82.6 is the last release published before the March 2026 PyPI compromise of LiteLLM (1.82.7
@@ -109,33 +111,6 @@ BATCH_TIMEOUT_S = 120.0  # one batch of streams
 # ---------------------------------------------------------------------------- process trees
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process now (a process tree changes: read it each time)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            out[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return out
-
-
-def tree(root: int) -> list[int]:
-    """``root`` and all its live descendants."""
-    kids: dict[int, list[int]] = {}
-    for pid, ppid in _parents().items():
-        kids.setdefault(ppid, []).append(pid)
-    out: list[int] = []
-    todo = [root]
-    while todo and len(out) < 10_000:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, ()))
-    return out
-
-
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -143,7 +118,7 @@ def tree_cpu(root: int) -> float:
     """CPU seconds of the tree: utime+stime+cutime+cstime of each live process (a reaped
     child's time lives on in its parent's c-fields, so a run's delta still holds it)."""
     ticks = 0
-    for pid in tree(root):
+    for pid in descendants(root):
         try:
             f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -154,13 +129,9 @@ def tree_cpu(root: int) -> float:
 
 def tree_rss_mib(root: int) -> float:
     kib = 0
-    for pid in tree(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    kib += int(line.split()[1])
-        except OSError:
-            continue
+    for pid in descendants(root):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            kib += rss_kib(pid)
     return kib / 1024
 
 
