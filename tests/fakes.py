@@ -27,6 +27,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(n: int, tries: int = 50) -> int:
+    """The first of ``n`` consecutive free ports, for commands that take a base port and
+    count up from it (``--admin-port`` with ``--workers``): a lone free port's neighbour may
+    be taken by another test's server."""
+    for _ in range(tries):
+        base = free_port()
+        if base + n - 1 > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports in {tries} tries")
+
+
 @dataclass
 class Recorded:
     method: str

@@ -23,7 +23,7 @@ import pytest
 from plano_extproc.config import load_config
 from plano_extproc.server.app import start, stop
 from tests.conftest import seed_config
-from tests.fakes import FakeProvider, free_port
+from tests.fakes import FakeProvider, free_port_run
 from tests.gateway_proc import ROOT, GatewayProcess, decisions_answered
 from tests.integration.test_lifecycle import _children, _cmdline, _wait_dead
 
@@ -232,7 +232,7 @@ def test_serve_workers_restart_a_killed_worker(
     """``serve --workers N`` (no Envoy) gets the same restarts."""
     path = tmp_path / "c.yaml"
     path.write_text(_config(openai_fake, anthropic_fake))
-    admin = free_port()
+    admin = free_port_run(2)  # worker i's admin port is admin + i
     argv = [sys.executable, "-m", "plano_extproc", "serve", str(path), "--workers", "2"]
     argv += ["--port", "0", "--admin-port", str(admin), "--log-level", "warning"]
     proc = subprocess.Popen(
@@ -246,7 +246,12 @@ def test_serve_workers_restart_a_killed_worker(
 
     threading.Thread(target=pump, daemon=True).start()
     try:
-        _wait(lambda: any("workers ready" in ln for ln in lines), 90, "workers ready")
+        _wait(
+            lambda: any("workers ready" in ln for ln in lines) or proc.poll() is not None,
+            90,
+            "workers ready",
+        )
+        assert proc.poll() is None, "\n".join(lines)
         worker = next(k for k in _children(proc.pid) if f"--admin-port {admin} " in _cmdline(k))
         os.kill(worker, signal.SIGKILL)
         _wait(lambda: any("worker 0 restarted" in ln for ln in lines), 60, "restarted")
