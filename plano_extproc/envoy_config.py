@@ -42,6 +42,7 @@ from plano_extproc.names import (
     LOG_CONTENT_TYPE,
     LOG_DURATION_MS,
     LOG_DURATION_US,
+    LOG_FIELDS,
     LOG_REQUEST_ID,
     LOG_STATUS,
     LOG_TRACEPARENT,
@@ -1028,7 +1029,7 @@ def _usage_log() -> dict[str, Any]:
     def meta(namespace: str, key: str) -> str:
         return f"%DYNAMIC_METADATA({namespace}:{key})%"
 
-    values = {
+    formats = {
         API_KEY: meta(DECISION_METADATA, API_KEY),
         MODEL_KEY: meta(DECISION_METADATA, MODEL_KEY),
         ROUTE_KEY: meta(DECISION_METADATA, ROUTE_KEY),
@@ -1069,9 +1070,10 @@ def _usage_log() -> dict[str, Any]:
             "buffer_flush_interval": "0.5s",
             "buffer_size_bytes": 65536,
             "disable_builtin_labels": True,
-            "attributes": {
-                "values": [{"key": k, "value": {"string_value": v}} for k, v in values.items()]
-            },
+            # One string, a line per field (names.LOG_FIELDS), instead of an attribute per
+            # field: Envoy builds one value instead of 16 key-value messages and the worker
+            # splits one string (bench/usage_record.py).
+            "body": {"string_value": "\n".join(formats[k] for k in LOG_FIELDS)},
         },
     }
 

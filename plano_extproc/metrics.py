@@ -22,6 +22,7 @@ value update per series, not prometheus_client's label validation and lock.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,29 @@ class Exchange:
     usage: Usage | None = None
     ttft: float | None = None  # streams: to the first token-bearing event
     tpot: float | None = None  # streams: per output token after the first
+
+
+def observe_all(child: Any, values: list[float]) -> None:
+    """``child.observe(v) for v in values`` as one update of the sum and one per bucket hit.
+
+    prometheus_client has no observe-many; this writes the same values ``observe`` would,
+    through the histogram child's own value objects (``_sum``, ``_buckets``,
+    ``_upper_bounds``: private, so ``tests/unit/test_metrics.py`` checks the result against
+    ``observe`` sample by sample and fails if a release changes them).
+    """
+    if len(values) == 1:
+        child.observe(values[0])
+        return
+    bounds = child._upper_bounds
+    hits: dict[int, int] = {}
+    for v in values:
+        if v == v:  # observe() counts a NaN in no bucket (only in the sum)
+            i = bisect_left(bounds, v)  # the first bucket with v <= bound, as observe() finds
+            hits[i] = hits.get(i, 0) + 1
+    child._sum.inc(sum(values))
+    buckets = child._buckets
+    for i, n in hits.items():
+        buckets[i].inc(n)
 
 
 def status_class(status: int) -> str:
@@ -243,25 +267,47 @@ class Metrics:
 
     def record(self, ex: Exchange) -> None:
         """A proxied request whose response ended: requests, duration, tokens, stream timing."""
-        model = self._model_label(ex.model) if ex.model else NONE
-        route = self._route_label(ex.route)
-        labels = ("proxy", ex.client_api, model, route, status_class(ex.status))
-        self._child(self.requests, labels).inc()
-        provider = ex.model.split("/", 1)[0] if "/" in ex.model else NONE
-        requested = self._model_label(ex.request_model) if ex.request_model else NONE
-        genai = (requested, model, provider, route, ex.client_api)
-        if ex.seconds is not None:
-            self._child(self.duration, genai).observe(ex.seconds)
-        usage = ex.usage
-        if usage is not None:
-            self._child(self.tokens, ("input", *genai)).observe(usage.input)
-            self._child(self.tokens, ("output", *genai)).observe(usage.output)
-            if usage.cached_input:
-                self._child(self.tokens, ("cached_input", *genai)).observe(usage.cached_input)
-        if ex.ttft is not None:
-            self._child(self.ttft, genai).observe(ex.ttft)
-        if ex.tpot is not None:
-            self._child(self.tpot, genai).observe(ex.tpot)
+        self.record_all((ex,))
+
+    def record_all(self, exchanges: Iterable[Exchange]) -> None:
+        """Requests whose responses ended (a batch of usage records): their observations are
+        grouped by series first, so each series is updated once per batch. In multiprocess
+        mode every update is a locked write to a memory-mapped file; per request that was
+        most of what a usage record cost the worker (bench/usage_record.py)."""
+        counts: dict[tuple[str, ...], int] = {}
+        observed: dict[tuple[Any, tuple[str, ...]], list[float]] = {}
+
+        def observe(metric: Any, labels: tuple[str, ...], value: float) -> None:
+            values = observed.get((metric, labels))
+            if values is None:
+                observed[(metric, labels)] = [value]
+            else:
+                values.append(value)
+
+        for ex in exchanges:
+            model = self._model_label(ex.model) if ex.model else NONE
+            route = self._route_label(ex.route)
+            labels = ("proxy", ex.client_api, model, route, status_class(ex.status))
+            counts[labels] = counts.get(labels, 0) + 1
+            provider = ex.model.split("/", 1)[0] if "/" in ex.model else NONE
+            requested = self._model_label(ex.request_model) if ex.request_model else NONE
+            genai = (requested, model, provider, route, ex.client_api)
+            if ex.seconds is not None:
+                observe(self.duration, genai, ex.seconds)
+            usage = ex.usage
+            if usage is not None:
+                observe(self.tokens, ("input", *genai), usage.input)
+                observe(self.tokens, ("output", *genai), usage.output)
+                if usage.cached_input:
+                    observe(self.tokens, ("cached_input", *genai), usage.cached_input)
+            if ex.ttft is not None:
+                observe(self.ttft, genai, ex.ttft)
+            if ex.tpot is not None:
+                observe(self.tpot, genai, ex.tpot)
+        for series, n in counts.items():
+            self._child(self.requests, series).inc(n)
+        for (metric, series), values in observed.items():
+            observe_all(self._child(metric, series), values)
 
     # ------------------------------------------------------------------ labels
 

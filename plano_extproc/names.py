@@ -91,7 +91,7 @@ USAGE_KEYS = (
     CACHE_WRITE,
     INPUT_CACHED,
 )
-# The usage log record's attributes beyond those: what Envoy knows when the request ends.
+# The usage record's fields beyond those: what Envoy knows when the request ends.
 LOG_USAGE = "usage"  # the USAGE_METADATA namespace as JSON ({"prompt_tokens": 37, ...})
 LOG_STATUS = "status"
 LOG_ATTEMPTS = "attempts"
@@ -103,6 +103,27 @@ LOG_REQUEST_ID = "request_id"
 # The request's traceparent as Envoy forwarded it (its own span and sampling decision when
 # tracing is on): the parent of the worker's GenAI span.
 LOG_TRACEPARENT = "traceparent"
+# The usage record's body: these fields' values in this order, one per line. No value can hold
+# a line break: header values cannot, the ``plano`` strings are ASCII or header-safe by the time
+# the worker writes them, and JSON escapes its own.
+LOG_FIELDS = (
+    API_KEY,
+    MODEL_KEY,
+    ROUTE_KEY,
+    REQUESTED_KEY,
+    PINNED_KEY,
+    USAGE_KEY,
+    RATELIMIT_KEY,
+    LOG_USAGE,
+    LOG_STATUS,
+    LOG_ATTEMPTS,
+    LOG_DURATION_US,
+    LOG_DURATION_MS,
+    LOG_BODY_US,
+    LOG_CONTENT_TYPE,
+    LOG_REQUEST_ID,
+    LOG_TRACEPARENT,
+)
 # The upstream ext_proc in each provider's failover cluster: one stream per attempt.
 ATTEMPT_FILTER = "plano.attempt"
 # Failover reaches a provider through two more clusters than its own (same endpoint, TLS and

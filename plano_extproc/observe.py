@@ -2,7 +2,7 @@
 
 Envoy reads the token usage itself (``envoy_config._usage_extractors``: json_to_metadata for
 JSON answers, sse_to_metadata for streams, both on the bytes the client receives) and, when the
-request ends, its OpenTelemetry access logger sends one record with string attributes
+request ends, its OpenTelemetry access logger sends one record whose body has a line per field
 (``envoy_config._usage_log``): the routing stream's facts (client API, served and requested
 model, route, pin), the provider's counters under their own names, and Envoy's timings. This
 turns a record into an ``Exchange`` for the metrics, an access-log line and span attributes.
@@ -63,7 +63,13 @@ def _text(attrs: Mapping[str, str], key: str) -> str:
 def _count(values: Mapping[str, Any], key: str) -> int | None:
     """A counter (a JSON number, or a number as Envoy printed it: "37", "37.0"); None when
     absent or not a bounded non-negative whole number."""
-    raw = values.get(key)
+    raw: Any = values.get(key)
+    kind = type(raw)
+    # The usual shapes first: a JSON integer, or digits as Envoy printed them.
+    if kind is int:
+        return min(raw, MAX_COUNT) if raw >= 0 else None
+    if kind is str and raw.isdigit() and raw.isascii() and len(raw) <= 24:
+        return min(int(raw), MAX_COUNT)
     if isinstance(raw, bool) or raw is None or raw == ABSENT:
         return None
     if isinstance(raw, str):

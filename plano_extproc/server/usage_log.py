@@ -17,8 +17,8 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as ls
 from opentelemetry.proto.logs.v1 import logs_pb2
 
 from plano_extproc.access_log import AccessLog
-from plano_extproc.metrics import Metrics
-from plano_extproc.names import LOG_TRACEPARENT, RATELIMIT_KEY
+from plano_extproc.metrics import Exchange, Metrics
+from plano_extproc.names import LOG_FIELDS, LOG_TRACEPARENT, RATELIMIT_KEY
 from plano_extproc.observe import Observation
 from plano_extproc.ratelimit.limiter import RateLimiter
 from plano_extproc.spans import SpanExporter, genai_span, parse_traceparent
@@ -33,6 +33,19 @@ _GROUP_FIELD = (
     else "instrumentation_library_logs"
 )
 _EMPTY_RESPONSE = ls.ExportLogsServiceResponse().SerializeToString()
+
+
+def fields_of(rec: Any) -> dict[str, str] | None:
+    """A record's fields by name: its body's lines in ``LOG_FIELDS`` order (what
+    ``envoy_config`` renders), or its string attributes (configurations rendered before the
+    body layout). None when the body has another number of lines."""
+    body = rec.body.string_value
+    if body:
+        values = body.split("\n")
+        if len(values) != len(LOG_FIELDS):
+            return None
+        return dict(zip(LOG_FIELDS, values, strict=True))
+    return {kv.key: kv.value.string_value for kv in rec.attributes}
 
 
 class UsageLog:
@@ -50,24 +63,39 @@ class UsageLog:
         self.access_log = access_log
         self.spans = spans
         self.records = 0
+        self.malformed = 0  # records whose body did not have LOG_FIELDS' lines
 
     def export(self, raw: bytes) -> bytes:
         """One serialized ExportLogsServiceRequest in, the serialized (empty) response out."""
         req = ls.ExportLogsServiceRequest.FromString(raw)
+        exchanges: list[Exchange] = []
         for resource in req.resource_logs:
             for group in getattr(resource, _GROUP_FIELD):
                 for rec in group.logs:
-                    self._record(rec)
+                    ex = self._record(rec)
+                    if ex is not None:
+                        exchanges.append(ex)
+        # The batch's metrics in one pass: one update per series, not per request.
+        self.metrics.record_all(exchanges)
         if self.limiter is not None:  # the batch's budget corrections, in one store call
             self.limiter.flush()
         return _EMPTY_RESPONSE
 
-    def _record(self, rec: Any) -> None:
-        attrs = {kv.key: kv.value.string_value for kv in rec.attributes}
+    def _record(self, rec: Any) -> Exchange | None:
+        attrs = fields_of(rec)
+        if attrs is None:
+            self.malformed += 1
+            if self.malformed == 1 or self.malformed % 1000 == 0:
+                log.warning(
+                    "%d usage record(s) not in the expected layout and not counted (an Envoy "
+                    "configuration from another plano-extproc version? render it again with "
+                    "`plano-extproc envoy-config`)",
+                    self.malformed,
+                )
+            return None
         obs = Observation(attrs)
         ex = obs.exchange
         self.records += 1
-        self.metrics.record(ex)
         if self.limiter is not None:
             charged = attrs.get(RATELIMIT_KEY)
             if charged and charged != "-":
@@ -84,6 +112,7 @@ class UsageLog:
                 ended = started + (ex.seconds or 0.0)
                 attempts = str(obs.attempts) if obs.attempts is not None else ""
                 self.spans.add(genai_span(parent, ex, started, ended, attempts))
+        return ex
 
     async def handle(self, raw: bytes, context: Any) -> bytes:
         """The grpc.aio handler (``--transport grpcio``)."""

@@ -134,3 +134,47 @@ def test_immediate_replies_are_counted_by_endpoint_and_status() -> None:
     got = {(lb["endpoint"], lb["client_api"], lb["status_class"]): v
            for lb, v in samples(m, "plano_requests_total")}  # fmt: skip
     assert got == {("decision", "messages", "2xx"): 1, ("other", "other", "4xx"): 1}
+
+
+def test_observe_all_writes_what_observe_writes() -> None:
+    """``observe_all`` uses the histogram child's private value objects: if a prometheus_client
+    release changes them, this fails instead of the batch path drifting from ``observe``."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from plano_extproc.metrics import TOKEN_BUCKETS, observe_all
+
+    # Bucket edges, between them, beyond the last, zero, infinity and NaN (no bucket, as
+    # observe() does); all exactly representable, so the sums match to the last bit.
+    values = [1, 1, 4, 3, 0, 64, 65, 1048576, 5000000, 0.5, float("inf"), float("nan"), 16]
+    texts = []
+    for batched in (False, True):
+        reg = CollectorRegistry()
+        h = Histogram("t", "t", ["k"], buckets=TOKEN_BUCKETS, registry=reg)
+        child = h.labels("a")
+        if batched:
+            observe_all(child, values)
+            observe_all(child, [7])  # one value: observe() itself
+        else:
+            for v in [*values, 7]:
+                child.observe(v)
+        texts.append(generate_latest(reg).decode())
+    assert texts[0] == texts[1]
+    assert 't_bucket{k="a",le="1.0"} 4.0' in texts[1]  # 0, 0.5, 1, 1
+
+
+def test_a_batch_records_what_the_same_exchanges_record_one_by_one() -> None:
+    usage = Usage(input=120, output=30, cached_input=100)
+    batch = [
+        exchange("openai/gpt-4o", route="code", seconds=1.5, usage=usage, ttft=0.25, tpot=0.5),
+        exchange("openai/gpt-4o", route="code", seconds=0.5, usage=Usage(input=3, output=1)),
+        exchange("openai/gpt-4o", route="code", status=429),
+        exchange("x/wild", client_api="messages", seconds=2.0, usage=usage),
+        exchange("openai/gpt-4o", route=HOSTILE, seconds=0.25),
+    ]
+    one = Metrics(routes=["code"], models=["openai/gpt-4o"])
+    for ex in batch:
+        one.record(ex)
+    many = Metrics(routes=["code"], models=["openai/gpt-4o"])
+    many.record_all(batch)
+    assert many.render() == one.render()
+    assert samples(many, "gen_ai_client_token_usage_count")

@@ -16,7 +16,7 @@ from plano_extproc.config import parse_config
 from plano_extproc.dispatch import hides_usage
 from plano_extproc.gateway import Gateway
 from plano_extproc.metrics import Metrics
-from plano_extproc.names import USAGE_KEYS
+from plano_extproc.names import LOG_FIELDS, USAGE_KEYS
 from plano_extproc.observe import Observation
 from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ResponseTranslation
@@ -24,7 +24,7 @@ from plano_extproc.routing.base import NullRouter
 from plano_extproc.server.app import GRPC_OPTIONS
 from plano_extproc.server.h2 import H2Server
 from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
-from plano_extproc.server.usage_log import UsageLog
+from plano_extproc.server.usage_log import _GROUP_FIELD, UsageLog
 from plano_extproc.usage import Usage
 from tests.fakes import Script, chat_chunks
 from tests.fakes import Usage as FakeUsage
@@ -193,7 +193,10 @@ routing:
 """
 
 
-def export_request(*records: dict[str, str]) -> bytes:
+def export_request(*records: dict[str, str], layout: str = "body") -> bytes:
+    """A batch as Envoy sends it: each record's fields as the lines of its body (what
+    ``envoy_config`` renders; a field it lacks is "-", as Envoy prints an absent value), or as
+    string attributes (``layout="attributes"``, configurations rendered before the body)."""
     req = ls.ExportLogsServiceRequest()
     resource = req.resource_logs.add()
     group_field = (
@@ -202,6 +205,9 @@ def export_request(*records: dict[str, str]) -> bytes:
     group = getattr(resource, group_field).add()
     for attrs in records:
         rec = group.logs.add()
+        if layout == "body":
+            rec.body.string_value = "\n".join(attrs.get(k, "-") for k in LOG_FIELDS)
+            continue
         for key, value in attrs.items():
             kv = rec.attributes.add()
             kv.key = key
@@ -281,3 +287,51 @@ async def test_a_broken_batch_is_an_error_not_a_crash(
         {"endpoint": "proxy", "client_api": "chat_completions", "model": GPT, "route": "none",
          "status_class": "2xx"},
     ) == 1  # fmt: skip
+
+
+PROXY_2XX = {"endpoint": "proxy", "client_api": "chat_completions", "model": GPT,
+             "route": "none", "status_class": "2xx"}  # fmt: skip
+
+
+def test_both_record_layouts_count_and_a_misshapen_body_is_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics(models=[GPT])
+    usage = UsageLog(metrics)
+    usage.export(export_request(record(), record(status="503")))
+    usage.export(export_request(record(), layout="attributes"))
+    assert metrics.registry.get_sample_value("plano_requests_total", PROXY_2XX) == 2
+    assert metrics.registry.get_sample_value(
+        "plano_requests_total", {**PROXY_2XX, "status_class": "5xx"}
+    ) == 1
+    # A line too many (a value that broke its line, or another version's layout) or too few:
+    # the record is not guessed at, and the operator is told once.
+    req = ls.ExportLogsServiceRequest.FromString(export_request(record(), record()))
+    group = getattr(req.resource_logs[0], _GROUP_FIELD)[0]
+    group.logs[0].body.string_value += "\nextra"
+    group.logs[1].body.string_value = "chat_completions\n" + GPT
+    with caplog.at_level("WARNING", logger="plano_extproc.usage"):
+        usage.export(req.SerializeToString())
+    assert usage.malformed == 2 and usage.records == 3
+    assert metrics.registry.get_sample_value("plano_requests_total", PROXY_2XX) == 2
+    assert sum("not in the expected layout" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_rendered_record_body_has_one_command_per_field() -> None:
+    """The layout Envoy is told to write is the one the worker reads: a line per field of
+    ``LOG_FIELDS``, each line a single formatter command (so no literal text can add a line)."""
+    import re
+
+    from plano_extproc.envoy_config import render_bootstrap
+
+    boot = render_bootstrap(parse_config(CONFIG), extproc=[("127.0.0.1", 50051)])
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (otel,) = (
+        log["typed_config"]
+        for log in hcm["typed_config"]["access_log"]
+        if log["name"] == "envoy.access_loggers.open_telemetry"
+    )
+    assert "attributes" not in otel
+    lines = otel["body"]["string_value"].split("\n")
+    assert len(lines) == len(LOG_FIELDS)
+    assert all(re.fullmatch(r"%[A-Z_]+(\([^%\n]*\))?(:\d+)?%", line) for line in lines), lines
