@@ -61,6 +61,7 @@ from plano_extproc.names import (
     ROUTE_KEY,
     ROUTE_RESPONSE_HEADER,
     TRANSLATE_HEADER,
+    TX_KEY,
     USAGE_KEY,
     USAGE_LOG_NAME,
     USAGE_METADATA,
@@ -1010,14 +1011,60 @@ end
 """
 
 
-def _hide_usage_filter() -> dict[str, Any]:
+def _only_with_metadata(
+    name: str, config: dict[str, Any], key: str, value: dict[str, Any]
+) -> dict[str, Any]:
+    """Filter ``name`` skipped by requests whose ``plano`` metadata has no ``key`` matching
+    ``value`` (a ValueMatcher): it is only created for them. Envoy evaluates the match when
+    the request reaches the filter, after the routing ext_proc wrote its metadata. Measured:
+    each of the Lua and response-translation filters cost a pass-through request about as
+    much while inert as the match does (docs/benchmarks.md)."""
+    wanted = {
+        "single_predicate": {
+            "input": {
+                "name": "envoy.matching.inputs.dynamic_metadata",
+                "typed_config": {
+                    "@type": _T
+                    + "extensions.matching.common_inputs.network.v3.DynamicMetadataInput",
+                    "filter": DECISION_METADATA,
+                    "path": [{"key": key}],
+                },
+            },
+            "custom_match": {
+                "name": "envoy.matching.matchers.metadata_matcher",
+                "typed_config": {
+                    "@type": _T + "extensions.matching.input_matchers.metadata.v3.Metadata",
+                    "value": value,
+                },
+            },
+        }
+    }
+    skip = {
+        "name": "skip",
+        "typed_config": {"@type": _T + "extensions.filters.common.matcher.action.v3.SkipFilter"},
+    }
     return {
-        "name": HIDE_USAGE_FILTER,
+        "name": name,
         "typed_config": {
-            "@type": _T + "extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": _HIDE_USAGE},
+            "@type": _T + "extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [
+                        {"predicate": {"not_matcher": wanted}, "on_match": {"action": skip}}
+                    ]
+                }
+            },
+            "extension_config": {"name": name, "typed_config": config},
         },
     }
+
+
+def _hide_usage_filter() -> dict[str, Any]:
+    lua = {
+        "@type": _T + "extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": _HIDE_USAGE},
+    }
+    return _only_with_metadata(HIDE_USAGE_FILTER, lua, HIDE_USAGE_KEY, {"bool_match": True})
 
 
 def _usage_log() -> dict[str, Any]:
@@ -1082,25 +1129,24 @@ def _response_filter() -> dict[str, Any]:
     """The response-translation ext_proc: same cluster, inert unless a translated route turns
     its response headers on. No gRPC timeout: its stream lives as long as the answer (a
     grpc-timeout would let the server cancel a long stream). It receives the request's
-    translation context (``plano`` metadata, key ``tx``) with the response headers."""
-    return {
-        "name": RESPONSE_FILTER,
-        "typed_config": {
-            "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            # Its own counters: http.plano.ext_proc.response_translation.streams_started etc.
-            "stat_prefix": "response_translation",
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-            "failure_mode_allow": False,
-            "allow_mode_override": True,
-            # Receives: usage it hid from a Chat client (``u``), for the usage record.
-            "metadata_options": {
-                "forwarding_namespaces": {"untyped": [DECISION_METADATA]},
-                "receiving_namespaces": {"untyped": [DECISION_METADATA]},
-            },
-            "message_timeout": "10s",
-            "processing_mode": dict(_INERT_MODES),
+    translation context (``plano`` metadata, key ``tx``) with the response headers; requests
+    without that context skip it."""
+    ext_proc = {
+        "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        # Its own counters: http.plano.ext_proc.response_translation.streams_started etc.
+        "stat_prefix": "response_translation",
+        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+        "failure_mode_allow": False,
+        "allow_mode_override": True,
+        # Receives: usage it hid from a Chat client (``u``), for the usage record.
+        "metadata_options": {
+            "forwarding_namespaces": {"untyped": [DECISION_METADATA]},
+            "receiving_namespaces": {"untyped": [DECISION_METADATA]},
         },
+        "message_timeout": "10s",
+        "processing_mode": dict(_INERT_MODES),
     }
+    return _only_with_metadata(RESPONSE_FILTER, ext_proc, TX_KEY, {"present_match": True})
 
 
 def render_bootstrap(

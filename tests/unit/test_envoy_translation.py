@@ -17,6 +17,7 @@ from plano_extproc.names import (
     RESPONSE_FILTER,
     ROUTE_HEADER,
     TRANSLATE_HEADER,
+    TX_KEY,
 )
 from tests.gateway_proc import assert_envoy_accepts
 
@@ -58,7 +59,14 @@ def test_response_filter_follows_the_routing_filter_and_is_inert_by_default() ->
         RESPONSE_FILTER,
         "envoy.filters.http.router",
     ]
-    cfg = filters[names.index(RESPONSE_FILTER)]["typed_config"]
+    wrapped = filters[names.index(RESPONSE_FILTER)]["typed_config"]
+    # Created only for requests with a translation context (the routing stream's ``tx``).
+    (skip,) = wrapped["xds_matcher"]["matcher_list"]["matchers"]
+    wanted = skip["predicate"]["not_matcher"]["single_predicate"]
+    assert wanted["input"]["typed_config"]["path"] == [{"key": TX_KEY}]
+    assert wanted["custom_match"]["typed_config"]["value"] == {"present_match": True}
+    assert skip["on_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
+    cfg = wrapped["extension_config"]["typed_config"]
     assert cfg["grpc_service"] == {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}}
     # Every mode off: no gRPC stream for a request whose route does not turn it on.
     modes = cfg["processing_mode"]
