@@ -301,9 +301,12 @@ def test_both_record_layouts_count_and_a_misshapen_body_is_skipped(
     usage.export(export_request(record(), record(status="503")))
     usage.export(export_request(record(), layout="attributes"))
     assert metrics.registry.get_sample_value("plano_requests_total", PROXY_2XX) == 2
-    assert metrics.registry.get_sample_value(
-        "plano_requests_total", {**PROXY_2XX, "status_class": "5xx"}
-    ) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "plano_requests_total", {**PROXY_2XX, "status_class": "5xx"}
+        )
+        == 1
+    )
     # A line too many (a value that broke its line, or another version's layout) or too few:
     # the record is not guessed at, and the operator is told once.
     req = ls.ExportLogsServiceRequest.FromString(export_request(record(), record()))
