@@ -119,8 +119,12 @@ def test_istio_patch_matches_the_rendered_ext_proc_filter() -> None:
     # Same filters in the same order before the router: the strip, ext_proc, usage, response.
     assert [f["name"] for f in filters] == [f["name"] for f in chain[:-1]]
     assert filters[0]["typed_config"] == chain[0]["typed_config"]
-    for rendered, patched in zip(chain[1:-1], filters[1:], strict=True):
-        istio = patched["typed_config"]
+    for rendered_filter, patched in zip(chain[1:-1], filters[1:], strict=True):
+        istio, rendered = patched["typed_config"], rendered_filter
+        if istio["@type"].endswith(".ExtensionWithMatcher"):  # skipped unless needed
+            assert istio["xds_matcher"] == rendered["typed_config"]["xds_matcher"]
+            istio, rendered = istio["extension_config"]["typed_config"], rendered["typed_config"]
+            rendered = rendered["extension_config"]
         if "ext_proc" not in istio["@type"]:  # the usage extractors: copied as rendered
             assert istio == rendered["typed_config"], patched["name"]
             continue
