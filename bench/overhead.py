@@ -377,6 +377,11 @@ class Envoy:
         stop_proc(self.proc)
 
 
+def _has_metrics_port(tree: Path | None) -> bool:
+    cli = (tree or Path(__file__).resolve().parent.parent) / "plano_extproc" / "cli.py"
+    return "--metrics-port" in cli.read_text()
+
+
 @dataclass
 class Gateway:
     proc: subprocess.Popen[bytes]
@@ -397,9 +402,9 @@ class Gateway:
              "--port", str(port), "--envoy-admin-port", str(admin), "--workers", str(workers),
              "--envoy-concurrency", str(envoy_concurrency), "--grpc-port", "0",
              "--transport", transport,
-             # Several gateways run at once: each its own metrics port (an older baseline
-             # tree has no such flag).
-             *(["--metrics-port", "0"] if tree is None else [])],
+             # Several gateways run at once: each its own metrics port (a baseline tree
+             # from before the flag has no such flag and no such port).
+             *(["--metrics-port", "0"] if _has_metrics_port(tree) else [])],
             stdout=out.open("wb"), stderr=(workdir / f"{name}.err").open("wb"),
             start_new_session=True, cwd=tree, env=env,
         )  # fmt: skip
