@@ -49,7 +49,7 @@ from plano_extproc.providers import ClientApi
 from plano_extproc.ratelimit.estimate import estimate
 from plano_extproc.ratelimit.limiter import RateLimiter, Refused
 from plano_extproc.rewrite import HeaderPlan
-from plano_extproc.routing.base import RoutePreference, Router, RouterResult
+from plano_extproc.routing.base import NullRouter, RoutePreference, Router, RouterResult
 from plano_extproc.routing.preferences import INLINE_KEYS, parse_inline
 from plano_extproc.translate.base import PairTranslator
 
@@ -223,6 +223,8 @@ class Gateway:
         self.telemetry = telemetry
         self.catalog = Catalog(config)
         self.router = router
+        # router: {type: none} classifies nothing: no call, and no router latency to record.
+        self._classifies = type(router) is not NullRouter
         self.cache = cache
         self.metrics = metrics
         self.cooldowns = cooldowns
@@ -655,7 +657,7 @@ class Gateway:
         prefs = inline if inline is not None else self.config.preferences
         result = RouterResult(route=None)
         router_seconds = None
-        if prefs and messages:
+        if prefs and messages and self._classifies:
             started = time.perf_counter()
             result = await self.router.route(messages, prefs, request_id=info.request_id)
             router_seconds = time.perf_counter() - started

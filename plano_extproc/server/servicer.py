@@ -53,7 +53,8 @@ _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 def _headers_map(msg: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in msg.headers.headers:
-        value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        raw = h.raw_value  # what Envoy sends; ``value`` only from older Envoys
+        value = raw.decode("latin-1") if raw else h.value
         key = h.key.lower()
         out[key] = f"{out[key]},{value}" if key in out else value
     return out
