@@ -243,7 +243,17 @@ def test_a_first_cluster_records_a_failing_status_with_lua_before_the_codec() ->
             "envoy.filters.http.upstream_codec",
         ]
         assert ATTEMPT_FILTER not in json.dumps(filters)  # attempt 1 opens no stream
-        source = filters[0]["typed_config"]["default_source_code"]["inline_string"]
+        # Skipped by an attempt whose status is neither 4xx nor 5xx.
+        wrapped = filters[0]["typed_config"]
+        (skip,) = wrapped["xds_matcher"]["matcher_list"]["matchers"]
+        classes = skip["predicate"]["not_matcher"]["or_matcher"]["predicate"]
+        assert [p["single_predicate"]["value_match"] for p in classes] == [
+            {"exact": "4xx"},
+            {"exact": "5xx"},
+        ]
+        assert skip["on_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
+        lua = wrapped["extension_config"]["typed_config"]
+        source = lua["default_source_code"]["inline_string"]
         assert "envoy_on_response" in source and ">= 400" in source
         # The keys the next attempt's stream reads (plano.failed_1, plano.retry_after_1).
         assert f'"{DECISION_METADATA}", "{failure_key(1)}"' in source
