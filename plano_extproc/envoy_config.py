@@ -716,6 +716,30 @@ end
 """
 
 
+def _skipped_unless(name: str, config: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """HTTP filter ``name`` (``config``) wrapped so that a request or attempt for which the
+    matcher predicate ``wanted`` does not hold skips it (Envoy's ExtensionWithMatcher, evaluated
+    as the data it reads arrives)."""
+    skip = {
+        "name": "skip",
+        "typed_config": {"@type": _T + "extensions.filters.common.matcher.action.v3.SkipFilter"},
+    }
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": _T + "extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [
+                        {"predicate": {"not_matcher": wanted}, "on_match": {"action": skip}}
+                    ]
+                }
+            },
+            "extension_config": {"name": name, "typed_config": config},
+        },
+    }
+
+
 def _only_on_error_status(name: str, config: dict[str, Any]) -> dict[str, Any]:
     """Upstream filter ``name`` skipped by attempts whose response status is not 4xx or 5xx:
     a first attempt that succeeds (the usual case) does not run the Lua that records a
@@ -736,24 +760,7 @@ def _only_on_error_status(name: str, config: dict[str, Any]) -> dict[str, Any]:
         }
 
     failing = {"or_matcher": {"predicate": [status_class("4xx"), status_class("5xx")]}}
-    skip = {
-        "name": "skip",
-        "typed_config": {"@type": _T + "extensions.filters.common.matcher.action.v3.SkipFilter"},
-    }
-    return {
-        "name": name,
-        "typed_config": {
-            "@type": _T + "extensions.common.matching.v3.ExtensionWithMatcher",
-            "xds_matcher": {
-                "matcher_list": {
-                    "matchers": [
-                        {"predicate": {"not_matcher": failing}, "on_match": {"action": skip}}
-                    ]
-                }
-            },
-            "extension_config": {"name": name, "typed_config": config},
-        },
-    }
+    return _skipped_unless(name, config, failing)
 
 
 def _failover_clusters(base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1079,24 +1086,7 @@ def _only_with_metadata(
             },
         }
     }
-    skip = {
-        "name": "skip",
-        "typed_config": {"@type": _T + "extensions.filters.common.matcher.action.v3.SkipFilter"},
-    }
-    return {
-        "name": name,
-        "typed_config": {
-            "@type": _T + "extensions.common.matching.v3.ExtensionWithMatcher",
-            "xds_matcher": {
-                "matcher_list": {
-                    "matchers": [
-                        {"predicate": {"not_matcher": wanted}, "on_match": {"action": skip}}
-                    ]
-                }
-            },
-            "extension_config": {"name": name, "typed_config": config},
-        },
-    }
+    return _skipped_unless(name, config, wanted)
 
 
 def _hide_usage_filter() -> dict[str, Any]:
