@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from overhead import (
     run_wrk,
     stop_proc,
     upstream_bootstrap,
+    wait_for_output,
 )
 
 from plano_extproc.config import load_config
@@ -85,12 +85,7 @@ def start_worker(script: list[str], config: Path, work: Path, name: str) -> tupl
          str(port), "--admin-port", str(admin), "--log-level", "warning"],
         stdout=out.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while b"READY" not in out.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_proc(proc)
-            raise SystemExit(f"worker {name} did not start:\n{out.read_text()[-2000:]}")
-        time.sleep(0.1)
+    wait_for_output(proc, out, b"READY", f"worker {name}", 120)
     return proc, port
 
 

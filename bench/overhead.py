@@ -408,15 +408,8 @@ class Gateway:
             stdout=out.open("wb"), stderr=(workdir / f"{name}.err").open("wb"),
             start_new_session=True, cwd=tree, env=env,
         )  # fmt: skip
-        deadline = time.monotonic() + 180
-        while b"plano-extproc up:" not in out.read_bytes():
-            if proc.poll() is not None:
-                err = (workdir / f"{name}.err").read_text(errors="replace")
-                raise SystemExit(f"plano-extproc up exited ({proc.returncode}):\n{err[-2000:]}")
-            if time.monotonic() > deadline:
-                stop_proc(proc)
-                raise SystemExit("plano-extproc up was not ready after 180s")
-            time.sleep(0.1)
+        wait_for_output(proc, out, b"plano-extproc up:", "plano-extproc up", 180,
+                        log=workdir / f"{name}.err")  # fmt: skip
         gw = cls(proc, port, admin)
         for pid in children(proc.pid):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -465,6 +458,28 @@ def descendants(root: int) -> list[int]:
         out.append(pid)
         todo.extend(kids.get(pid, ()))
     return out
+
+
+def wait_for_output(
+    proc: subprocess.Popen[bytes],
+    out: Path,
+    marker: bytes,
+    what: str,
+    timeout: float,
+    log: Path | None = None,
+) -> None:
+    """Until ``marker`` appears in ``out`` (the process's stdout file); SystemExit with the
+    tail of ``log`` (default ``out``) when the process exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while marker not in out.read_bytes():
+        exited = proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            stop_proc(proc)
+            tail = (log or out).read_text(errors="replace")[-2000:]
+            late = f"was not ready after {timeout:.0f}s"
+            state = f"exited ({proc.returncode})" if exited else late
+            raise SystemExit(f"{what} {state}:\n{tail}")
+        time.sleep(0.1)
 
 
 def stop_proc(proc: subprocess.Popen[bytes]) -> None:
