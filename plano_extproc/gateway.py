@@ -205,6 +205,27 @@ def _utf8(header_value: str, what: str) -> str:
         raise InvalidAffinityId(f"{what} is not valid UTF-8") from None
 
 
+class BodyBudget:
+    """Bytes of unfinished request bodies one worker holds. With the routing filter in
+    FULL_DUPLEX_STREAMED, Envoy streams bodies through and the worker gathers them, so the
+    bound Envoy's overload manager kept on buffered bodies is kept here: past ``limit``,
+    a body larger than ``SMALL`` that grows is refused (503); smaller ones always pass (they
+    add at most max_concurrent_requests x SMALL)."""
+
+    SMALL = 64 * 1024
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def add(self, n: int, total: int) -> bool:
+        """``n`` more bytes for a body now ``total`` long; False: refuse that body."""
+        self.held += n
+        return total <= self.SMALL or self.held <= self.limit
+
+
 class Gateway:
     def __init__(
         self,
@@ -217,6 +238,8 @@ class Gateway:
         limiter: RateLimiter | None = None,
     ) -> None:
         self.config = config
+        # Unfinished full-duplex bodies: half of max_heap_bytes (Envoy's bound) per worker.
+        self.bodies = BodyBudget(config.listener.max_heap_bytes // 2)
         # Token budgets (Plano ratelimits); None or inactive: no request is limited.
         self.limiter = limiter if limiter is not None and limiter.active else None
         # Counts decisions, router latency and session-cache lookups (None: not counted).
@@ -292,6 +315,25 @@ class Gateway:
             except InvalidAffinityId as e:
                 raise bad_request(str(e)) from None
         return None
+
+    def body_too_large(self, info: RequestInfo) -> Immediate:
+        """The 413 for a body over the listener's limit, in the client's format (the words of
+        Envoy's own 413, which answers when Envoy buffers the body)."""
+        mb = self.config.listener.max_request_bytes / (1024 * 1024)
+        err = GatewayError(
+            413, "request_too_large", f"request body exceeds the gateway limit of {mb:g} MiB"
+        )
+        return Immediate.error(err, info)
+
+    def bodies_full(self, info: RequestInfo) -> Immediate:
+        """The 503 for a body refused by ``BodyBudget``, in the client's format."""
+        err = GatewayError(
+            503,
+            "overloaded_error",
+            "the gateway holds too many unfinished request bodies (listener max_heap_bytes); "
+            "retry later",
+        )
+        return Immediate.error(err, info)
 
     # ------------------------------------------------------------------ body phase
 

@@ -41,6 +41,10 @@ STARTED_KEY = "t0"  # when the routing stream saw the request (epoch seconds, fo
 REQUESTED_KEY = "rq"  # the model the client asked for (the metrics' gen_ai_request_model)
 PINNED_KEY = "pn"  # true/false when the request had a session pin (absent: no session)
 REQUEST_ID_KEY = "id"  # the request id, for the access log (set only when it is on)
+# The upstream request body's length: Envoy drops content-length from a FULL_DUPLEX_STREAMED
+# request and ignores the ext_proc's; CONTENT_LENGTH_FILTER puts it back from this.
+LENGTH_KEY = "cl"
+CONTENT_LENGTH_FILTER = "plano.content_length"
 # Usage the client's stream does not show ("input,output,cached_input"), set by the stream
 # that hid it, read by Envoy's usage record at the request's end.
 USAGE_KEY = "u"

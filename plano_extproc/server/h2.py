@@ -283,6 +283,8 @@ class H2Connection(asyncio.Protocol):
         for s in self.streams.values():
             if s.task is not None:
                 s.task.cancel()
+            if s.logic is not None:
+                s.logic.close()
         self.streams.clear()
         self.waiting.clear()
         self.server.notify_idle()
@@ -675,6 +677,8 @@ class H2Connection(asyncio.Protocol):
 
     def _release(self, s: _Stream) -> None:
         """The stream is gone: its buffered bytes and its grant go back to the connection."""
+        if s.logic is not None:
+            s.logic.close()
         self.recv_unacked += s.held
         s.held = s.window = s.need = 0
         s.inbuf.clear()
@@ -821,7 +825,18 @@ class H2Connection(asyncio.Protocol):
         return _frame(HEADERS, END_HEADERS | flags, sid, block)
 
     def _reply(self, s: _Stream, reply: Reply) -> None:
-        self._send_message(s, reply.message.SerializeToString(), reply.last)
+        message, more = reply.message, reply.more
+        if message is None:
+            return  # a full-duplex body chunk: answered with the whole body later
+        if not more:
+            self._send_message(s, message.SerializeToString(), reply.last)
+            return
+        # All of them in one DATA frame (window permitting): one read for Envoy.
+        for then in (message, *more[:-1]):
+            raw = then.SerializeToString()
+            s.out += len(raw).to_bytes(5, "big")
+            s.out += raw
+        self._send_message(s, more[-1].SerializeToString(), reply.last)
 
     def _send_message(self, s: _Stream, msg: bytes, last: bool) -> None:
         head = b"" if s.headers_sent else self._header_frame(s.sid, RESPONSE_HEADERS, 0)

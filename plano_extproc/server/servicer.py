@@ -30,6 +30,7 @@ from plano_extproc.names import (
     FAILOVER_KEY,
     FAILURE_PREFIXES,
     HIDE_USAGE_KEY,
+    LENGTH_KEY,
     MODEL_KEY,
     PINNED_KEY,
     RATELIMIT_KEY,
@@ -84,9 +85,56 @@ MAX_REQUESTED_CHARS = 256  # the requested model, as metadata for the usage reco
 
 
 def upstream_response(up: Upstream, info: RequestInfo) -> pb.ProcessingResponse:
+    """The request-body reply (BUFFERED body): the decision, header and body mutations."""
     out = pb.ProcessingResponse()
-    # The decision as dynamic metadata: Envoy turns it into x-plano-* response headers and
-    # span tags without another ext_proc round trip (envoy_config: DECISION_METADATA).
+    _decision(out, up, info)
+    _rewrite_request(out, up.headers, up.body).clear_route_cache = True
+    return out
+
+
+def upstream_replies(up: Upstream, info: RequestInfo, raw: bytes, trailers: bool) -> Reply:
+    """The replies to a FULL_DUPLEX_STREAMED request once its body is in: the header reply
+    (decision, header mutations; Envoy still holds the headers), then the whole body as
+    streamed body replies (Envoy drained what it sent, so an unchanged body is sent back),
+    then the trailers' reply if the request had trailers."""
+    head = pb.ProcessingResponse()
+    decision = _decision(head, up, info)
+    body = raw if up.body is None else up.body
+    # Envoy drops content-length in this mode and ignores ours: the filter after the
+    # ext_proc restores it from this (envoy_config: _content_length_filter).
+    decision[LENGTH_KEY].string_value = str(len(body))
+    common = head.request_headers.response
+    mutation = common.header_mutation
+    mutation.SetInParent()
+    plan = up.headers
+    _add_headers(mutation, [(k, v) for k, v in plan.set if k != "content-length"])
+    mutation.remove_headers.extend(plan.remove)
+    common.clear_route_cache = True
+    more = streamed_body(body, not trailers)
+    if trailers:
+        more.append(_REPLY_TRAILERS)
+    return Reply(head, True, tuple(more))
+
+
+STREAMED_PIECE = 64 * 1024  # processing_mode.proto: streamed body replies of <= 64 KiB
+
+
+def streamed_body(body: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    """``body`` as StreamedBodyResponse replies of at most ``STREAMED_PIECE`` bytes."""
+    pieces = [body[i : i + STREAMED_PIECE] for i in range(0, len(body), STREAMED_PIECE)] or [b""]
+    out = []
+    for n, piece in enumerate(pieces, 1):
+        reply = pb.ProcessingResponse()
+        streamed = reply.request_body.response.body_mutation.streamed_response
+        streamed.body = piece
+        streamed.end_of_stream = end_of_stream and n == len(pieces)
+        out.append(reply)
+    return out
+
+
+def _decision(out: pb.ProcessingResponse, up: Upstream, info: RequestInfo) -> Any:
+    """The decision as dynamic metadata: Envoy turns it into x-plano-* response headers and
+    span tags without another ext_proc round trip (envoy_config: DECISION_METADATA)."""
     decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
     # Envoy copies these into response headers verbatim: ascii_header keeps CR/LF out.
     decision[MODEL_KEY].string_value = ascii_header(up.provider.name)
@@ -107,8 +155,7 @@ def upstream_response(up: Upstream, info: RequestInfo) -> pb.ProcessingResponse:
         decision[HIDE_USAGE_KEY].bool_value = True
     if up.ratelimit is not None:  # settled by the worker that gets the usage record
         decision[RATELIMIT_KEY].string_value = up.ratelimit
-    _rewrite_request(out, up.headers, up.body).clear_route_cache = True
-    return out
+    return decision
 
 
 def _rewrite_request(
@@ -164,10 +211,16 @@ def _failover_plan(metadata: Any) -> str | None:
 
 @dataclass(slots=True)
 class Reply:
-    """One message for Envoy; ``last`` ends the ext_proc stream after it."""
+    """The messages for Envoy answering one of its messages (``message`` None: nothing yet,
+    a full-duplex body chunk being gathered); ``last`` ends the ext_proc stream after them."""
 
-    message: pb.ProcessingResponse
+    message: pb.ProcessingResponse | None
     last: bool
+    more: tuple[pb.ProcessingResponse, ...] = ()
+
+
+_GATHERING = Reply(None, False)
+_FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 
 
 _STREAMED = ProcessingMode.STREAMED
@@ -218,7 +271,16 @@ class ExtProcStream:
     a task when there is something to wait for.
     """
 
-    __slots__ = ("attempt", "gateway", "info", "metrics", "request_id", "response")
+    __slots__ = (
+        "attempt",
+        "chunks",
+        "gateway",
+        "info",
+        "metrics",
+        "request_id",
+        "response",
+        "size",
+    )
 
     def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
         self.gateway = gateway
@@ -230,6 +292,9 @@ class ExtProcStream:
         # Set on failover attempt streams (the provider cluster's upstream filter).
         self.attempt: Attempt | None = None
         self.request_id = ""  # an attempt stream's, for its log lines (made header-safe)
+        # A FULL_DUPLEX_STREAMED request body being gathered (None: Envoy buffers the body).
+        self.chunks: list[bytes] | None = None
+        self.size = 0
 
     def step(self, req: pb.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
         which = req.WhichOneof("request")
@@ -249,9 +314,19 @@ class ExtProcStream:
                 api = info.api.value if info.api is not None else None
                 self.metrics.count_immediate(early.status, info.kind, api)
                 return Reply(immediate_response(early), True)
+            if req.protocol_config.request_body_mode == _FULL_DUPLEX:
+                # Envoy sends the body without waiting and holds the headers until our
+                # header reply, which goes out with the body's once the decision is made:
+                # one round trip per request instead of two.
+                self.chunks = []
+                return _GATHERING
             return Reply(_CONTINUE_HEADERS, False)
         if which == "request_body":
+            if self.chunks is not None:
+                return self._gather(self.chunks, req.request_body)
             return self._body(req.request_body.body)
+        if which == "request_trailers" and self.chunks is not None:
+            return self._gathered(True)
         # Phases our Envoy config never sends (SKIP/NONE); answered so that a hand-written
         # bootstrap with other modes still works.
         if which == "response_headers" and self.info is None:
@@ -379,12 +454,56 @@ class ExtProcStream:
             info = self.info = RequestInfo.build({})
         result = await self.gateway.on_body(info, body)
         if isinstance(result, Immediate):
-            api = info.api.value if info.api is not None else None
-            self.metrics.count_immediate(result.status, info.kind, api)
-            return Reply(immediate_response(result), True)
+            return self._immediate(info, result)
         # Nothing else to process (response phases are SKIP): ending the stream now frees
         # it at once instead of holding it open until the upstream answers.
         return Reply(upstream_response(result, info), True)
+
+    def _immediate(self, info: RequestInfo, result: Immediate) -> Reply:
+        api = info.api.value if info.api is not None else None
+        self.metrics.count_immediate(result.status, info.kind, api)
+        return Reply(immediate_response(result), True)
+
+    def _gather(self, chunks: list[bytes], body: pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
+        """One chunk of a full-duplex body. Envoy buffers nothing in this mode, so the
+        listener's request size limit is enforced here (the same 413 Envoy would send)."""
+        data = body.body
+        if data:
+            n = len(data)
+            self.size += n
+            info, gw = self.info, self.gateway
+            assert info is not None
+            fits = gw.bodies.add(n, self.size)  # counted before any check: close() gives back
+            if self.size > gw.config.listener.max_request_bytes:
+                self.close()
+                return self._immediate(info, gw.body_too_large(info))
+            if not fits:
+                self.close()
+                return self._immediate(info, gw.bodies_full(info))
+            chunks.append(data)
+        if not body.end_of_stream:
+            return _GATHERING
+        return self._gathered(False)
+
+    async def _gathered(self, trailers: bool) -> Reply:
+        chunks, info = self.chunks, self.info
+        assert chunks is not None and info is not None
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = None
+        try:
+            result = await self.gateway.on_body(info, raw)
+        finally:
+            self.close()
+        if isinstance(result, Immediate):
+            return self._immediate(info, result)
+        return upstream_replies(result, info, raw, trailers)
+
+    def close(self) -> None:
+        """The stream is over (or its body refused): the gathered bytes leave the budget."""
+        if self.size:
+            self.gateway.bodies.held -= self.size
+            self.size = 0
+        self.chunks = None
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -396,16 +515,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: Any, context: Any) -> None:
         stream = ExtProcStream(self.gateway, self.metrics)
-        while True:
-            req = await context.read()
-            if req is grpc.aio.EOF:
-                return
-            reply = stream.step(req)
-            if not isinstance(reply, Reply):
-                reply = await reply
-            await context.write(reply.message)
-            if reply.last:
-                return
+        try:
+            while True:
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    return
+                reply = stream.step(req)
+                if not isinstance(reply, Reply):
+                    reply = await reply
+                if reply.message is not None:
+                    await context.write(reply.message)
+                for message in reply.more:
+                    await context.write(message)
+                if reply.last:
+                    return
+        finally:
+            stream.close()
 
 
 # grpc.health.v1, answered by both transports: Envoy's active health checks on the ext_proc

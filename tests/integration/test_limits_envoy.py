@@ -444,6 +444,75 @@ def test_http2_clients_get_the_configured_stream_cap(gw: GatewayProcess) -> None
     assert settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] == 1 << 20
 
 
+# --------------------------------------------------------------------------- full duplex
+# The routing filter runs FULL_DUPLEX_STREAMED: Envoy streams the body to the worker as it
+# arrives and drops content-length; the worker answers headers and body together and the
+# content-length filter restores the length from the worker's metadata.
+
+UNCHANGED = b'{"model": "gpt-4o-mini",   "messages": [{"role": "user", "content": "hi"}]}'
+
+
+def test_a_chunked_upload_in_pieces_reaches_the_provider_whole_with_its_length(
+    gw: GatewayProcess, paced: tuple[PacedProvider, PacedProvider]
+) -> None:
+    oai, _ = paced
+    for body, expected in ((UNCHANGED, UNCHANGED), (chat(), None)):
+        pieces = [body[:7], body[7:30], body[30:]]
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(
+                f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\n"
+                "transfer-encoding: chunked\r\nconnection: close\r\n\r\n".encode()
+            )
+            for piece in pieces:  # three reads for Envoy, well within request_timeout
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                time.sleep(0.2)
+            s.sendall(b"0\r\n\r\n")
+            status, _, answer = parse_raw(read_all(s, 10))
+        assert status == 200, answer
+        seen = oai.last()
+        if expected is not None:
+            assert seen.body == expected  # byte for byte: the worker sends it back as it came
+        else:
+            assert seen.json == {**json.loads(body), "model": "gpt-4o-mini"}
+        assert seen.headers["content-length"] == str(len(seen.body))
+        assert "transfer-encoding" not in seen.headers
+
+
+def test_an_http2_request_with_trailers_is_routed(
+    gw: GatewayProcess, paced: tuple[PacedProvider, PacedProvider]
+) -> None:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    oai, _ = paced
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    head = [(":method", "POST"), (":path", CHAT), (":authority", "gw"), (":scheme", "http")]
+    conn.send_headers(1, [*head, ("content-type", "application/json")])
+    conn.send_data(1, UNCHANGED)
+    conn.send_headers(1, [("x-checksum", "abc")], end_stream=True)  # request trailers
+    status, answer, ended = "", b"", False
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:
+            data = s.recv(65536)
+            assert data, "the gateway closed the HTTP/2 connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"].decode()
+                elif isinstance(event, h2.events.DataReceived):
+                    answer += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            s.sendall(conn.data_to_send())
+    assert ended and status == "200", answer
+    assert json.loads(answer)["object"] == "chat.completion"
+    assert oai.last().body == UNCHANGED
+
+
 # --------------------------------------------------------------------------- memory bound
 
 HEAP = 64 << 20
@@ -453,10 +522,10 @@ UPLOAD = 7 << 20
 def test_unfinished_large_uploads_cannot_grow_envoy_past_max_heap_bytes(
     tmp_path: Path, paced: tuple[PacedProvider, PacedProvider]
 ) -> None:
-    """24 unfinished 7 MiB uploads (168 MiB) against a 64 MiB heap bound: Envoy's heap
-    stays near the bound (the overload manager reacts every 250 ms, so it may overshoot by
-    a few uploads), hogs are answered (JSON) long before their own 60 s timeouts, and the
-    gateway serves a normal request again while some of them still hang."""
+    """24 unfinished 7 MiB uploads (168 MiB) against a 64 MiB heap bound: Envoy streams the
+    bodies to the workers, which refuse bodies past half of the bound each (JSON 503), so
+    Envoy's heap stays under the bound, hogs are answered long before their own 60 s
+    timeouts, and the gateway serves a normal request while some of them still hang."""
     oai, ant = paced
     cfg = limits_config(oai.base_url, ant.base_url, free_port())
     # Only the heap bound may shed the hogs: long timeouts, no total limit, room for all.
@@ -510,6 +579,11 @@ def test_unfinished_large_uploads_cannot_grow_envoy_past_max_heap_bytes(
             assert replies, "no unfinished upload was shed"
             for status, headers, _ in replies:
                 assert status in (408, 503) and headers["content-type"] == "application/json"
+            # Envoy streams the bodies to the workers (full duplex): their budget of half of
+            # max_heap_bytes each is what refuses the hogs past it.
+            assert any(
+                b"unfinished request bodies" in body for status, _, body in replies if status == 503
+            ), replies
         finally:
             for s in hogs:
                 s.close()

@@ -53,6 +53,7 @@ def test_response_filter_follows_the_routing_filter_and_is_inert_by_default() ->
     # The usage extractors sit between them: responses reach them translated.
     assert names[1:] == [
         "envoy.filters.http.ext_proc",
+        "plano.content_length",
         "plano.hide_usage",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.sse_to_metadata",

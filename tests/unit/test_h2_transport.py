@@ -34,7 +34,14 @@ from plano_extproc.server.h2 import (
     H2Server,
 )
 from plano_extproc.server.servicer import ExtProcStream
-from tests.extproc_messages import body_msg, headers_msg, set_headers
+from tests.extproc_messages import (
+    body_msg,
+    chunk_msg,
+    full_duplex,
+    header_reply_sets,
+    headers_msg,
+    set_headers,
+)
 
 TIMEOUT = 5.0
 PROCESS_PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -400,6 +407,34 @@ async def test_full_exchange_over_raw_frames(h2: Harness) -> None:
         await c.ping()
         f = await c.read_frame()
         assert (f.type, f.flags) == (PING, ACK)
+    finally:
+        await c.close()
+
+
+async def test_full_duplex_answers_nothing_until_the_body_ends_then_all_in_one_write(
+    h2: Harness,
+) -> None:
+    c = await ready(h2)
+    try:
+        await c.send_headers(1, request_fields())
+        await c.send_message(1, full_duplex(headers_msg("POST", "/v1/chat/completions")))
+        await c.send_message(1, chunk_msg(CHAT_BODY[:20], False))
+        await c.ping()  # everything the server had to send is on the wire before the ACK
+        f = await c.read_frame()
+        assert (f.type, f.flags) == (PING, ACK)
+
+        await c.send_message(1, chunk_msg(CHAT_BODY[20:], True))
+        f = await c.read_frame()
+        assert (f.type, f.sid) == (HEADERS, 1)
+        f = await c.read_frame()  # one DATA frame: the header reply and the body's
+        assert (f.type, f.sid) == (DATA, 1)
+        head, body = parse_grpc(f.payload)
+        assert header_reply_sets(head)["x-plano-upstream"] == "openai_api_openai_com_443"
+        streamed = body.request_body.response.body_mutation.streamed_response
+        assert streamed.body == CHAT_BODY and streamed.end_of_stream
+        f = await c.read_frame()
+        assert (f.type, f.flags, f.sid) == (HEADERS, END_HEADERS | END_STREAM, 1)
+        assert f.headers == {"grpc-status": "0"}
     finally:
         await c.close()
 
