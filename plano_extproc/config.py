@@ -70,7 +70,7 @@ class RawListener(_Strict):
     agents: list[Any] | None = None
     input_filters: list[Any] | None = None
     output_filters: list[Any] | None = None
-    # plano-extproc extension: largest request body Envoy buffers before answering 413.
+    # plano-extproc extension: largest request body accepted (a larger one gets a JSON 413).
     max_request_bytes: int | None = Field(default=None, ge=1024, le=1 << 30)
     # plano-extproc extensions: Envoy's limits (defaults in ListenerConfig).
     request_headers_timeout: str | None = None

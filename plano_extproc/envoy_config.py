@@ -4,8 +4,10 @@ Design points (measured in the reference notes, B1):
 - the upstream is chosen by a header the ext_proc sets (``x-plano-upstream``) with
   ``clear_route_cache``; a header_mutation filter in front strips any client copy, so when
   the ext_proc did not run, no provider route can match and no client credential leaves;
-- ``message_timeout`` is far above Envoy's 200 ms default and above the router timeout;
-- the listener buffer limit bounds BUFFERED bodies; beyond it Envoy answers a JSON 413;
+- ``message_timeout`` is far above Envoy's 200 ms default and above the router timeout (the
+  routing filter's full-duplex body has no per-message timer; the listener's timeouts bound it);
+- the routing filter's body is FULL_DUPLEX_STREAMED (ROUTING_PROCESSING_MODE): the worker
+  bounds it (413) and restores content-length through metadata (_content_length_filter);
 - host rewrite is done per route (``host_rewrite_literal``), TLS clusters set SNI;
 - the ext_proc cluster speaks HTTP/2 with keepalive pings the server is configured to accept.
 """
@@ -1299,7 +1301,7 @@ def render_bootstrap(
                     # The failover plan sets Envoy's attempt count and retry cap.
                     "mutation_rules": {"allow_envoy": True, "allow_all_routing": True},
                     "message_timeout": message_timeout,
-                    "processing_mode": ROUTING_PROCESSING_MODE,
+                    "processing_mode": dict(ROUTING_PROCESSING_MODE),
                 },
             },
             _content_length_filter(),

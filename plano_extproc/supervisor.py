@@ -84,7 +84,8 @@ DEATH_WINDOW = 60.0
 RESTART_READY_TIMEOUT = 120.0
 # A worker whose admin /ready has not answered for HANG_TIMEOUT s is hung (deadlocked,
 # stopped): Envoy's health checks already keep new requests away; killing it frees the
-# requests stuck on it (else they wait for the ext_proc message_timeout) and restarts it.
+# requests stuck on it (else they wait for the listener's timeouts: a full-duplex routing
+# stream has no per-message timeout) and restarts it.
 HANG_TIMEOUT = 10.0
 PROBE_INTERVAL = 1.0
 
