@@ -238,8 +238,9 @@ class Gateway:
         limiter: RateLimiter | None = None,
     ) -> None:
         self.config = config
-        # Unfinished full-duplex bodies: half of max_heap_bytes (Envoy's bound) per worker.
-        self.bodies = BodyBudget(config.listener.max_heap_bytes // 2)
+        # Unfinished full-duplex bodies: a quarter of max_heap_bytes per worker, which the
+        # config keeps at >= 4 x max_request_bytes, so one largest body always fits.
+        self.bodies = BodyBudget(config.listener.max_heap_bytes // 4)
         # Token budgets (Plano ratelimits); None or inactive: no request is limited.
         self.limiter = limiter if limiter is not None and limiter.active else None
         # Counts decisions, router latency and session-cache lookups (None: not counted).

@@ -523,7 +523,7 @@ def test_unfinished_large_uploads_cannot_grow_envoy_past_max_heap_bytes(
     tmp_path: Path, paced: tuple[PacedProvider, PacedProvider]
 ) -> None:
     """24 unfinished 7 MiB uploads (168 MiB) against a 64 MiB heap bound: Envoy streams the
-    bodies to the workers, which refuse bodies past half of the bound each (JSON 503), so
+    bodies to the workers, which refuse bodies past a quarter of the bound each (JSON 503), so
     Envoy's heap stays under the bound, hogs are answered long before their own 60 s
     timeouts, and the gateway serves a normal request while some of them still hang."""
     oai, ant = paced
@@ -579,8 +579,8 @@ def test_unfinished_large_uploads_cannot_grow_envoy_past_max_heap_bytes(
             assert replies, "no unfinished upload was shed"
             for status, headers, _ in replies:
                 assert status in (408, 503) and headers["content-type"] == "application/json"
-            # Envoy streams the bodies to the workers (full duplex): their budget of half of
-            # max_heap_bytes each is what refuses the hogs past it.
+            # Envoy streams the bodies to the workers (full duplex): their budget of a quarter
+            # of max_heap_bytes each is what refuses the hogs past it.
             assert any(
                 b"unfinished request bodies" in body for status, _, body in replies if status == 503
             ), replies
