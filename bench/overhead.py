@@ -518,12 +518,34 @@ end
 """
 
 
-def lua_script(body: str, unique: bool, prompt: str = PROMPT) -> str:
+# What the official openai-python SDK adds to every request (``--sdk-headers``): a real client's
+# request carries about 15 more headers than wrk's three.
+SDK_HEADERS = {
+    "User-Agent": "OpenAI/Python 1.99.9",
+    "Accept": "application/json",
+    "Accept-Encoding": "gzip, deflate",
+    "X-Stainless-Lang": "python",
+    "X-Stainless-Package-Version": "1.99.9",
+    "X-Stainless-OS": "Linux",
+    "X-Stainless-Arch": "x64",
+    "X-Stainless-Runtime": "CPython",
+    "X-Stainless-Runtime-Version": "3.11.7",
+    "X-Stainless-Async": "false",
+    "X-Stainless-Retry-Count": "0",
+    "X-Stainless-Read-Timeout": "600",
+    "OpenAI-Organization": "org-bench",
+    "OpenAI-Project": "proj_bench",
+}
+
+
+def lua_script(
+    body: str, unique: bool, prompt: str = PROMPT, extra: dict[str, str] | None = None
+) -> str:
     head = (
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"\n'
-    )
+    ) + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (extra or {}).items())
     if not unique:
         return head + f"wrk.body = {lua_string(body)}\n" + LUA_DONE
     # A different prompt per request (the embedded router caches prompt embeddings).
@@ -742,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the embedded row sends a 50-word prompt (three sentences) instead of 18 words",
     )
     ap.add_argument(
+        "--sdk-headers",
+        action="store_true",
+        help="every request also carries the ~15 headers the openai-python SDK sends",
+    )
+    ap.add_argument(
         "--transports",
         default="h2,grpcio",
         help="ext_proc transports to compare (default h2,grpcio; rows are labelled)",
@@ -761,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
               "or build it from https://github.com/wg/wrk", file=sys.stderr)  # fmt: skip
         return 2
     conns = [int(c) for c in args.conns.split(",")]
+    sdk = SDK_HEADERS if args.sdk_headers else None
     embedded = not args.no_embedded
     if embedded:
         try:
@@ -789,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
                              work, "direct")  # fmt: skip
         started.append(direct)
         script = work / "chat.lua"
-        script.write_text(lua_script(body, unique=False))
+        script.write_text(lua_script(body, unique=False, extra=sdk))
         scenarios = [
             Scenario("direct", f"http://127.0.0.1:{d_port}/v1/chat/completions", script,
                      lambda: [], lambda: direct.pids()),
@@ -818,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             if not label:  # this tree only (a baseline may predate translation)
                 mbody = messages_body()
                 mscript = work / "messages.lua"
-                mscript.write_text(lua_script(mbody, unique=False))
+                mscript.write_text(lua_script(mbody, unique=False, extra=sdk))
                 s = Scenario(f"translated messages>chat (router none, {transport})",
                              base + "/v1/messages", mscript, gw.worker_pids,
                              gw.envoy_pids)  # fmt: skip
@@ -848,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
             # stream and the response-translation stream).
             rbody = messages_body()
             rscript = work / "routed-messages.lua"
-            rscript.write_text(lua_script(rbody, unique=False))
+            rscript.write_text(lua_script(rbody, unique=False, extra=sdk))
             rcounters = [router_calls]
             if not label:
                 rcounters.append(("attempt ext_proc streams", _attempt_streams(gwr.admin)))
@@ -872,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
             uscript = work / "chat-unique.lua"
             eprompt = LONG_PROMPT if args.long_prompt else PROMPT
             ebody = chat_body(eprompt)
-            uscript.write_text(lua_script(ebody, unique=True, prompt=eprompt))
+            uscript.write_text(lua_script(ebody, unique=True, prompt=eprompt, extra=sdk))
             embs = []
             for label, tree in trees:
                 gwe = Gateway.start(str(cfg_emb), args.workers, args.envoy_concurrency, work,

@@ -64,6 +64,7 @@ from plano_extproc.names import (
     ROUTE_HEADER,
     ROUTE_KEY,
     ROUTE_RESPONSE_HEADER,
+    ROUTING_REQUEST_HEADERS,
     TRANSLATE_HEADER,
     TX_KEY,
     USAGE_KEY,
@@ -1109,6 +1110,17 @@ ROUTING_PROCESSING_MODE = {
 }
 
 
+def routing_headers(config: Config) -> list[str]:
+    """The request headers Envoy forwards to the routing stream (ext_proc ``forward_rules``)."""
+    names = set(ROUTING_REQUEST_HEADERS)
+    if config.session_cache.tenant_header:
+        names.add(config.session_cache.tenant_header.lower())
+    for provider in config.providers:  # the client's copies travel in a failover plan
+        names.update(k.lower() for k, _ in provider.headers)
+    names.update(limit.header.lower() for limit in config.ratelimits)
+    return sorted(names)
+
+
 def _content_length_filter() -> dict[str, Any]:
     """``content-length`` for the upstream request, from the routing stream's metadata: Envoy
     removes it from a full-duplex request and ignores the ext_proc's, and a provider on
@@ -1302,6 +1314,11 @@ def render_bootstrap(
                     "mutation_rules": {"allow_envoy": True, "allow_all_routing": True},
                     "message_timeout": message_timeout,
                     "processing_mode": dict(ROUTING_PROCESSING_MODE),
+                    "forward_rules": {
+                        "allowed_headers": {
+                            "patterns": [{"exact": h} for h in routing_headers(config)]
+                        }
+                    },
                 },
             },
             _content_length_filter(),

@@ -30,6 +30,24 @@ MODEL_HEADER = "x-plano-model"  # the model that served
 ROUTE_RESPONSE_HEADER = "x-plano-route"
 ATTEMPTS_HEADER = "x-plano-attempts"  # how many upstream attempts Envoy made
 
+# The request headers the routing stream reads. Envoy forwards only these to it, and the ones a
+# config names (tenant header, providers' `headers`, ratelimit selectors: envoy_config
+# routing_headers): other client headers (cookies, SDK telemetry) cost neither process any
+# encoding or parsing and never reach a worker.
+ROUTING_REQUEST_HEADERS = (
+    ":method",
+    ":path",
+    ":authority",
+    ":scheme",
+    "x-request-id",
+    "traceparent",
+    "x-model-affinity",  # affinity.keys.AFFINITY_HEADER
+    "authorization",  # rewrite.CREDENTIAL_HEADERS: passthrough_auth forwards the client's
+    "x-api-key",
+    "api-key",
+    "anthropic-version",  # kept for an Anthropic provider when the client sent one
+)
+
 # ---------------------------------------------------------------- dynamic metadata
 DECISION_METADATA = "plano"  # the namespace; keys below
 MODEL_KEY = "model"
