@@ -213,6 +213,12 @@ class BodyBudget:
     add at most max_concurrent_requests x SMALL)."""
 
     SMALL = 64 * 1024
+    # Each piece Envoy forwards is a message the worker handles: a client sending 1-byte
+    # HTTP/2 DATA frames would cost a worker ~100x what its bytes cost Envoy. Past the first
+    # FREE_PIECES, pieces must average MIN_PIECE_AVERAGE bytes (Envoy's own reads and frames
+    # are KiB-sized; 32 MiB arrive in ~2,000 of them).
+    FREE_PIECES = 4096
+    MIN_PIECE_AVERAGE = 256
 
     __slots__ = ("held", "limit")
 
@@ -224,6 +230,11 @@ class BodyBudget:
         """``n`` more bytes for a body now ``total`` long; False: refuse that body."""
         self.held += n
         return total <= self.SMALL or self.held <= self.limit
+
+    @classmethod
+    def crumbs(cls, pieces: int, total: int) -> bool:
+        """True: ``pieces`` pieces making ``total`` bytes are a flood of tiny ones."""
+        return pieces > cls.FREE_PIECES and total < cls.MIN_PIECE_AVERAGE * pieces
 
 
 class Gateway:
@@ -323,6 +334,14 @@ class Gateway:
         mb = self.config.listener.max_request_bytes / (1024 * 1024)
         err = GatewayError(
             413, "request_too_large", f"request body exceeds the gateway limit of {mb:g} MiB"
+        )
+        return Immediate.error(err, info)
+
+    def body_in_crumbs(self, info: RequestInfo) -> Immediate:
+        """The 400 for a body sent as a flood of tiny pieces (BodyBudget.crumbs)."""
+        err = bad_request(
+            f"request body arrived in over {BodyBudget.FREE_PIECES} pieces of under "
+            f"{BodyBudget.MIN_PIECE_AVERAGE} bytes on average; send it in larger writes"
         )
         return Immediate.error(err, info)
 

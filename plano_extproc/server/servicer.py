@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from plano_extproc.errors import GatewayError
 from plano_extproc.failover import Attempt, AttemptRequest, Failure, PlanError
-from plano_extproc.gateway import Gateway, Immediate, RequestInfo, Upstream
+from plano_extproc.gateway import BodyBudget, Gateway, Immediate, RequestInfo, Upstream
 from plano_extproc.identifiers import ascii_header, header_safe
 from plano_extproc.metrics import Metrics
 from plano_extproc.names import (
@@ -481,6 +481,9 @@ class ExtProcStream:
                 self.close()
                 return self._immediate(info, gw.bodies_full(info))
             chunks.append(data)
+            if BodyBudget.crumbs(len(chunks), self.size):
+                self.close()
+                return self._immediate(info, gw.body_in_crumbs(info))
         if not body.end_of_stream:
             return _GATHERING
         return self._gathered(False)

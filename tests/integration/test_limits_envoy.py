@@ -478,22 +478,27 @@ def test_a_chunked_upload_in_pieces_reaches_the_provider_whole_with_its_length(
         assert "transfer-encoding" not in seen.headers
 
 
-def test_an_http2_request_with_trailers_is_routed(
-    gw: GatewayProcess, paced: tuple[PacedProvider, PacedProvider]
-) -> None:
+def h2_post(
+    gw: GatewayProcess, frames: list[bytes], trailers: list[tuple[str, str]] | None = None
+) -> tuple[str, bytes]:
+    """POST ``frames`` (one HTTP/2 DATA frame each) to the chat path over HTTP/2, then
+    ``trailers`` if given: the status and body of the answer."""
     import h2.config
     import h2.connection
     import h2.events
 
-    oai, _ = paced
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     head = [(":method", "POST"), (":path", CHAT), (":authority", "gw"), (":scheme", "http")]
     conn.send_headers(1, [*head, ("content-type", "application/json")])
-    conn.send_data(1, UNCHANGED)
-    conn.send_headers(1, [("x-checksum", "abc")], end_stream=True)  # request trailers
     status, answer, ended = "", b"", False
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        for i, frame in enumerate(frames):
+            conn.send_data(1, frame, end_stream=trailers is None and i == len(frames) - 1)
+            if i % 500 == 0:
+                s.sendall(conn.data_to_send())
+        if trailers is not None:
+            conn.send_headers(1, trailers, end_stream=True)
         s.sendall(conn.data_to_send())
         deadline = time.monotonic() + 10
         while not ended and time.monotonic() < deadline:
@@ -505,12 +510,38 @@ def test_an_http2_request_with_trailers_is_routed(
                 elif isinstance(event, h2.events.DataReceived):
                     answer += event.data
                     conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                elif isinstance(event, h2.events.StreamEnded):
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
                     ended = True
             s.sendall(conn.data_to_send())
-    assert ended and status == "200", answer
+    assert ended, "no complete answer"
+    return status, answer
+
+
+def test_an_http2_request_with_trailers_is_routed(
+    gw: GatewayProcess, paced: tuple[PacedProvider, PacedProvider]
+) -> None:
+    oai, _ = paced
+    status, answer = h2_post(gw, [UNCHANGED], trailers=[("x-checksum", "abc")])
+    assert status == "200", answer
     assert json.loads(answer)["object"] == "chat.completion"
     assert oai.last().body == UNCHANGED
+
+
+def test_a_body_in_one_byte_frames_is_refused_before_the_provider(
+    gw: GatewayProcess, paced: tuple[PacedProvider, PacedProvider]
+) -> None:
+    """Envoy hands each DATA frame to the worker as a message of its own: 6,000 one-byte
+    frames (cheap for the client, a message each for the worker) get a JSON 400."""
+    oai, _ = paced
+    before = len(oai.requests)
+    body = chat(messages=[{"role": "user", "content": "x" * 6000}])
+    status, answer = h2_post(gw, [body[i : i + 1] for i in range(len(body))])
+    assert status == "400", answer
+    assert "pieces" in json.loads(answer)["error"]["message"]
+    assert len(oai.requests) == before
+    # The same body in ordinary frames is served.
+    status, answer = h2_post(gw, [body[i : i + 4096] for i in range(0, len(body), 4096)])
+    assert status == "200", answer
 
 
 # --------------------------------------------------------------------------- memory bound

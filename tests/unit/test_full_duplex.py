@@ -254,3 +254,38 @@ async def test_without_full_duplex_the_headers_are_answered_at_once(serve: Serve
         assert second.WhichOneof("response") == "request_body"
         assert not second.request_body.response.body_mutation.HasField("streamed_response")
         await call.done_writing()
+
+
+async def test_a_body_in_a_flood_of_tiny_pieces_is_refused(serve: Serve) -> None:
+    """1-byte pieces (a client's 1-byte HTTP/2 DATA frames) would cost the worker a message
+    each: past 4,096 pieces they must average 256 bytes."""
+    async with serve() as (stub, gateway):
+        call = stub.Process()
+        await call.write(full_duplex(headers_msg("POST", "/v1/chat/completions")))
+        for _ in range(BodyBudget.FREE_PIECES + 1):
+            await call.write(chunk_msg(b" ", False))
+        [reply] = await read_all(call)
+        imm = reply.immediate_response
+        assert imm.status.code == 400
+        assert "pieces" in json.loads(imm.body)["error"]["message"]
+        assert gateway.bodies.held == 0
+
+
+async def test_many_pieces_of_a_few_hundred_bytes_are_fine(serve: Serve) -> None:
+    async with serve(max_bytes=4 << 20) as (stub, _):
+        call = stub.Process()
+        await call.write(full_duplex(headers_msg("POST", "/v1/chat/completions")))
+        body = chat("gpt-4o-mini", "y" * 300 * (BodyBudget.FREE_PIECES + 100))
+        for i in range(0, len(body), 300):
+            await call.write(chunk_msg(body[i : i + 300], False))
+        await call.write(chunk_msg(b"", True))
+        await call.done_writing()
+        _, *rest = await read_all(call)
+    assert b"".join(p.body for p in streamed(rest)) == body
+
+
+def test_crumbs_counts_pieces_only_past_the_free_ones() -> None:
+    free, floor = BodyBudget.FREE_PIECES, BodyBudget.MIN_PIECE_AVERAGE
+    assert not BodyBudget.crumbs(free, free)  # 1 byte each, but within the free pieces
+    assert BodyBudget.crumbs(free + 1, free + 1)
+    assert not BodyBudget.crumbs(free + 1, floor * (free + 1))
