@@ -30,14 +30,9 @@ model_providers:
     default: true
 """
 
-CONFIGURED = """
-version: v0.4.0
-listeners: [{name: m, type: model, port: 12000}]
-model_providers:
-  - model: openai/gpt-4o-mini
-    access_key: k
-    default: true
-    headers: {X-Org: acme}
+CONFIGURED = (
+    BASE
+    + """    headers: {X-Org: acme}
   - model: anthropic/claude-sonnet-4-20250514
     access_key: k
 ratelimits:
@@ -48,6 +43,7 @@ routing:
   session_cache:
     tenant_header: X-Tenant-Id
 """
+)
 
 
 def routing_filter(bootstrap: dict[str, Any]) -> dict[str, Any]:

@@ -19,12 +19,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from plano_extproc.affinity.memory import MemorySessionCache
 from plano_extproc.config import parse_config
 from plano_extproc.gateway import BodyBudget, Gateway
-from plano_extproc.metrics import Metrics
 from plano_extproc.names import DECISION_METADATA, LENGTH_KEY
 from plano_extproc.routing.base import NullRouter
-from plano_extproc.server.app import GRPC_OPTIONS
-from plano_extproc.server.h2 import H2Server
-from plano_extproc.server.servicer import STREAMED_PIECE, ExternalProcessor, ExtProcStream
+from plano_extproc.server.servicer import STREAMED_PIECE
 from tests.extproc_messages import (
     chunk_msg,
     full_duplex,
@@ -32,52 +29,26 @@ from tests.extproc_messages import (
     headers_msg,
     trailers_msg,
 )
+from tests.extproc_server import CONFIG, TRANSPORTS, running
 
-CONFIG = """
-version: v0.4.0
-listeners: [{name: m, type: model, port: 12000, max_request_bytes: MAX}]
-model_providers:
-  - model: openai/gpt-4o-mini
-    access_key: sk-test
-    default: true
-  - model: anthropic/claude-sonnet-4-20250514
-    access_key: sk-ant
-routing:
-  router: {type: none}
-"""
 MAX = 1 << 20
 
 Serve = Callable[..., Any]
 Served = AsyncIterator[tuple[pb_grpc.ExternalProcessorStub, Gateway]]
 
 
-@pytest.fixture(params=["h2", "grpcio"])
+@pytest.fixture(params=TRANSPORTS)
 def serve(request: pytest.FixtureRequest) -> Serve:
     @asynccontextmanager
-    async def run(
-        max_bytes: int = MAX,
-    ) -> AsyncIterator[tuple[pb_grpc.ExternalProcessorStub, Gateway]]:
-        gateway = Gateway(
-            parse_config(CONFIG.replace("MAX", str(max_bytes))), NullRouter(), MemorySessionCache()
+    async def run(max_bytes: int = MAX) -> Served:
+        listener = (
+            f"listeners: [{{name: m, type: model, port: 12000, max_request_bytes: {max_bytes}}}]"
         )
-        metrics = Metrics()
-        server: H2Server | grpc.aio.Server
-        if request.param == "h2":
-            server = H2Server(lambda: ExtProcStream(gateway, metrics))
-            port = await server.start("127.0.0.1", 0)
-        else:
-            server = grpc.aio.server(options=GRPC_OPTIONS)
-            pb_grpc.add_ExternalProcessorServicer_to_server(
-                ExternalProcessor(gateway, metrics), server
-            )
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        try:
-            yield pb_grpc.ExternalProcessorStub(channel), gateway
-        finally:
-            await channel.close()
-            await server.stop(None)
+        text = CONFIG.replace("listeners: [{name: m, type: model, port: 12000}]", listener)
+        assert text != CONFIG
+        gateway = Gateway(parse_config(text), NullRouter(), MemorySessionCache())
+        async with running(request.param, gateway) as stub:
+            yield stub, gateway
 
     return run
 

@@ -42,6 +42,7 @@ from tests.extproc_messages import (
     headers_msg,
     set_headers,
 )
+from tests.extproc_server import CONFIG as SERVER_CONFIG
 
 TIMEOUT = 5.0
 PROCESS_PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -60,22 +61,14 @@ MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
 
-CONFIG = """
-version: v0.4.0
-listeners: [{name: m, type: model, port: 12000}]
-model_providers:
-  - model: openai/gpt-4o-mini
-    access_key: sk-test
-    default: true
-  - model: anthropic/claude-sonnet-4-20250514
-    access_key: sk-ant
-routing:
-  router: {type: none}
-routing_preferences:
+CONFIG = (
+    SERVER_CONFIG
+    + """routing_preferences:
   - name: chat
     description: small talk
     models: [openai/gpt-4o-mini]
 """
+)
 
 CHAT_BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
 

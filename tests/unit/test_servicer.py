@@ -19,45 +19,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from plano_extproc.affinity.memory import MemorySessionCache
 from plano_extproc.config import parse_config
 from plano_extproc.gateway import Gateway
-from plano_extproc.metrics import Metrics
 from plano_extproc.routing.base import NullRouter
-from plano_extproc.server.app import GRPC_OPTIONS
-from plano_extproc.server.h2 import H2Server
-from plano_extproc.server.servicer import ExternalProcessor, ExtProcStream
 from tests.extproc_messages import body_msg, headers_msg, set_headers
-
-CONFIG = """
-version: v0.4.0
-listeners: [{name: m, type: model, port: 12000}]
-model_providers:
-  - model: openai/gpt-4o-mini
-    access_key: sk-test
-    default: true
-  - model: anthropic/claude-sonnet-4-20250514
-    access_key: sk-ant
-routing:
-  router: {type: none}
-"""
+from tests.extproc_server import CONFIG, TRANSPORTS, running
 
 
-@pytest.fixture(params=["h2", "grpcio"])
+@pytest.fixture(params=TRANSPORTS)
 async def stub(request: pytest.FixtureRequest) -> AsyncIterator[pb_grpc.ExternalProcessorStub]:
-    cfg = parse_config(CONFIG)
-    gateway = Gateway(cfg, NullRouter(), MemorySessionCache())
-    metrics = Metrics()
-    server: H2Server | grpc.aio.Server
-    if request.param == "h2":
-        server = H2Server(lambda: ExtProcStream(gateway, metrics))
-        port = await server.start("127.0.0.1", 0)
-    else:
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, metrics), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield pb_grpc.ExternalProcessorStub(channel)
-    await channel.close()
-    await server.stop(None)
+    gateway = Gateway(parse_config(CONFIG), NullRouter(), MemorySessionCache())
+    async with running(request.param, gateway) as stub:
+        yield stub
 
 
 async def test_proxy_exchange(stub: pb_grpc.ExternalProcessorStub) -> None:
