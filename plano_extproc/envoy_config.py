@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from plano_extproc.config import Config, Provider, TracingConfig
+from plano_extproc.errors import body_limit_message
 from plano_extproc.names import (
     API_KEY,
     ATTEMPT_COUNT_HEADER,
@@ -326,14 +327,13 @@ def local_replies(config: Config) -> list[LocalReply]:
     """The Envoy local replies clients can meet, most specific first; the last ones catch
     every remaining status (message: Envoy's own text, never an upstream body)."""
     lc = config.listener
-    mb = lc.max_request_bytes / (1024 * 1024)
     details = "response.code_details"
     return [
         LocalReply(
             "response.code == 413",
             "request_too_large",
             "request_too_large",
-            f"request body exceeds the gateway limit of {mb:g} MiB",
+            body_limit_message(lc.max_request_bytes),
         ),
         LocalReply(
             f"{details} == 'request_header_timeout'",

@@ -28,6 +28,11 @@ def error_body(type_: str, message: str, anthropic: bool = False) -> bytes:
     return json.dumps({"type": "error", "error": error} if anthropic else {"error": error}).encode()
 
 
+def body_limit_message(max_request_bytes: int) -> str:
+    """The 413's message: Envoy's own (buffered bodies) and the worker's (full duplex)."""
+    return f"request body exceeds the gateway limit of {max_request_bytes / (1024 * 1024):g} MiB"
+
+
 def bad_request(message: str) -> GatewayError:
     return GatewayError(400, "invalid_request_error", message)
 

@@ -39,7 +39,7 @@ from plano_extproc.dispatch import (
     translated_request,
     usage_asked,
 )
-from plano_extproc.errors import GatewayError, bad_request, not_found
+from plano_extproc.errors import GatewayError, bad_request, body_limit_message, not_found
 from plano_extproc.failover import MAX_PLAN_CHARS, FailoverPlan
 from plano_extproc.failover import plan as failover_plan
 from plano_extproc.identifiers import header_safe, traceparent
@@ -331,10 +331,8 @@ class Gateway:
     def body_too_large(self, info: RequestInfo) -> Immediate:
         """The 413 for a body over the listener's limit, in the client's format (the words of
         Envoy's own 413, which answers when Envoy buffers the body)."""
-        mb = self.config.listener.max_request_bytes / (1024 * 1024)
-        err = GatewayError(
-            413, "request_too_large", f"request body exceeds the gateway limit of {mb:g} MiB"
-        )
+        limit = self.config.listener.max_request_bytes
+        err = GatewayError(413, "request_too_large", body_limit_message(limit))
         return Immediate.error(err, info)
 
     def body_in_crumbs(self, info: RequestInfo) -> Immediate:

@@ -225,6 +225,13 @@ class _Stream:
         self.extra = 0  # our share of the connection's GRANT_BUDGET
 
 
+def _queue_message(s: _Stream, msg: bytes) -> None:
+    """One gRPC message onto the stream's outgoing DATA: flag byte 0 (uncompressed), a 32-bit
+    length, the message."""
+    s.out += len(msg).to_bytes(5, "big")
+    s.out += msg
+
+
 class H2Connection(asyncio.Protocol):
     """One HTTP/2 connection from Envoy, carrying many concurrent ext_proc streams."""
 
@@ -833,16 +840,13 @@ class H2Connection(asyncio.Protocol):
             return
         # All of them in one DATA frame (window permitting): one read for Envoy.
         for then in (message, *more[:-1]):
-            raw = then.SerializeToString()
-            s.out += len(raw).to_bytes(5, "big")
-            s.out += raw
+            _queue_message(s, then.SerializeToString())
         self._send_message(s, more[-1].SerializeToString(), reply.last)
 
     def _send_message(self, s: _Stream, msg: bytes, last: bool) -> None:
         head = b"" if s.headers_sent else self._header_frame(s.sid, RESPONSE_HEADERS, 0)
         s.headers_sent = True
-        s.out += len(msg).to_bytes(5, "big")  # flag byte 0 (uncompressed) + 32-bit length
-        s.out += msg
+        _queue_message(s, msg)
         if last:
             s.trailers = TRAILERS_OK
             self._drop_input(s)

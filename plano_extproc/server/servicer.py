@@ -43,7 +43,6 @@ from plano_extproc.names import (
 )
 from plano_extproc.providers import ClientApi
 from plano_extproc.response_phase import ContextError, HeadersPlan, ResponseTranslation
-from plano_extproc.rewrite import HeaderPlan
 
 log = logging.getLogger("plano_extproc.server")
 
@@ -88,7 +87,9 @@ def upstream_response(up: Upstream, info: RequestInfo) -> pb.ProcessingResponse:
     """The request-body reply (BUFFERED body): the decision, header and body mutations."""
     out = pb.ProcessingResponse()
     _decision(out, up, info)
-    _rewrite_request(out, up.headers, up.body).clear_route_cache = True
+    common = out.request_body.response
+    _rewrite_request(common, up.headers.set, up.headers.remove, up.body)
+    common.clear_route_cache = True
     return out
 
 
@@ -104,11 +105,8 @@ def upstream_replies(up: Upstream, info: RequestInfo, raw: bytes, trailers: bool
     # ext_proc restores it from this (envoy_config: _content_length_filter).
     decision[LENGTH_KEY].string_value = str(len(body))
     common = head.request_headers.response
-    mutation = common.header_mutation
-    mutation.SetInParent()
     plan = up.headers
-    _add_headers(mutation, [(k, v) for k, v in plan.set if k != "content-length"])
-    mutation.remove_headers.extend(plan.remove)
+    _rewrite_request(common, [h for h in plan.set if h[0] != "content-length"], plan.remove, None)
     common.clear_route_cache = True
     more = streamed_body(body, not trailers)
     if trailers:
@@ -159,16 +157,17 @@ def _decision(out: pb.ProcessingResponse, up: Upstream, info: RequestInfo) -> An
 
 
 def _rewrite_request(
-    out: pb.ProcessingResponse, plan: HeaderPlan, body: bytes | None
-) -> pb.CommonResponse:
-    """The request-body reply's header and body mutations (None: the body is kept)."""
-    common = out.request_body.response
+    common: pb.CommonResponse,
+    set_headers: Iterable[tuple[str, str]],
+    remove: Iterable[str],
+    body: bytes | None,
+) -> None:
+    """A request reply's header and body mutations (body None: the body is kept)."""
     common.header_mutation.SetInParent()
-    _add_headers(common.header_mutation, plan.set)
-    common.header_mutation.remove_headers.extend(plan.remove)
+    _add_headers(common.header_mutation, set_headers)
+    common.header_mutation.remove_headers.extend(remove)
     if body is not None:
         common.body_mutation.body = body
-    return common
 
 
 def attempt_request_reply(req: AttemptRequest) -> pb.ProcessingResponse:
@@ -177,7 +176,7 @@ def attempt_request_reply(req: AttemptRequest) -> pb.ProcessingResponse:
     out = pb.ProcessingResponse()
     decision = out.dynamic_metadata.fields[DECISION_METADATA].struct_value.fields
     decision[MODEL_KEY].string_value = ascii_header(req.model)
-    _rewrite_request(out, req.headers, req.body)
+    _rewrite_request(out.request_body.response, req.headers.set, req.headers.remove, req.body)
     return out
 
 
@@ -474,16 +473,17 @@ class ExtProcStream:
             info, gw = self.info, self.gateway
             assert info is not None
             fits = gw.bodies.add(n, self.size)  # counted before any check: close() gives back
+            refusal = None
             if self.size > gw.config.listener.max_request_bytes:
+                refusal = gw.body_too_large(info)
+            elif not fits:
+                refusal = gw.bodies_full(info)
+            elif BodyBudget.crumbs(len(chunks) + 1, self.size):
+                refusal = gw.body_in_crumbs(info)
+            if refusal is not None:
                 self.close()
-                return self._immediate(info, gw.body_too_large(info))
-            if not fits:
-                self.close()
-                return self._immediate(info, gw.bodies_full(info))
+                return self._immediate(info, refusal)
             chunks.append(data)
-            if BodyBudget.crumbs(len(chunks), self.size):
-                self.close()
-                return self._immediate(info, gw.body_in_crumbs(info))
         if not body.end_of_stream:
             return _GATHERING
         return self._gathered(False)
