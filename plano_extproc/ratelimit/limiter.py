@@ -191,10 +191,11 @@ class RateLimiter:
         if not group:
             return _ONE
         groups = ([b for _, b, _ in group],)
+        # The shared table, or a Redis lease (ratelimit/lease.py), answers at once: no
+        # coroutine. None: ask the store.
         take_now = self._take_now
-        if take_now is not None:  # the shared table answers at once: no coroutine
-            verdict = take_now(groups, float(estimate))
-        else:
+        verdict = take_now(groups, float(estimate)) if take_now is not None else None
+        if verdict is None:
             verdict = await self.store.take(groups, float(estimate))
         if verdict.taken is None:
             return self._refusal((model,), (group,), verdict.waits, estimate)

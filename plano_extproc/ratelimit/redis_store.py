@@ -14,6 +14,12 @@ need at least two round trips and would retry under contention, which is exactly
 budget is hot. Numbers cross the script boundary as strings (``%.17g``): a Lua number
 returned to Redis is truncated to an integer.
 
+Leases (``lease.py``): for a busy group of buckets the take script also charges a lease, tokens
+this worker then hands out for that group's next requests without a round trip (``take_now``).
+Its leftover is given back with the group's next take (the script counts it before checking),
+and a background sweep gives back leases held longer than their ttl. Requests that find the
+lease spent while another call is fetching the next wait for that call.
+
 Redis Cluster: a multi-key script needs all its keys in one hash slot. This store talks to
 one Redis node (a standalone server, or the primary behind Sentinel or a proxy); it does not
 route by slot. To run it against a Cluster, give ``key_prefix`` a hash tag (for example
@@ -53,6 +59,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from plano_extproc.ratelimit.budget import Bucket, BudgetStore, Verdict
+from plano_extproc.ratelimit.lease import Leases
 from plano_extproc.redis_health import RedisBreaker, is_outage, mask_url, scripting_forbidden
 
 
@@ -74,10 +81,16 @@ def _pack(*parts: bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + _bulk(*parts)
 
 
-def _evalsha(script: _Script, head: bytes, cost: bytes, tail: bytes, count: int) -> bytes:
-    """EVALSHA with its arguments framed in three pieces (only ``cost`` changes between
+def _evalsha(script: _Script, head: bytes, vary: Sequence[bytes], tail: bytes, count: int) -> bytes:
+    """EVALSHA with its arguments framed in three pieces (only ``vary`` changes between
     the checks of one set of buckets): ``count`` elements in ``head`` and ``tail``."""
-    return b"*%d\r\n" % (count + 3) + _bulk(b"EVALSHA", script.sha) + head + _bulk(cost) + tail
+    return (
+        b"*%d\r\n" % (count + 2 + len(vary))
+        + _bulk(b"EVALSHA", script.sha)
+        + head
+        + _bulk(*vary)
+        + tail
+    )
 
 
 log = logging.getLogger("plano_extproc.ratelimit")
@@ -85,6 +98,7 @@ log = logging.getLogger("plano_extproc.ratelimit")
 # Added to every key's expiry: the key outlives the moment its bucket is full by this much,
 # so rounding never drops a bucket that still has tokens in use.
 _TTL_MARGIN_MS = 100
+_TAKEN = Verdict(0, (0.0,))  # one group, charged
 _MAX_FRAMES = 4096  # cached take frames (sets of buckets); cleared when full
 # Per-command errors (not outages) are logged at most this often.
 _ERROR_LOG_INTERVAL = 60.0
@@ -119,31 +133,46 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# budget.take on Redis. KEYS: the distinct bucket keys. ARGV: cost, expiry margin (ms),
-# number of groups, one drain rate per key, then per group its size followed by one
+# budget.take on Redis. KEYS: the distinct bucket keys. ARGV: cost, tokens given back to the
+# first group (a lease's leftover, lease.py), lease wanted for the first group, expiry margin
+# (ms), number of groups, one drain rate per key, then per group its size followed by one
 # (key index 1-based, capacity, rate) triple per bucket.
-# Reply: one string, "<charged group index (0-based, -1: none)> <wait of group 1> ...", the
-# waits as '%.17g' ('inf' for a cost above a capacity): one bulk string parses in a fraction
-# of the time an array of them takes (bench/redis_call.py).
+# The leftover is given back before the check, so it counts. A lease is granted only when the
+# first group is charged, in whole multiples of the cost, and only as far as every bucket of
+# the group stays at least half full after it.
+# Reply: one string, "<charged group index (0-based, -1: none)> <wait of group 1> ... <lease>",
+# the numbers as '%.17g' ('inf' for a cost above a capacity): one bulk string parses in a
+# fraction of the time an array of them takes (bench/redis_call.py).
 _TAKE_LUA = (
     _LUA_COMMON
     + """
 local cost = tonumber(ARGV[1])
-local margin = tonumber(ARGV[2])
-local ngroups = tonumber(ARGV[3])
+local back = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local margin = tonumber(ARGV[4])
+local ngroups = tonumber(ARGV[5])
 local nkeys = #KEYS
 local rate, used, dirty = {}, {}, {}
 for k = 1, nkeys do
-  rate[k] = tonumber(ARGV[3 + k])
+  rate[k] = tonumber(ARGV[5 + k])
   used[k] = load(KEYS[k], rate[k], now)
 end
-local pos = 4 + nkeys
+local pos = 6 + nkeys
 local taken = -1
+local lease = 0
 local out = {}
 for g = 1, ngroups do
   local n = tonumber(ARGV[pos])
   pos = pos + 1
   local first = pos
+  if g == 1 and back > 0 then
+    for j = 0, n - 1 do
+      local k = tonumber(ARGV[first + 3 * j])
+      used[k] = used[k] - back
+      if used[k] < 0 then used[k] = 0 end
+      dirty[k] = true
+    end
+  end
   local longest = 0
   for j = 1, n do
     local k = tonumber(ARGV[pos])
@@ -166,10 +195,28 @@ for g = 1, ngroups do
       used[k] = used[k] + cost
       dirty[k] = true
     end
+    if g == 1 and want > 0 and cost > 0 then
+      lease = want
+      for j = 0, n - 1 do
+        local k = tonumber(ARGV[first + 3 * j])
+        local room = tonumber(ARGV[first + 3 * j + 1]) / 2 - used[k]
+        if room < lease then lease = room end
+      end
+      lease = math.floor(lease / cost) * cost
+      if lease > 0 then
+        for j = 0, n - 1 do
+          local k = tonumber(ARGV[first + 3 * j])
+          used[k] = used[k] + lease
+        end
+      else
+        lease = 0
+      end
+    end
   end
   out[g] = fmt(longest)
 end
 table.insert(out, 1, tostring(taken))
+out[#out + 1] = fmt(lease)
 for k = 1, nkeys do
   if dirty[k] then store(KEYS[k], used[k], rate[k], now, margin) end
 end
@@ -228,8 +275,10 @@ class RedisBudgets:
         key_prefix: str = "plano:budget:",
         max_connections: int = 64,
         ca_file: str | None = None,
+        leases: Leases | None = None,
     ) -> None:
-        """Build the client; raises ``ValueError`` for an unusable URL (a config error)."""
+        """Build the client; raises ``ValueError`` for an unusable URL (a config error).
+        ``leases``: this worker's (lease.py; ``Leases(max_requests=0)`` never leases)."""
         self._fallback = fallback
         self._masked_url = mask_url(url)
         # How long a call may wait for a connection (a queue behind a hung Redis): as long
@@ -268,11 +317,17 @@ class RedisBudgets:
         self._adjust_fallbacks = 0
         self._last_logged_error = 0.0
         self._scripting_refused = False
+        self._leases = leases if leases is not None else Leases()
+        self._asking: dict[tuple[str, ...], asyncio.Future[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check Redis once; if it does not answer, log and keep probing in the background."""
+        """Check Redis once; if it does not answer, log and keep probing in the background.
+        Starts the sweep that gives back leases held too long."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         try:
             await self._ping()
         except Exception as exc:
@@ -290,26 +345,94 @@ class RedisBudgets:
         log.info("rate limits: budgets in Redis at %s", self._masked_url)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        # Leases go back before the connections close, so a replica stopping (a rollout)
+        # leaves no budget reserved for it.
+        await self._give_back(self._leases.expired(time.monotonic(), every=True))
         await self._breaker.close()
         await self._drop_idle()
 
     # -- BudgetStore -------------------------------------------------------------------
+
+    def take_now(self, groups: Sequence[Sequence[Bucket]], cost: float) -> Verdict | None:
+        """The answer of this worker's lease for a one-group take, without awaiting; None
+        when the lease cannot answer (then ``take`` asks Redis)."""
+        if len(groups) == 1 and cost >= 0.0:
+            if self._leases.use(tuple(b.key for b in groups[0]), cost, time.monotonic()):
+                return _TAKEN
+        return None
 
     async def take(self, groups: Sequence[Sequence[Bucket]], cost: float) -> Verdict:
         if not cost >= 0.0:  # also NaN: a caller's bug, not a Redis failure
             raise ValueError(f"cost must be a number >= 0, not {cost!r}")
         if not groups:
             return Verdict(None, ())
+        key: tuple[str, ...] | None = None
+        if len(groups) == 1:  # one model: its lease may answer (lease.py)
+            key = tuple(b.key for b in groups[0])
+            if self._leases.use(key, cost, time.monotonic()):
+                return _TAKEN
+            asked = self._asking.get(key)
+            if asked is not None:  # the next lease is on its way: one round trip for a burst
+                await self._answer(asked)
+                if self._leases.use(key, cost, time.monotonic()):
+                    return _TAKEN
         if self._breaker.healthy:
+            back = want = 0.0
+            if key is not None:
+                back, want = self._leases.ask(key, groups[0], cost, time.monotonic())
+                if want:
+                    self._asking[key] = asyncio.get_running_loop().create_future()
             try:
                 head, tail, count = self._take_frame(groups)
-                command = _evalsha(self._take_script, head, _num(cost).encode(), tail, count)
+                vary = (_num(cost).encode(), _num(back).encode(), _num(want).encode())
+                command = _evalsha(self._take_script, head, vary, tail, count)
                 reply = await self._run(self._take_script, command)
-                return self._verdict(reply, len(groups))
+                verdict, lease = self._verdict(reply, len(groups))
+                if key is not None:
+                    if want:
+                        want = 0.0  # answered: the finally clause has nothing left to do
+                        self._answered(key, lease)
+                    if verdict.taken is None:
+                        return await self._from_lease(key, cost, verdict)
+                return verdict
             except Exception as exc:
+                # A leftover given back by a call that failed is not taken back: the call
+                # may have run, and holding it again could admit it twice.
                 self._fail(exc, "take")
+            finally:
+                if want and key is not None:  # failed or cancelled before the reply
+                    self._answered(key, 0.0)
         self._fallbacks += 1
         return await self._fallback.take(groups, cost)
+
+    def _answered(self, key: tuple[str, ...], lease: float) -> None:
+        """The call that asked for ``key``'s lease is over; wake the calls that wait for it."""
+        self._leases.granted(key, lease, time.monotonic())
+        asked = self._asking.pop(key, None)
+        if asked is not None and not asked.done():
+            asked.set_result(None)
+
+    async def _from_lease(self, key: tuple[str, ...], cost: float, refused: Verdict) -> Verdict:
+        """Redis refused a one-group take: a lease granted to this worker meanwhile (or by a
+        call still in flight) may hold the tokens the refusal missed; without this a burst's
+        own lease could leave its tail refused while the budget still held it."""
+        asked = self._asking.get(key)
+        if asked is not None:
+            await self._answer(asked)
+        if self._leases.use(key, cost, time.monotonic()):
+            return _TAKEN
+        return refused
+
+    async def _answer(self, asked: asyncio.Future[None]) -> None:
+        """Wait for a call asking for a lease, never longer than a call may take."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._call_timeout):
+                await asyncio.shield(asked)
 
     async def adjust(self, buckets: Sequence[Bucket], delta: float) -> None:
         await self.adjust_many([(b, delta) for b in buckets])
@@ -321,20 +444,39 @@ class RedisBudgets:
             return  # a usage report that is not a number changes nothing
         if self._breaker.healthy:
             try:
-                parts = [str(len(items)).encode()]
-                parts += [(self._prefix + b.key).encode() for b, _ in items]
-                parts.append(str(_TTL_MARGIN_MS).encode())
-                for b, d in items:
-                    parts += [_num(d).encode(), _num(b.rate).encode()]
-                await self._run(
-                    self._adjust_script, _pack(b"EVALSHA", self._adjust_script.sha, *parts)
-                )
+                await self._run(self._adjust_script, self._adjust_command(items))
                 return
             except Exception as exc:
                 self._fail(exc, "adjust")
         # Most likely the charge being corrected was taken from the fallback too.
         self._adjust_fallbacks += 1
         await self._fallback.adjust_many(items)
+
+    def _adjust_command(self, items: Sequence[tuple[Bucket, float]]) -> bytes:
+        parts = [str(len(items)).encode()]
+        parts += [(self._prefix + b.key).encode() for b, _ in items]
+        parts.append(str(_TTL_MARGIN_MS).encode())
+        for b, d in items:
+            parts += [_num(d).encode(), _num(b.rate).encode()]
+        return _pack(b"EVALSHA", self._adjust_script.sha, *parts)
+
+    async def _give_back(self, items: Sequence[tuple[Bucket, float]]) -> None:
+        """Return leases' leftovers to Redis. Unlike ``adjust_many`` there is no fallback: the
+        tokens were charged in Redis, so crediting the local table would admit them twice;
+        when Redis cannot be reached they simply refill there."""
+        if not items or not self._breaker.healthy:
+            return
+        try:
+            await self._run(self._adjust_script, self._adjust_command([(b, -t) for b, t in items]))
+        except Exception as exc:
+            self._fail(exc, "lease return")
+
+    async def _sweep(self) -> None:
+        """Leases held longer than their ttl go back to Redis (lease.py)."""
+        leases = self._leases
+        while True:
+            await asyncio.sleep(leases.ttl / 2)
+            await self._give_back(leases.expired(time.monotonic()))
 
     async def _run(self, script: _Script, command: bytes) -> Any:
         """One script call (``command``: its EVALSHA). A pooled socket from before a Redis
@@ -457,18 +599,23 @@ class RedisBudgets:
         return keys, [_TTL_MARGIN_MS, len(groups), *rates, *layout]
 
     @staticmethod
-    def _verdict(reply: Any, ngroups: int) -> Verdict:
+    def _verdict(reply: Any, ngroups: int) -> tuple[Verdict, float]:
+        """The take script's reply: the verdict and the lease granted."""
         fields = reply.split() if isinstance(reply, bytes) else []
-        if len(fields) != ngroups + 1:
+        if len(fields) != ngroups + 2:
             raise ValueError(f"unexpected reply from the take script: {reply!r}")
         taken = int(fields[0])
-        waits = tuple(float(w) for w in fields[1:])  # 'inf' included
-        return Verdict(None if taken < 0 else taken, waits)
+        waits = tuple(float(w) for w in fields[1:-1])  # 'inf' included
+        lease = float(fields[-1])
+        if not 0.0 <= lease < math.inf:
+            raise ValueError(f"unexpected lease from the take script: {reply!r}")
+        return Verdict(None if taken < 0 else taken, waits), lease
 
     async def _ping(self) -> None:
         """The take script with no buckets: Redis answers and lets this client script."""
         head, tail, count = self._take_frame(())
-        await self._run(self._take_script, _evalsha(self._take_script, head, b"0", tail, count))
+        command = _evalsha(self._take_script, head, (b"0", b"0", b"0"), tail, count)
+        await self._run(self._take_script, command)
 
     # -- failure handling --------------------------------------------------------------
 
@@ -526,4 +673,6 @@ class RedisBudgets:
             "adjust_fallbacks": self._adjust_fallbacks,
             "scripting_refused": self._scripting_refused,
             "key_prefix": self._prefix,
+            "lease_groups": len(self._leases),
+            "lease_tokens": self._leases.held(),
         }

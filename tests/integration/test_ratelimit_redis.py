@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from plano_extproc.ratelimit.budget import Bucket, Verdict
+from plano_extproc.ratelimit.lease import MAX_REQUESTS
 from plano_extproc.ratelimit.memory import SharedBudgets
 from plano_extproc.ratelimit.redis_store import RedisBudgets
 from tests.integration.conftest_affinity import *  # noqa: F403  (pytest fixtures)
@@ -365,3 +366,119 @@ async def test_connections_are_capped_and_shared_under_concurrency(
         assert int(redis_admin.info("clients")["connected_clients"]) <= base + 2
     finally:
         await store.close()
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def evalsha_calls(admin: redis.Redis) -> int:
+    return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def used(admin: redis.Redis, key: str) -> float:
+    return float(admin.hget(PREFIX + key, "u") or 0)
+
+
+async def test_a_busy_tenant_leases_and_goes_to_redis_less(
+    redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    """Sequential requests of one tenant: after the first two, a lease answers most of them;
+    Redis holds what was admitted plus the lease, and closing the store gives the lease back."""
+    store = _store(redis_server.url)
+    await store.start()
+    try:
+        bucket = Bucket("busy", capacity=100_000, rate=SLOW)
+        before = evalsha_calls(redis_admin)
+        for _ in range(64):
+            assert (await take(store, [[bucket]], 10)) == Verdict(0, (0.0,))
+        calls = evalsha_calls(redis_admin) - before
+        assert calls <= 8, calls  # without leases: 64
+        held = store.health()["lease_tokens"]
+        assert 0 <= held <= MAX_REQUESTS * 10
+        assert used(redis_admin, "busy") == pytest.approx(640 + held, abs=0.05)
+        admitted = 640
+        # The synchronous path answers from the lease too (the limiter tries it first).
+        while store.take_now([[bucket]], 10) is not None:
+            admitted += 10
+        assert store.health()["lease_tokens"] < 10
+    finally:
+        await store.close()
+    assert used(redis_admin, "busy") == pytest.approx(admitted, abs=0.05)  # the rest given back
+
+
+async def test_an_unused_lease_goes_back_after_its_ttl(
+    redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    store = _store(redis_server.url)
+    await store.start()
+    try:
+        bucket = Bucket("idle-after", capacity=100_000, rate=SLOW)
+        for _ in range(8):
+            await take(store, [[bucket]], 10)
+        assert store.health()["lease_tokens"] > 0
+        admitted = 80
+        for _ in range(100):  # the sweep runs every half ttl; poll at most 5 s
+            if used(redis_admin, "idle-after") == pytest.approx(admitted, abs=0.05):
+                break
+            await asyncio.sleep(0.05)
+        assert used(redis_admin, "idle-after") == pytest.approx(admitted, abs=0.05)
+        assert store.health()["lease_tokens"] == 0
+    finally:
+        await store.close()
+
+
+async def test_leases_come_only_from_the_top_half_of_a_bucket(
+    redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    """Once half the bucket is spent, every request is checked in Redis, one by one: the
+    end of a budget is exact whatever the replicas hold."""
+    store = _store(redis_server.url)
+    await store.start()
+    try:
+        bucket = Bucket("halves", capacity=200, rate=SLOW)
+        for _ in range(10):
+            assert (await take(store, [[bucket]], 10)).taken == 0
+        # Whatever was leased ended at or below half the capacity.
+        assert used(redis_admin, "halves") <= 100 + 10
+        spent = 100 + 0.0
+        while store.health()["lease_tokens"] >= 10:  # use up what is held
+            assert (await take(store, [[bucket]], 10)).taken == 0
+            spent += 10
+        before = evalsha_calls(redis_admin)
+        n = 0
+        while (await take(store, [[bucket]], 10)).taken == 0:
+            n += 1
+            assert store.health()["lease_tokens"] < 10
+        assert evalsha_calls(redis_admin) - before == n + 1  # one script call each
+        assert used(redis_admin, "halves") == pytest.approx(200, abs=10)
+    finally:
+        await store.close()
+
+
+async def test_a_lease_never_lets_two_replicas_overspend(
+    pair: tuple[RedisBudgets, RedisBudgets], redis_admin: redis.Redis
+) -> None:
+    """a leases while busy; b then bursts: together they never admit more than the budget.
+    What a holds is still a's to hand out, and what a does not use is b's after the ttl."""
+    a, b = pair
+    bucket = Bucket("shared-lease", capacity=1000, rate=SLOW)
+    for _ in range(20):
+        assert (await take(a, [[bucket]], 10)).taken == 0
+    held = a.health()["lease_tokens"]
+    assert held >= 10, "a busy replica was expected to hold a lease"
+    burst = await asyncio.gather(*(take(b, [[bucket]], 10) for _ in range(150)))
+    by_b = sum(v.taken == 0 for v in burst)
+    assert 20 * 10 + by_b * 10 + held <= 1000 + 1e-6
+    assert by_b * 10 == pytest.approx(1000 - 200 - held)
+    # The tokens a holds are not lost: after the ttl they go back, and b gets them.
+    got = 0
+    for _ in range(100):
+        if (await take(b, [[bucket]], 10)).taken == 0:
+            got += 1
+            if got * 10 >= held:
+                break
+        else:
+            await asyncio.sleep(0.05)
+    assert got * 10 == pytest.approx(held)
+    assert (await take(b, [[bucket]], 10)).taken is None
+    assert used(redis_admin, "shared-lease") == pytest.approx(1000, abs=0.05)
