@@ -14,11 +14,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
 import openai
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import (
@@ -57,6 +59,9 @@ ratelimits:
   - model: {GPT4}
     selector: {{key: x-squad}}
     limit: {{tokens: 150, unit: hour}}
+  - model: {GPT}
+    selector: {{key: x-busy}}
+    limit: {{tokens: 1000000, unit: hour}}
 """
 
 
@@ -304,6 +309,10 @@ def test_ready_shows_the_limits(gw: GatewayProcess) -> None:
 # --------------------------------------------------------------------------- Redis
 
 
+def ready_all(gw: GatewayProcess) -> list[dict[str, Any]]:
+    return [httpx.get(url + "/ready").json() for url in gw.worker_admin]
+
+
 def served_alternately(g1: GatewayProcess, g2: GatewayProcess, tenant: str) -> tuple[int, int]:
     """Twelve requests of one tenant, alternating between two gateways: (served, refused)."""
     served = refused = 0
@@ -348,3 +357,12 @@ def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
                 time.sleep(0.2)
         # Enforcement is back, shared again.
         assert served_alternately(g1, g2, "after") == (fit, 12 - fit)
+        # A busy tenant: its worker leases budget ahead, so most of its requests skip Redis.
+        with redis.Redis.from_url(redis_server.url, socket_timeout=5) as admin:
+            before = int(admin.info("commandstats")["cmdstat_evalsha"]["calls"])
+            for _ in range(40):
+                assert chat(g1, **{"x-busy": "b"}) == GPT
+            scripts = int(admin.info("commandstats")["cmdstat_evalsha"]["calls"]) - before
+        assert scripts <= 20, scripts  # takes and settlement batches; without leases >= 40
+        stores = [w["ratelimits"]["store"] for w in ready_all(g1)]
+        assert sum(s["lease_groups"] for s in stores) >= 1
