@@ -13,7 +13,14 @@ another on one event loop, against each budget store:
 redis-server is a throwaway one on a free port (tests/redis_server.py). Reported: worker CPU
 (process time) and wall time per admission, and script calls per admission, medians of
 ``--rounds`` interleaved rounds of ``--calls`` admissions each; redis-server's own CPU per
-admission from its ``INFO cpu``. The event loop is uvloop, as in the worker.
+admission from its ``INFO cpu``.
+
+A second table times the worker's whole request logic for bench/ratelimit.py's request
+(``Gateway.on_headers`` + ``on_body``: parse, estimate, admission, the upstream request and
+its metadata) and then the settlement of its usage record (``settle``, with ``flush`` once
+per 100 records, as batches arrive), with no limit and with each store: what the limit adds
+to the worker's CPU per request, without Envoy and the process noise of bench/ratelimit.py.
+The event loop is uvloop, as in the worker.
 
     .venv/bin/python bench/ratelimit_admit.py [--rounds 7] [--calls 5000]
 """
@@ -21,7 +28,6 @@ admission from its ``INFO cpu``. The event loop is uvloop, as in the worker.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -30,18 +36,29 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import overhead as ov
 import redis
 
-from plano_extproc.config import RateLimitConfig
+from plano_extproc.affinity.memory import MemorySessionCache
+from plano_extproc.config import RateLimitConfig, parse_config
+from plano_extproc.gateway import Gateway, RequestInfo, Upstream
 from plano_extproc.ratelimit.lease import Leases
 from plano_extproc.ratelimit.limiter import Admitted, RateLimiter
 from plano_extproc.ratelimit.memory import SharedBudgets
 from plano_extproc.ratelimit.redis_store import RedisBudgets
+from plano_extproc.routing.base import NullRouter
 from tests.redis_server import RedisServer, find_redis_server
 
-MODEL = "openai/gpt-4o-mini"
+MODEL = ov.MODEL
 HEADERS = {"x-tenant": "bench"}
+LIMIT = f"""
+ratelimits:
+  - model: {MODEL}
+    selector: {{key: x-tenant, value: "*"}}
+    limit: {{tokens: 100000000, unit: minute}}
+"""
 ESTIMATE = 80
 
 
@@ -64,6 +81,38 @@ async def run(limiter: RateLimiter, calls: int) -> tuple[float, float]:
         if not isinstance(verdict, Admitted):
             raise SystemExit(f"refused: {verdict}")
     return time.process_time() - cpu, time.perf_counter() - wall
+
+
+HEADERS_IN = {
+    ":method": "POST",
+    ":path": "/v1/chat/completions",
+    ":authority": "127.0.0.1",
+    "content-type": "application/json",
+    "authorization": "Bearer sk-client",
+    "x-tenant": "bench",
+}
+
+
+async def run_gateway(gateway: Gateway, body: bytes, calls: int) -> float:
+    """CPU seconds for ``calls`` requests through the worker's request logic, each then
+    settled as its usage record would be (41 tokens, the fixed upstream's usage)."""
+    limiter = gateway.limiter
+    cpu = time.process_time()
+    for i in range(calls):
+        info = RequestInfo.build(HEADERS_IN, end_of_stream=False)
+        if gateway.on_headers(info) is not None:
+            raise SystemExit("answered at headers")
+        up = await gateway.on_body(info, body)
+        if not isinstance(up, Upstream):
+            raise SystemExit(f"not proxied: {up}")
+        if limiter is not None:
+            settlement = up.ratelimit
+            if not settlement:
+                raise SystemExit("no settlement: the limit did not apply")
+            limiter.settle(settlement, MODEL, 200, 41)
+            if i % 100 == 99:
+                limiter.flush()
+    return time.process_time() - cpu
 
 
 def evalsha(admin: redis.Redis) -> int:
@@ -98,7 +147,7 @@ async def main() -> None:
         wall: dict[str, list[float]] = {k: [] for k in rows}
         scripts: dict[str, list[float]] = {k: [] for k in rows}
         server_us: dict[str, list[float]] = {k: [] for k in rows}
-        for name, limiter in rows.items():  # warm-up: scripts loaded, leases grown
+        for limiter in rows.values():  # warm-up: scripts loaded, leases grown
             await run(limiter, 500)
         for _ in range(args.rounds):
             for name, limiter in rows.items():
@@ -108,6 +157,25 @@ async def main() -> None:
                 wall[name].append(w / args.calls * 1e6)
                 scripts[name].append((evalsha(admin) - before) / args.calls)
                 server_us[name].append((server_cpu(admin) - server_before) / args.calls * 1e6)
+        cfg = parse_config(ov.config_yaml(1, 2, "none") + LIMIT)
+        bare = parse_config(ov.config_yaml(1, 2, "none"))
+        gateways = {
+            "no limit": Gateway(bare, NullRouter(), MemorySessionCache()),
+            "memory": Gateway(
+                cfg, NullRouter(), MemorySessionCache(), limiter=RateLimiter(cfg.ratelimits, memory)
+            ),
+            "redis lease": Gateway(
+                cfg, NullRouter(), MemorySessionCache(), limiter=RateLimiter(cfg.ratelimits, leased)
+            ),
+        }
+        body = ov.chat_body().encode()
+        per_request: dict[str, list[float]] = {k: [] for k in gateways}
+        for gateway in gateways.values():
+            await run_gateway(gateway, body, 500)
+        for _ in range(args.rounds):
+            for name, gateway in gateways.items():
+                c = await run_gateway(gateway, body, args.calls)
+                per_request[name].append(c / args.calls * 1e6)
         for store in (exact, leased):
             await store.close()
     finally:
@@ -122,10 +190,16 @@ async def main() -> None:
     )
     print("|---|---:|---:|---:|---:|")
     for name in rows:
-        print(
-            f"| {name} | {statistics.median(cpu[name]):.1f} | {statistics.median(wall[name]):.1f}"
-            f" | {statistics.median(scripts[name]):.3f} | {statistics.median(server_us[name]):.1f} |"
-        )
+        med = [statistics.median(x[name]) for x in (cpu, wall, scripts, server_us)]
+        print(f"| {name} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.3f} | {med[3]:.1f} |")
+    print()
+    print("| worker request logic + settlement | CPU µs/request | Δ vs no limit (paired) |")
+    print("|---|---:|---:|")
+    base = per_request["no limit"]
+    for name, values in per_request.items():
+        delta = statistics.median(v - b for v, b in zip(values, base, strict=True))
+        shown = "-" if name == "no limit" else f"{delta:+.1f}"
+        print(f"| {name} | {statistics.median(values):.1f} | {shown} |")
 
 
 if __name__ == "__main__":

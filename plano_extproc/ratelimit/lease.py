@@ -15,8 +15,11 @@ These rules keep that small and short:
 - **Sized by demand.** A lease covers the group's requests of the next ``horizon`` seconds at
   its recent rate (the last second's, or this second's so far), in estimates of the request
   that asks: at least 2, at most ``max_requests``.
-- **Waited for.** Requests that find the lease spent while a call is asking for the next one
-  wait for that call's answer instead of each asking Redis (a burst costs one round trip).
+- **Renewed ahead.** When a lease is down to half of what was last granted, the request that
+  takes it there is still answered from it, and the store asks for the next lease in the
+  background (``due``): a busy tenant's requests do not wait for Redis at all. Requests that
+  find the lease spent while a call is asking for the next one wait for that call's answer
+  instead of each asking Redis (a burst costs one round trip).
 - **Only from the top half of a bucket.** The script grants a lease only while every bucket of
   the group stays at least half full after it (``_TAKE_LUA``): near the end of a budget, every
   request is checked in Redis, one by one.
@@ -54,6 +57,7 @@ class _Group:
     count: int = 0  # requests in the current second
     last: int = 0  # requests in the second before it
     asking: bool = False  # a call asking for a lease is in flight
+    size: float = 0.0  # what the last grant brought
 
 
 class Leases:
@@ -110,13 +114,30 @@ class Leases:
             g = self._groups[key] = _Group(tuple(buckets))
         self._count(g, now)
         back, g.tokens = g.tokens, 0.0
+        return back, self._want(g, cost, now)
+
+    def _want(self, g: _Group, cost: float, now: float) -> float:
+        """The lease to ask for (0.0: none), marking the group as asking."""
         if g.asking or max(g.count, g.last) < 2 or cost <= 0.0 or self.max_requests < 2:
-            return back, 0.0
+            return 0.0
         g.asking = True
         # Requests a second: the last second's, or this second's so far (a burst that just
         # started doubles its lease each time it asks).
         rate = max(g.last, g.count / max(now - g.second, self.horizon))
-        return back, cost * min(self.max_requests, max(2, math.ceil(rate * self.horizon)))
+        return cost * min(self.max_requests, max(2, math.ceil(rate * self.horizon)))
+
+    def due(self, key: tuple[str, ...], cost: float, now: float) -> float:
+        """After ``use``: the lease to ask for in the background when the group's lease is
+        down to half its last grant (0.0: not due, or a call is already asking). The
+        leftover stays and keeps answering meanwhile."""
+        g = self._groups.get(key)
+        if g is None or g.asking or g.tokens >= g.size / 2:
+            return 0.0
+        return self._want(g, cost, now)
+
+    def buckets(self, key: tuple[str, ...]) -> tuple[Bucket, ...]:
+        g = self._groups.get(key)
+        return g.buckets if g is not None else ()
 
     def granted(self, key: tuple[str, ...], tokens: float, now: float) -> None:
         """The call that asked has answered: ``tokens`` were charged for this worker."""
@@ -126,6 +147,7 @@ class Leases:
         g.asking = False
         if tokens > 0.0:
             g.tokens += tokens
+            g.size = tokens
             g.granted_at = now
 
     def failed(self, key: tuple[str, ...]) -> None:

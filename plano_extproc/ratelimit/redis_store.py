@@ -134,12 +134,13 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
 # budget.take on Redis. KEYS: the distinct bucket keys. ARGV: cost, tokens given back to the
-# first group (a lease's leftover, lease.py), lease wanted for the first group, expiry margin
-# (ms), number of groups, one drain rate per key, then per group its size followed by one
-# (key index 1-based, capacity, rate) triple per bucket.
+# first group (a lease's leftover, lease.py), lease wanted for the first group, the lease's
+# unit (the estimate it is counted in), expiry margin (ms), number of groups, one drain rate
+# per key, then per group its size followed by one (key index 1-based, capacity, rate) triple
+# per bucket.
 # The leftover is given back before the check, so it counts. A lease is granted only when the
-# first group is charged, in whole multiples of the cost, and only as far as every bucket of
-# the group stays at least half full after it.
+# first group is charged (a renewal asks with cost 0), in whole units, and only as far as every
+# bucket of the group stays at least half full after it.
 # Reply: one string, "<charged group index (0-based, -1: none)> <wait of group 1> ... <lease>",
 # the numbers as '%.17g' ('inf' for a cost above a capacity): one bulk string parses in a
 # fraction of the time an array of them takes (bench/redis_call.py).
@@ -149,15 +150,16 @@ _TAKE_LUA = (
 local cost = tonumber(ARGV[1])
 local back = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
-local margin = tonumber(ARGV[4])
-local ngroups = tonumber(ARGV[5])
+local unit = tonumber(ARGV[4])
+local margin = tonumber(ARGV[5])
+local ngroups = tonumber(ARGV[6])
 local nkeys = #KEYS
 local rate, used, dirty = {}, {}, {}
 for k = 1, nkeys do
-  rate[k] = tonumber(ARGV[5 + k])
+  rate[k] = tonumber(ARGV[6 + k])
   used[k] = load(KEYS[k], rate[k], now)
 end
-local pos = 6 + nkeys
+local pos = 7 + nkeys
 local taken = -1
 local lease = 0
 local out = {}
@@ -195,18 +197,19 @@ for g = 1, ngroups do
       used[k] = used[k] + cost
       dirty[k] = true
     end
-    if g == 1 and want > 0 and cost > 0 then
+    if g == 1 and want > 0 and unit > 0 then
       lease = want
       for j = 0, n - 1 do
         local k = tonumber(ARGV[first + 3 * j])
         local room = tonumber(ARGV[first + 3 * j + 1]) / 2 - used[k]
         if room < lease then lease = room end
       end
-      lease = math.floor(lease / cost) * cost
+      lease = math.floor(lease / unit) * unit
       if lease > 0 then
         for j = 0, n - 1 do
           local k = tonumber(ARGV[first + 3 * j])
           used[k] = used[k] + lease
+          dirty[k] = true
         end
       else
         lease = 0
@@ -320,6 +323,7 @@ class RedisBudgets:
         self._leases = leases if leases is not None else Leases()
         self._asking: dict[tuple[str, ...], asyncio.Future[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._renewals: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -350,6 +354,9 @@ class RedisBudgets:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        # Renewals in flight end first (their calls are bounded by the timeouts), so what
+        # they were granted is given back below rather than left reserved.
+        await asyncio.gather(*self._renewals, return_exceptions=True)
         # Leases go back before the connections close, so a replica stopping (a rollout)
         # leaves no budget reserved for it.
         await self._give_back(self._leases.expired(time.monotonic(), every=True))
@@ -362,9 +369,38 @@ class RedisBudgets:
         """The answer of this worker's lease for a one-group take, without awaiting; None
         when the lease cannot answer (then ``take`` asks Redis)."""
         if len(groups) == 1 and cost >= 0.0:
-            if self._leases.use(tuple(b.key for b in groups[0]), cost, time.monotonic()):
+            if self._use(tuple(b.key for b in groups[0]), cost):
                 return _TAKEN
         return None
+
+    def _use(self, key: tuple[str, ...], cost: float) -> bool:
+        """Answer from the group's lease; when that leaves it low, renew it in the background."""
+        now = time.monotonic()
+        if not self._leases.use(key, cost, now):
+            return False
+        want = self._leases.due(key, cost, now)
+        if want:
+            self._asking[key] = asyncio.get_running_loop().create_future()
+            task = asyncio.get_running_loop().create_task(self._renew(key, cost, want))
+            self._renewals.add(task)
+            task.add_done_callback(self._renewals.discard)
+        return True
+
+    async def _renew(self, key: tuple[str, ...], cost: float, want: float) -> None:
+        """Ask for a group's next lease ahead of need (a take of nothing that asks for a lease
+        in units of ``cost``: nothing is charged unless a lease is granted)."""
+        lease = 0.0
+        try:
+            if self._breaker.healthy:
+                group = self._leases.buckets(key)
+                head, tail, count = self._take_frame((group,))
+                vary = (b"0", b"0", _num(want).encode(), _num(cost).encode())
+                command = _evalsha(self._take_script, head, vary, tail, count)
+                _, lease = self._verdict(await self._run(self._take_script, command), 1)
+        except Exception as exc:
+            self._fail(exc, "lease")
+        finally:
+            self._answered(key, lease)
 
     async def take(self, groups: Sequence[Sequence[Bucket]], cost: float) -> Verdict:
         if not cost >= 0.0:  # also NaN: a caller's bug, not a Redis failure
@@ -374,12 +410,12 @@ class RedisBudgets:
         key: tuple[str, ...] | None = None
         if len(groups) == 1:  # one model: its lease may answer (lease.py)
             key = tuple(b.key for b in groups[0])
-            if self._leases.use(key, cost, time.monotonic()):
+            if self._use(key, cost):
                 return _TAKEN
             asked = self._asking.get(key)
             if asked is not None:  # the next lease is on its way: one round trip for a burst
                 await self._answer(asked)
-                if self._leases.use(key, cost, time.monotonic()):
+                if self._use(key, cost):
                     return _TAKEN
         if self._breaker.healthy:
             back = want = 0.0
@@ -389,7 +425,8 @@ class RedisBudgets:
                     self._asking[key] = asyncio.get_running_loop().create_future()
             try:
                 head, tail, count = self._take_frame(groups)
-                vary = (_num(cost).encode(), _num(back).encode(), _num(want).encode())
+                c = _num(cost).encode()
+                vary = (c, _num(back).encode(), _num(want).encode(), c)
                 command = _evalsha(self._take_script, head, vary, tail, count)
                 reply = await self._run(self._take_script, command)
                 verdict, lease = self._verdict(reply, len(groups))
@@ -424,7 +461,7 @@ class RedisBudgets:
         asked = self._asking.get(key)
         if asked is not None:
             await self._answer(asked)
-        if self._leases.use(key, cost, time.monotonic()):
+        if self._use(key, cost):
             return _TAKEN
         return refused
 
@@ -614,7 +651,7 @@ class RedisBudgets:
     async def _ping(self) -> None:
         """The take script with no buckets: Redis answers and lets this client script."""
         head, tail, count = self._take_frame(())
-        command = _evalsha(self._take_script, head, (b"0", b"0", b"0"), tail, count)
+        command = _evalsha(self._take_script, head, (b"0", b"0", b"0", b"0"), tail, count)
         await self._run(self._take_script, command)
 
     # -- failure handling --------------------------------------------------------------

@@ -104,3 +104,23 @@ def test_a_free_request_never_asks() -> None:
     leases = Leases()
     for t in range(5):
         assert leases.ask(KEY, [A], 0.0, now=t * 0.1) == (0.0, 0.0)
+
+
+def test_a_lease_is_renewed_ahead_once_half_spent() -> None:
+    leases = Leases()
+    leases.ask(KEY, [A], 10.0, now=0.0)
+    leases.ask(KEY, [A], 10.0, now=0.01)
+    leases.granted(KEY, 40.0, now=0.02)
+    assert leases.use(KEY, 10.0, now=0.03)
+    assert leases.due(KEY, 10.0, now=0.03) == 0.0  # 30 of 40 left
+    assert leases.use(KEY, 10.0, now=0.04)
+    assert leases.due(KEY, 10.0, now=0.04) == 0.0  # 20: half, not below
+    assert leases.use(KEY, 10.0, now=0.05)
+    want = leases.due(KEY, 10.0, now=0.05)  # 10 left: renew, the leftover keeps answering
+    assert want >= 20.0 and leases.asking(KEY)
+    assert leases.due(KEY, 10.0, now=0.05) == 0.0  # one renewal at a time
+    assert leases.use(KEY, 10.0, now=0.06)
+    assert not leases.use(KEY, 10.0, now=0.07)
+    leases.granted(KEY, want, now=0.08)
+    assert leases.held() == want and not leases.asking(KEY)
+    assert leases.buckets(KEY) == (A,)
