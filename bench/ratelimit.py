@@ -27,7 +27,9 @@ a limited row cannot silently have measured the no-limit path.
 Load: interleaved rounds (a 2 s warm-up round, then ``--rounds`` of ``--duration`` s) at
 c=1 and c=16. Rows are medians of req/s, p50, ext_proc and Envoy CPU per request (utime+stime
 over the wrk window / requests) and, for the Redis row, redis-server's CPU per request (its
-own column, not in the sum). Needs wrk.
+own column, not in the sum). The Δ columns are paired: each round's difference from the same
+round's ``none``, then the median of those (rounds drift on a shared host; a row's rounds run
+back to back with ``none``'s). Needs wrk.
 
     .venv/bin/python bench/ratelimit.py [--rounds 5] [--duration 6]
 """
@@ -310,7 +312,7 @@ def table(rows: list[Row], conns: list[int]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in conns:
-        base: tuple[float, float, float] | None = None
+        base = rows[0].samples[c]
         for row in rows:
             xs = row.samples[c]
             rps = statistics.median(x.rps for x in xs)
@@ -318,13 +320,23 @@ def table(rows: list[Row], conns: list[int]) -> str:
             srv = statistics.median(x.server_ms or 0.0 for x in xs)
             env = statistics.median(x.envoy_ms for x in xs)
             tot = statistics.median((x.server_ms or 0.0) + x.envoy_ms for x in xs)
-            if base is None:
-                base = (p50, srv, tot)
+            if row is rows[0]:
                 deltas = "| - | "
                 dcpu = "- | - |"
             else:
-                deltas = f"| {p50 - base[0]:+.3f} | "
-                dcpu = f"{srv - base[1]:+.3f} | {tot - base[2]:+.3f} |"
+                # Each round against the same round of ``none`` (the rows of a round run
+                # back to back), then the median: the host's drift between rounds cancels.
+                pairs = list(zip(xs, base, strict=True))
+                dp50 = statistics.median(x.p50_ms - b.p50_ms for x, b in pairs)
+                dsrv = statistics.median(
+                    (x.server_ms or 0.0) - (b.server_ms or 0.0) for x, b in pairs
+                )
+                dtot = statistics.median(
+                    (x.server_ms or 0.0) + x.envoy_ms - (b.server_ms or 0.0) - b.envoy_ms
+                    for x, b in pairs
+                )
+                deltas = f"| {dp50:+.3f} | "
+                dcpu = f"{dsrv:+.3f} | {dtot:+.3f} |"
             redis = (
                 f" {statistics.median(row.redis_ms[c]):.3f} |" if row.name == "redis" else " - |"
             )
