@@ -380,8 +380,13 @@ class RedisBudgets:
             return False
         want = self._leases.due(key, cost, now)
         if want:
-            self._asking[key] = asyncio.get_running_loop().create_future()
-            task = asyncio.get_running_loop().create_task(self._renew(key, cost, want))
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # called outside the event loop: renewed by the next take
+                self._leases.failed(key)
+                return True
+            self._asking[key] = loop.create_future()
+            task = loop.create_task(self._renew(key, cost, want))
             self._renewals.add(task)
             task.add_done_callback(self._renewals.discard)
         return True
