@@ -11,6 +11,15 @@ B = Bucket("lim:b", capacity=1000, rate=1)
 KEY = ("lim:a",)
 
 
+def leased(tokens: float, key: tuple[str, ...] = KEY, buckets: tuple[Bucket, ...] = (A,)) -> Leases:
+    """Leases whose group ``key`` was granted ``tokens`` at t=0.02 (two requests asked)."""
+    leases = Leases()
+    leases.ask(key, buckets, 10.0, now=0.0)
+    leases.ask(key, buckets, 10.0, now=0.01)
+    leases.granted(key, tokens, now=0.02)
+    return leases
+
+
 def test_a_quiet_group_never_asks() -> None:
     leases = Leases()
     # One request a second: every one is checked in Redis, none asks for a lease.
@@ -43,10 +52,7 @@ def test_a_busy_group_asks_once_at_a_time_sized_by_demand() -> None:
 
 
 def test_the_leftover_goes_back_with_the_next_call() -> None:
-    leases = Leases()
-    leases.ask(KEY, [A], 10.0, now=0.0)
-    leases.ask(KEY, [A], 10.0, now=0.1)
-    leases.granted(KEY, 25.0, now=0.2)
+    leases = leased(25.0)
     assert leases.use(KEY, 10.0, now=0.3)
     assert not leases.use(KEY, 20.0, now=0.4)  # 15 left: not enough for this one
     back, _ = leases.ask(KEY, [A], 20.0, now=0.4)
@@ -55,11 +61,8 @@ def test_the_leftover_goes_back_with_the_next_call() -> None:
 
 
 def test_an_old_lease_is_not_used_and_is_given_back_per_bucket() -> None:
-    leases = Leases(ttl=1.0)
     key = ("lim:a", "lim:b")
-    leases.ask(key, [A, B], 10.0, now=0.0)
-    leases.ask(key, [A, B], 10.0, now=0.1)
-    leases.granted(key, 30.0, now=0.2)
+    leases = leased(30.0, key, (A, B))
     assert leases.expired(now=0.5) == []  # still young
     assert not leases.use(key, 10.0, now=1.3)  # older than the ttl: Redis decides
     assert leases.expired(now=1.3) == [(A, 30.0), (B, 30.0)]
@@ -68,10 +71,7 @@ def test_an_old_lease_is_not_used_and_is_given_back_per_bucket() -> None:
 
 
 def test_every_lease_goes_back_at_close_and_idle_groups_are_dropped() -> None:
-    leases = Leases()
-    leases.ask(KEY, [A], 10.0, now=0.0)
-    leases.ask(KEY, [A], 10.0, now=0.1)
-    leases.granted(KEY, 30.0, now=0.2)
+    leases = leased(30.0)
     assert leases.expired(now=0.3, every=True) == [(A, 30.0)]
     assert len(leases) == 1
     leases.expired(now=5.0)
@@ -107,10 +107,7 @@ def test_a_free_request_never_asks() -> None:
 
 
 def test_a_lease_is_renewed_ahead_once_half_spent() -> None:
-    leases = Leases()
-    leases.ask(KEY, [A], 10.0, now=0.0)
-    leases.ask(KEY, [A], 10.0, now=0.01)
-    leases.granted(KEY, 40.0, now=0.02)
+    leases = leased(40.0)
     assert leases.use(KEY, 10.0, now=0.03)
     assert leases.due(KEY, 10.0, now=0.03) == 0.0  # 30 of 40 left
     assert leases.use(KEY, 10.0, now=0.04)
