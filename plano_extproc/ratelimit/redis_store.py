@@ -518,7 +518,10 @@ class RedisBudgets:
         leases = self._leases
         while True:
             await asyncio.sleep(leases.ttl / 2)
-            await self._give_back(leases.expired(time.monotonic()))
+            try:
+                await self._give_back(leases.expired(time.monotonic()))
+            except Exception:  # never let the sweep die: leases would stay reserved
+                log.exception("rate limits: giving leases back failed")
 
     async def _run(self, script: _Script, command: bytes) -> Any:
         """One script call (``command``: its EVALSHA). A pooled socket from before a Redis
