@@ -486,3 +486,35 @@ async def test_a_lease_never_lets_two_replicas_overspend(
     assert got * 10 == pytest.approx(held)
     assert (await take(b, [[bucket]], 10)).taken is None
     assert used(redis_admin, "shared-lease") == pytest.approx(1000, abs=0.05)
+
+
+async def test_a_busy_tenant_with_a_lease_rides_out_a_redis_outage(
+    redis_server: RedisServer,
+) -> None:
+    """Redis dies while a busy tenant holds a lease and renews it in the background: every
+    check is still answered (the lease, then the fallback), nothing raises, and once Redis is
+    back the tenant leases from Redis again."""
+    store = _store(redis_server.url, connect_timeout=0.2, op_timeout=0.2)
+    await store.start()
+    try:
+        bucket = Bucket("outage-lease", capacity=1_000_000, rate=SLOW)
+        for _ in range(40):
+            assert (await take(store, [[bucket]], 10)).taken == 0
+        assert store.health()["lease_groups"] == 1
+        redis_server.kill()
+        for _ in range(200):  # the lease, renewals failing, then the fallback: all admitted
+            assert (await take(store, [[bucket]], 10)).taken == 0
+        assert not store.healthy and store.fallbacks >= 1
+        redis_server.restart()
+        await wait_healthy(store)
+        with redis.Redis.from_url(redis_server.url, socket_timeout=5) as admin:
+            before = evalsha_calls(admin)
+            for _ in range(64):
+                assert (await take(store, [[bucket]], 10)).taken == 0
+            assert 1 <= evalsha_calls(admin) - before <= 10  # Redis again, with leases
+            assert used(admin, "outage-lease") > 0
+        fallbacks = store.fallbacks
+        assert (await take(store, [[bucket]], 10)).taken == 0
+        assert store.fallbacks == fallbacks
+    finally:
+        await store.close()
