@@ -10,7 +10,7 @@ Usage:
   python bench/router_eval.py --sets dev            # route lists of tests/data/router_sets/dev:
                                                     # accuracy per set, language and kind,
                                                     # no-match precision/recall
-  python bench/router_eval.py --sets heldout        # held-out lists (heldout, heldout2, heldout3:
+  python bench/router_eval.py --sets heldout        # held-out lists (heldout ... heldout5:
                                                     # score each batch once per frozen method)
 """
 
@@ -338,7 +338,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="calls per latency measurement")
     ap.add_argument(
         "--sets",
-        choices=["dev", "heldout", "heldout2", "heldout3", "heldout4"],
+        choices=["dev", "heldout", "heldout2", "heldout3", "heldout4", "heldout5"],
         help="evaluate the route lists of tests/data/router_sets/<split> instead",
     )
     ap.add_argument("--threshold", type=float)
