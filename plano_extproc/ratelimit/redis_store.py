@@ -398,10 +398,7 @@ class RedisBudgets:
         try:
             if self._breaker.healthy:
                 group = self._leases.buckets(key)
-                head, tail, count = self._take_frame((group,))
-                vary = (b"0", b"0", _num(want).encode(), _num(cost).encode())
-                command = _evalsha(self._take_script, head, vary, tail, count)
-                _, lease = self._verdict(await self._run(self._take_script, command), 1)
+                _, lease = await self._take_script_call((group,), 0.0, 0.0, want, cost)
         except Exception as exc:
             self._fail(exc, "lease")
         finally:
@@ -429,12 +426,7 @@ class RedisBudgets:
                 if want:
                     self._asking[key] = asyncio.get_running_loop().create_future()
             try:
-                head, tail, count = self._take_frame(groups)
-                c = _num(cost).encode()
-                vary = (c, _num(back).encode(), _num(want).encode(), c)
-                command = _evalsha(self._take_script, head, vary, tail, count)
-                reply = await self._run(self._take_script, command)
-                verdict, lease = self._verdict(reply, len(groups))
+                verdict, lease = await self._take_script_call(groups, cost, back, want, cost)
                 if key is not None:
                     if want:
                         want = 0.0  # answered: the finally clause has nothing left to do
@@ -656,11 +648,26 @@ class RedisBudgets:
             raise ValueError(f"unexpected lease from the take script: {reply!r}")
         return Verdict(None if taken < 0 else taken, waits), lease
 
+    async def _take_script_call(
+        self,
+        groups: Sequence[Sequence[Bucket]],
+        cost: float,
+        back: float,
+        want: float,
+        unit: float,
+    ) -> tuple[Verdict, float]:
+        """One call of the take script (see _TAKE_LUA for the arguments): the verdict and the
+        lease granted."""
+        head, tail, count = self._take_frame(groups)
+        vary = tuple(_num(x).encode() for x in (cost, back, want, unit))
+        reply = await self._run(
+            self._take_script, _evalsha(self._take_script, head, vary, tail, count)
+        )
+        return self._verdict(reply, len(groups))
+
     async def _ping(self) -> None:
         """The take script with no buckets: Redis answers and lets this client script."""
-        head, tail, count = self._take_frame(())
-        command = _evalsha(self._take_script, head, (b"0", b"0", b"0", b"0"), tail, count)
-        await self._run(self._take_script, command)
+        await self._take_script_call((), 0.0, 0.0, 0.0, 0.0)
 
     # -- failure handling --------------------------------------------------------------
 
