@@ -39,38 +39,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead as ov
+import ratelimit as rl
 import redis
 
 from plano_extproc.affinity.memory import MemorySessionCache
-from plano_extproc.config import RateLimitConfig, parse_config
+from plano_extproc.config import parse_config
 from plano_extproc.gateway import Gateway, RequestInfo, Upstream
 from plano_extproc.ratelimit.lease import Leases
 from plano_extproc.ratelimit.limiter import Admitted, RateLimiter
 from plano_extproc.ratelimit.memory import SharedBudgets
 from plano_extproc.ratelimit.redis_store import RedisBudgets
 from plano_extproc.routing.base import NullRouter
-from tests.redis_server import RedisServer, find_redis_server
+from tests.redis_server import RedisServer, evalsha_calls, find_redis_server
 
 MODEL = ov.MODEL
-HEADERS = {"x-tenant": "bench"}
-LIMIT = f"""
-ratelimits:
-  - model: {MODEL}
-    selector: {{key: x-tenant, value: "*"}}
-    limit: {{tokens: 100000000, unit: minute}}
-"""
+HEADERS = {"x-tenant": rl.TENANT}
 ESTIMATE = 80
-
-
-def limit() -> RateLimitConfig:
-    return RateLimitConfig(
-        model=MODEL,
-        models=(MODEL,),
-        header="x-tenant",
-        value=None,
-        tokens=100_000_000,
-        unit="minute",
-    )
 
 
 async def run(limiter: RateLimiter, calls: int) -> tuple[float, float]:
@@ -89,7 +73,7 @@ HEADERS_IN = {
     ":authority": "127.0.0.1",
     "content-type": "application/json",
     "authorization": "Bearer sk-client",
-    "x-tenant": "bench",
+    "x-tenant": rl.TENANT,
 }
 
 
@@ -115,10 +99,6 @@ async def run_gateway(gateway: Gateway, body: bytes, calls: int) -> float:
     return time.process_time() - cpu
 
 
-def evalsha(admin: redis.Redis) -> int:
-    return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 def server_cpu(admin: redis.Redis) -> float:
     info = admin.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
@@ -129,6 +109,8 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=5000)
     args = ap.parse_args()
+    bare = parse_config(ov.config_yaml(1, 2, "none"))
+    cfg = parse_config(ov.config_yaml(1, 2, "none") + rl.LIMIT)  # bench/ratelimit.py's limit
     server = RedisServer(binary=find_redis_server()).start()
     table = Path(tempfile.mkdtemp(prefix="plano-admit-")) / "budgets"
     admin = redis.Redis.from_url(server.url, socket_timeout=5)
@@ -139,9 +121,9 @@ async def main() -> None:
         for store in (exact, leased):
             await store.start()
         rows = {
-            "memory": RateLimiter([limit()], memory),
-            "redis exact": RateLimiter([limit()], exact),
-            "redis lease": RateLimiter([limit()], leased),
+            "memory": RateLimiter(cfg.ratelimits, memory),
+            "redis exact": RateLimiter(cfg.ratelimits, exact),
+            "redis lease": RateLimiter(cfg.ratelimits, leased),
         }
         cpu: dict[str, list[float]] = {k: [] for k in rows}
         wall: dict[str, list[float]] = {k: [] for k in rows}
@@ -151,14 +133,12 @@ async def main() -> None:
             await run(limiter, 500)
         for _ in range(args.rounds):
             for name, limiter in rows.items():
-                before, server_before = evalsha(admin), server_cpu(admin)
+                before, server_before = evalsha_calls(admin), server_cpu(admin)
                 c, w = await run(limiter, args.calls)
                 cpu[name].append(c / args.calls * 1e6)
                 wall[name].append(w / args.calls * 1e6)
-                scripts[name].append((evalsha(admin) - before) / args.calls)
+                scripts[name].append((evalsha_calls(admin) - before) / args.calls)
                 server_us[name].append((server_cpu(admin) - server_before) / args.calls * 1e6)
-        cfg = parse_config(ov.config_yaml(1, 2, "none") + LIMIT)
-        bare = parse_config(ov.config_yaml(1, 2, "none"))
         gateways = {
             "no limit": Gateway(bare, NullRouter(), MemorySessionCache()),
             "memory": Gateway(

@@ -18,13 +18,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    import redis
 
 _RESERVED_PORTS = frozenset({6379})  # the machine's own Redis
 
 
 class RedisServerError(RuntimeError):
     """redis-server could not be found or did not come up."""
+
+
+def evalsha_calls(admin: redis.Redis) -> int:
+    """EVALSHA calls the server has run (``INFO commandstats``): the budget scripts."""
+    return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 def find_redis_server() -> str:

@@ -33,7 +33,7 @@ from tests.fakes import (
 )
 from tests.gateway_proc import GatewayProcess
 from tests.integration.conftest_affinity import *  # noqa: F403  (pytest fixtures)
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, evalsha_calls
 
 pytestmark = pytest.mark.integration
 
@@ -359,10 +359,10 @@ def test_two_gateways_share_a_redis_budget_and_survive_its_outage(
         assert served_alternately(g1, g2, "after") == (fit, 12 - fit)
         # A busy tenant: its worker leases budget ahead, so most of its requests skip Redis.
         with redis.Redis.from_url(redis_server.url, socket_timeout=5) as admin:
-            before = int(admin.info("commandstats")["cmdstat_evalsha"]["calls"])
+            before = evalsha_calls(admin)
             for _ in range(40):
                 assert chat(g1, **{"x-busy": "b"}) == GPT
-            scripts = int(admin.info("commandstats")["cmdstat_evalsha"]["calls"]) - before
+            scripts = evalsha_calls(admin) - before
         assert scripts <= 20, scripts  # takes and settlement batches; without leases >= 40
         stores = [w["ratelimits"]["store"] for w in ready_all(g1)]
         assert sum(s["lease_groups"] for s in stores) >= 1

@@ -21,7 +21,7 @@ from plano_extproc.ratelimit.lease import MAX_REQUESTS
 from plano_extproc.ratelimit.memory import SharedBudgets
 from plano_extproc.ratelimit.redis_store import RedisBudgets
 from tests.integration.conftest_affinity import *  # noqa: F403  (pytest fixtures)
-from tests.redis_server import RedisServer, find_redis_server, free_port
+from tests.redis_server import RedisServer, evalsha_calls, find_redis_server, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +52,11 @@ async def pair(redis_server: RedisServer) -> AsyncIterator[tuple[RedisBudgets, R
 
 async def take(store: RedisBudgets, groups: list[list[Bucket]], cost: float) -> Verdict:
     return await asyncio.wait_for(store.take(groups, cost), CALL_LIMIT)
+
+
+def used(admin: redis.Redis, key: str) -> float:
+    """A bucket's ``used`` field in Redis (0 when the key is gone)."""
+    return float(admin.hget(PREFIX + key, "u") or 0)
 
 
 async def wait_healthy(store: RedisBudgets, healthy: bool = True, rounds: int = 150) -> None:
@@ -143,7 +148,7 @@ async def test_partial_refill_is_credited(
     assert (await take(a, [[bucket]], 10)).taken == 0
     await asyncio.sleep(0.3)  # at least 3 tokens back, long before the key expires
     assert (await take(b, [[bucket]], 1)).taken == 0
-    assert float(redis_admin.hget(PREFIX + "partial", "u") or 0) < 10
+    assert used(redis_admin, "partial") < 10
 
 
 async def test_adjust_charges_and_refunds(
@@ -155,7 +160,7 @@ async def test_adjust_charges_and_refunds(
     await asyncio.wait_for(b.adjust([bucket], 10), CALL_LIMIT)  # the reply was larger: debt
     v = await take(a, [[bucket]], 1)
     assert v.taken is None and v.waits[0] > 0.0
-    assert float(redis_admin.hget(PREFIX + "adj", "u") or 0) == pytest.approx(15, abs=0.01)
+    assert used(redis_admin, "adj") == pytest.approx(15, abs=0.01)
     await asyncio.wait_for(a.adjust([bucket], -12), CALL_LIMIT)
     assert (await take(b, [[bucket]], 7)).taken == 0
     assert (await take(b, [[bucket]], 1)).taken is None
@@ -174,11 +179,11 @@ async def test_adjust_many_applies_each_delta_in_one_call(
     assert (await take(a, [[x, y]], 4)).taken == 0
     warm = Bucket("many-warm", capacity=10, rate=SLOW)  # the script loaded (NOSCRIPT once)
     await asyncio.wait_for(a.adjust_many([(warm, 1.0)]), CALL_LIMIT)
-    before = int(redis_admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    before = evalsha_calls(redis_admin)
     await asyncio.wait_for(a.adjust_many([(x, 3.0), (y, -4.0), (x, 1.0)]), CALL_LIMIT)
-    after = int(redis_admin.info("commandstats")["cmdstat_evalsha"]["calls"])
+    after = evalsha_calls(redis_admin)
     assert after - before == 1
-    assert float(redis_admin.hget(PREFIX + "many-x", "u") or 0) == pytest.approx(8, abs=0.01)
+    assert used(redis_admin, "many-x") == pytest.approx(8, abs=0.01)
     assert redis_admin.exists(PREFIX + "many-y") == 0  # refunded to full: gone
     assert a.errors == 0
 
@@ -369,14 +374,6 @@ async def test_connections_are_capped_and_shared_under_concurrency(
 
 
 # --------------------------------------------------------------------------- leases
-
-
-def evalsha_calls(admin: redis.Redis) -> int:
-    return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
-def used(admin: redis.Redis, key: str) -> float:
-    return float(admin.hget(PREFIX + key, "u") or 0)
 
 
 async def test_a_busy_tenant_leases_and_goes_to_redis_less(
